@@ -1,0 +1,121 @@
+"""Small generated sources for the importers: videos, GIFs, DICOMs, BUSI and POCUS layouts, broken files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def fan_frame(rng: np.random.Generator, size: tuple[int, int] = (72, 96), shift: int = 0) -> np.ndarray:
+    """A grey frame with a bright trapezoid 'scan area' on black, and a 'text' blob in the top-left corner."""
+    height, width = size
+    y, x = np.mgrid[0:height, 0:width]
+    half = 10 + (y - 8) * 0.45
+    inside = (y >= 8) & (np.abs(x - width / 2 - shift) <= half)
+    frame = np.where(inside, 60 + rng.integers(0, 120, size), 0).astype(np.uint8)
+    frame[1:4, 1:8] = 250
+    return frame
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: int = 10, codec: str = "mpeg4") -> None:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames[0].shape
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            rgb = np.repeat(frame[..., None], 3, axis=2)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_gif(path: Path, frames: list[np.ndarray], durations_ms: list[int]) -> None:
+    images = [Image.fromarray(f).convert("P") for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations_ms, loop=0)
+
+
+def write_dicom(path: Path, frames: np.ndarray, patient_id: str, frame_time_ms: float | None = None, rgb=False):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "US"
+    ds.PatientID = patient_id
+    ds.PatientName = "Doe^Jane"
+    ds.PatientBirthDate = "19700101"
+    ds.InstitutionName = "General Hospital"
+    if frame_time_ms is not None:
+        ds.FrameTime = frame_time_ms
+    pixels = np.repeat(frames[..., None], 3, axis=-1) if rgb else frames
+    if len(frames) == 1:
+        pixels = pixels[0]
+    ds.set_pixel_data(pixels, "RGB" if rgb else "MONOCHROME2", 8)
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def pocus_tree(tmp_path: Path, rng) -> Path:
+    """A POCUS-layout folder: the shipped CC-BY stills, generated videos of every container, and broken files."""
+    root = tmp_path / "pocus"
+    shutil.copytree(FIXTURES / "pocus-cc-by", root)
+    videos = root / "data" / "pocus_videos" / "convex"
+    videos.mkdir(parents=True)
+    frames = [fan_frame(rng, shift=k) for k in range(20)]  # 2 s at 10 fps
+    write_video(videos / "Pneu_northumbria_0409_set2_vid1.mp4", frames)
+    write_video(videos / "Pneu_northumbria_0409_set2_vid2.avi", frames[:10])
+    write_video(videos / "Reg_pat1Image_000001.mpeg", frames[:10], fps=25, codec="mpeg2video")
+    write_gif(videos / "Reg-Atlas-alines.gif", frames[:4], durations_ms=[100, 500, 100, 300])
+    (videos / "Cov_empty_clip.mp4").write_bytes(b"")
+    data = (videos / "Pneu_northumbria_0409_set2_vid1.mp4").read_bytes()
+    (videos / "Cov_truncated_clip.mp4").write_bytes(data[: len(data) // 3])
+    (videos / "Reg_notes.txt").write_text("not an image")
+    (videos / "Unlabelled_clip.mp4").write_bytes(data)
+    return root
+
+
+@pytest.fixture
+def busi_tree(tmp_path: Path, rng) -> Path:
+    root = tmp_path / "busi"
+    for label in ("benign", "malignant", "normal"):
+        (root / label).mkdir(parents=True)
+    image = rng.integers(0, 255, (60, 80), dtype=np.uint8)
+
+    def mask(*boxes):
+        m = np.zeros((60, 80), dtype=np.uint8)
+        for x0, y0, x1, y1 in boxes:
+            m[y0:y1, x0:x1] = 255
+        return m
+
+    Image.fromarray(np.stack([image] * 3, axis=-1)).save(root / "benign" / "benign (1).png")
+    Image.fromarray(mask((10, 12, 30, 25))).save(root / "benign" / "benign (1)_mask.png")
+    Image.fromarray(mask((50, 30, 70, 50))).save(root / "benign" / "benign (1)_mask_1.png")
+    Image.fromarray(image).save(root / "malignant" / "malignant (7).png")
+    Image.fromarray(mask((5, 5, 25, 40))).save(root / "malignant" / "malignant (7)_mask.png")
+    Image.fromarray(image).save(root / "normal" / "normal (3).png")
+    Image.fromarray(mask()).save(root / "normal" / "normal (3)_mask.png")
+    Image.fromarray(mask((1, 1, 5, 5))).save(root / "malignant" / "malignant (9)_mask.png")  # no image
+    Image.fromarray(image).save(root / "benign" / "benign (2).png")
+    truncated = (root / "benign" / "benign (2).png").read_bytes()
+    (root / "benign" / "benign (2).png").write_bytes(truncated[: len(truncated) // 2])
+    Image.fromarray(mask((1, 1, 5, 5))).save(root / "benign" / "benign (2)_mask.png")
+    return root
