@@ -1,0 +1,189 @@
+"""The contract every generator family implements, and its safetensors + JSON persistence.
+
+A family is a ``Generator`` subclass with a typed config dataclass. It owns its networks, optimisers and one
+training step; the shared trainer owns the loop, devices, precision, checkpoints, logging and progress.
+Saved generators are a folder with ``config.json`` (family, config, training position) and
+``weights.safetensors``; checkpoints add optimiser state to the same safetensors file. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CONFIG = "config.json"
+WEIGHTS = "weights.safetensors"
+CHECKPOINT = "checkpoint.safetensors"
+FORMAT_VERSION = 1
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images ``(N, 1, H, W)`` in [-1, 1] as uint8 ``(N, H, W)``."""
+    return ((images[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
+    """Builds a config dataclass, rejecting unknown keys by name (typos must not pass silently)."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {config_class.__name__} keys {unknown}; valid keys: {sorted(names)}")
+    return config_class(**values)
+
+
+class Generator(ABC):
+    family: ClassVar[str]
+    config_class: ClassVar[type]
+    # the condition keys `sample` accepts, e.g. {"label"}, {"prompt", "mask"}, {"boxes"}
+    conditions: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, config):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{self.family} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.step = 0
+        self.epoch = 0
+        self.device = torch.device("cpu")
+
+    @abstractmethod
+    def networks(self) -> dict[str, nn.Module]:
+        """Every module whose weights define the generator (and its critics while training)."""
+
+    @abstractmethod
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimisers, created on first use so sampling-only loads need none."""
+
+    @abstractmethod
+    def train_step(self, images: torch.Tensor) -> dict[str, float]:
+        """One optimisation step on a batch ``(B, 1, H, W)`` in [-1, 1]; returns the losses."""
+
+    @abstractmethod
+    def generate(self, n: int, generator: torch.Generator, condition: dict[str, Any]) -> torch.Tensor:
+        """``n`` images ``(n, 1, H, W)`` in [-1, 1], drawing all randomness from the CPU ``generator``."""
+
+    def to(self, device: torch.device | str) -> Generator:
+        self.device = torch.device(device)
+        for module in self.networks().values():
+            module.to(self.device)
+        return self
+
+    def check_condition(self, condition: dict[str, Any] | None) -> dict[str, Any]:
+        condition = dict(condition or {})
+        unsupported = sorted(set(condition) - self.conditions)
+        if unsupported:
+            raise ValueError(
+                f"{self.family} does not take the condition(s) {unsupported}; it takes {sorted(self.conditions)}"
+            )
+        return condition
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int, condition: dict[str, Any] | None = None) -> torch.Tensor:
+        """``n`` images for ``seed``: the same seed, weights and condition always give the same images."""
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
+        condition = self.check_condition(condition)
+        modes = {name: module.training for name, module in self.networks().items()}
+        for module in self.networks().values():
+            module.eval()
+        try:
+            return self.generate(n, torch.Generator().manual_seed(seed), condition).float().cpu()
+        finally:
+            for name, module in self.networks().items():
+                module.train(modes[name])
+
+    # persistence -------------------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "family": self.family,
+            "config": dataclasses.asdict(self.config),
+            "step": self.step,
+            "epoch": self.epoch,
+        }
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}.{key}": tensor.detach().contiguous().cpu()
+            for name, module in self.networks().items()
+            for key, tensor in module.state_dict().items()
+        }
+
+    def _load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, module in self.networks().items():
+            prefix = f"{name}."
+            module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic(folder / WEIGHTS, lambda tmp: save_file(self._weights(), tmp))
+        _atomic(folder / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(self.describe(), indent=2) + "\n"))
+        return folder
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Weights, optimiser state and training position in one file, replaced atomically."""
+        tensors = self._weights()
+        groups = {}
+        for name, optimizer in self.optimizers().items():
+            state = optimizer.state_dict()
+            groups[name] = state["param_groups"]
+            for index, values in state["state"].items():
+                for key, value in values.items():
+                    tensors[f"optim.{name}.{index}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+        metadata = {"describe": json.dumps(self.describe()), "param_groups": json.dumps(groups)}
+        _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(str(path))
+        described = json.loads(metadata["describe"])
+        own_config = json.loads(json.dumps(dataclasses.asdict(self.config)))  # tuples become lists, as in the file
+        if described["family"] != self.family or described["config"] != own_config:
+            raise ValueError(f"{path} was written by another family or config; cannot resume from it")
+        self._load_weights(tensors)
+        groups = json.loads(metadata["param_groups"])
+        for name, optimizer in self.optimizers().items():
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            prefix = f"optim.{name}."
+            for key, value in tensors.items():
+                if key.startswith(prefix):
+                    index, field = key[len(prefix) :].split(".", 1)
+                    state.setdefault(int(index), {})[field] = value.to(self.device)
+            optimizer.load_state_dict({"state": state, "param_groups": groups[name]})
+        self.step, self.epoch = described["step"], described["epoch"]
+
+
+def load_generator(folder: str | Path, device: str | torch.device = "cpu") -> Generator:
+    """Loads any saved generator; its family is read from ``config.json``."""
+    from sonogen.generators.registry import get_generator
+
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file():
+        raise FileNotFoundError(f"{folder / CONFIG} not found: not a saved sonogen generator")
+    described = json.loads((folder / CONFIG).read_text())
+    if described.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{folder} has format version {described.get('format_version')}, expected {FORMAT_VERSION}")
+    family = get_generator(described["family"])
+    generator = family(config_from_dict(family.config_class, described["config"]))
+    generator._load_weights(load_file(str(folder / WEIGHTS)))
+    generator.step, generator.epoch = described["step"], described["epoch"]
+    return generator.to(device)
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(str(tmp))
+    os.replace(tmp, path)

@@ -1,0 +1,170 @@
+"""DCGAN for single-channel ultrasound, after Yu et al., "How good are synthetic medical images? An empirical
+study with lung ultrasound" (Global Health Labs): one GAN per label, 100-d latent, 2048-channel 4×4 seed,
+ConvTranspose/BatchNorm/ReLU up-sampling without biases, a dropout discriminator, BCE on logits.
+
+The number of blocks follows the image size (4 · 2^k), so the 256 px paper network and 32/64/128 px variants
+share this code; ``base_channels`` (64 in the paper) scales the widths for tiny test models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sonogen.generators.base import Generator
+from sonogen.generators.registry import register_family
+
+
+@dataclass
+class DCGANConfig:
+    label: str
+    image_size: int = 256
+    latent_dim: int = 100
+    base_channels: int = 64
+    dropout: float = 0.25
+    lr_generator: float = 1e-5
+    lr_discriminator: float = 5e-6
+    betas: tuple[float, float] = (0.5, 0.999)
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if self.image_size < 16 or 2 ** round(math.log2(self.image_size)) != self.image_size:
+            raise ValueError(f"DCGAN image_size must be a power of two ≥ 16, got {self.image_size}")
+        if self.latent_dim < 1 or self.base_channels < 1:
+            raise ValueError("latent_dim and base_channels must be positive")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def widths(self) -> list[int]:
+        """Channels from the 4×4 seed to the last block: [2048, 1024, …, 64] at 256 px."""
+        blocks = int(math.log2(self.image_size)) - 2
+        return [self.base_channels * 2**k for k in reversed(range(blocks))]
+
+
+def generator_flops(config: DCGANConfig) -> float:
+    """Forward FLOPs (2 per multiply-add) of the generator for one image; 5.41 GFLOP for the 256 px paper net."""
+    widths = config.widths + [1]
+    macs = config.latent_dim * widths[0] * 16  # 1×1 → 4×4
+    side = 4
+    for c_in, c_out in zip(widths, widths[1:]):
+        macs += c_in * c_out * 16 * side * side  # every input pixel scatters a 4×4 kernel
+        side *= 2
+    return 2.0 * macs
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+class DCGANGenerator(nn.Module):
+    def __init__(self, config: DCGANConfig):
+        super().__init__()
+        widths = config.widths
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(config.latent_dim, widths[0], 4, 1, 0, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(True),
+        ]
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+        layers += [nn.ConvTranspose2d(widths[-1], 1, 4, 2, 1, bias=False), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        self.apply(_init_weights)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z[:, :, None, None])
+
+
+class DCGANDiscriminator(nn.Module):
+    def __init__(self, config: DCGANConfig):
+        super().__init__()
+        widths = list(reversed(config.widths))  # 64, 128, …, 2048
+        layers: list[nn.Module] = []
+        for index, (c_in, c_out) in enumerate(zip([1] + widths, widths)):
+            layers.append(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False))
+            if index > 0:
+                layers.append(nn.BatchNorm2d(c_out))
+            layers += [nn.LeakyReLU(0.2, True), nn.Dropout(config.dropout)]
+        layers.append(nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=False))
+        self.net = nn.Sequential(*layers)
+        self.apply(_init_weights)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images).flatten()
+
+
+@register_family
+class DCGAN(Generator):
+    family = "dcgan"
+    config_class = DCGANConfig
+    conditions = frozenset({"label"})
+
+    def __init__(self, config: DCGANConfig):
+        super().__init__(config)
+        self.generator = DCGANGenerator(config)
+        self.discriminator = DCGANDiscriminator(config)
+        self._optimizers: dict[str, torch.optim.Optimizer] | None = None
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator, "discriminator": self.discriminator}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        if self._optimizers is None:
+            c = self.config
+            self._optimizers = {
+                "generator": torch.optim.Adam(self.generator.parameters(), lr=c.lr_generator, betas=c.betas),
+                "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=c.lr_discriminator, betas=c.betas),
+            }
+        return self._optimizers
+
+    def check_condition(self, condition: dict[str, Any] | None) -> dict[str, Any]:
+        condition = super().check_condition(condition)
+        if "label" in condition and condition["label"] != self.config.label:
+            raise ValueError(f"this DCGAN generates {self.config.label!r} images, not {condition['label']!r}")
+        return condition
+
+    def latents(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        # one draw per image: torch's vectorised randn orders values differently for other sizes, and the
+        # first k of n images must not depend on n
+        return torch.stack([torch.randn(self.config.latent_dim, generator=generator) for _ in range(n)])
+
+    def generate(self, n: int, generator: torch.Generator, condition: dict[str, Any]) -> torch.Tensor:
+        return self.generator(self.latents(n, generator).to(self.device))
+
+    def train_step(self, images: torch.Tensor) -> dict[str, float]:
+        optimizers = self.optimizers()
+        batch = images.shape[0]
+        ones = torch.ones(batch, device=images.device)
+        zeros = torch.zeros(batch, device=images.device)
+        fake = self.generator(torch.randn(batch, self.config.latent_dim, device=images.device))
+
+        optimizers["discriminator"].zero_grad(set_to_none=True)
+        real_logits = self.discriminator(images)
+        fake_logits = self.discriminator(fake.detach())
+        loss_d = F.binary_cross_entropy_with_logits(real_logits.float(), ones) + F.binary_cross_entropy_with_logits(
+            fake_logits.float(), zeros
+        )
+        loss_d.backward()
+        optimizers["discriminator"].step()
+
+        optimizers["generator"].zero_grad(set_to_none=True)
+        loss_g = F.binary_cross_entropy_with_logits(self.discriminator(fake).float(), ones)
+        loss_g.backward()
+        optimizers["generator"].step()
+        self.step += 1
+        return {
+            "loss_generator": loss_g.item(),
+            "loss_discriminator": loss_d.item(),
+            "d_real": torch.sigmoid(real_logits.detach().float()).mean().item(),
+            "d_fake": torch.sigmoid(fake_logits.detach().float()).mean().item(),
+        }
