@@ -23,7 +23,10 @@ import_app = typer.Typer(
     help="Import a source into the sonogen dataset format (grey PNG frames + manifest.csv + import_report.json).",
     no_args_is_help=True,
 )
+registry_app = typer.Typer(help="The MLflow Model Registry: registered generators and their versions.",
+                           no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(registry_app, name="registry")
 data_app.add_typer(import_app, name="import")
 console = Console(stderr=True, soft_wrap=True)
 
@@ -196,6 +199,84 @@ def prepare_command(
             console.print(f"[yellow]warning:[/yellow] split {name} has no {', '.join(missing)} images")
     for skip in report["skipped"]:
         console.print(f"[yellow]skipped[/yellow] {skip['image']}: {skip['reason']}")
+
+
+@app.command("train")
+@_user_errors
+def train_command(
+    family: Annotated[str, typer.Argument(help="Generator family, e.g. dcgan.")],
+    data: Annotated[Path, typer.Option(help="Prepared dataset folder.")],
+    label: Annotated[str, typer.Option(help="Label to learn; one generator per label.")],
+    config: Annotated[
+        Path | None, typer.Option(help="YAML with model/train sections, or params.yaml (train.<family>).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default models/<family>-<label>).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset name in model names (default: data folder name).")] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default <dataset>-<family>).")] = None,
+    register: Annotated[bool, typer.Option(help="Register the trained model with alias 'candidate'.")] = True,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the output folder.")] = False,
+):
+    """Train a generator on one label of a prepared dataset, tracked in MLflow."""
+    from sonogen.jobs import train_generator
+
+    out = out or Path("models") / f"{family}-{label}"
+    info = train_generator(family, data, label, out, config, dataset, experiment, register, resume,
+                           progress=_progress(f"training {family} on {label}"))
+    final = info.get("final", {})
+    console.print(f"trained {family} on {label}: epoch {final.get('epoch')}, step {final.get('step')}, "
+                  f"kMMD {final.get('kmmd', float('nan')):.4f}, 1-NN acc {final.get('one_nn_acc', float('nan')):.3f}")
+    console.print(f"saved {out / 'generator'}, last sample grid {out / 'samples.png'}; "
+                  f"MLflow run {info['run_id']} in {info['tracking_uri']}")
+    if "version" in info:
+        console.print(f"registered [bold]{info['registered_model']}[/bold] version {info['version']} "
+                      f"as @{info['alias']}: models:/{info['registered_model']}@{info['alias']}")
+
+
+@app.command("register")
+@_user_errors
+def register_command(
+    trained: Annotated[list[Path], typer.Argument(help="Output folders of `sonogen train`.")],
+    alias: Annotated[str, typer.Option(help="Alias given to the new versions.")] = "candidate",
+    report: Annotated[Path | None, typer.Option(help="Write the registered versions to this JSON file.")] = None,
+):
+    """Register trained generators in the MLflow Model Registry."""
+    import json
+
+    from sonogen.jobs import register_trained
+
+    registered = []
+    for folder in trained:
+        entry = register_trained(folder, alias=alias)
+        registered.append({"folder": str(folder), **entry})
+        console.print(f"registered [bold]{entry['registered_model']}[/bold] version {entry['version']} as @{alias}")
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(registered, indent=2) + "\n")
+
+
+@registry_app.command("list")
+@_user_errors
+def registry_list_command():
+    """Registered models, versions, aliases and key metrics."""
+    from sonogen.registry import list_models
+    from sonogen.tracking import configure_mlflow
+
+    rows = list_models()
+    uri = configure_mlflow()
+    table = Table(title=f"MLflow Model Registry ({uri})")
+    for column in ("model", "version", "aliases", "kMMD", "1-NN acc", "data (dvc md5)", "code"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        tags = row["tags"]
+        table.add_row(row["name"], row["version"], ", ".join("@" + a for a in row["aliases"]),
+                      tags.get("metric.kmmd", ""), tags.get("metric.one_nn_acc", ""),
+                      tags.get("data_dvc_md5", "")[:12], tags.get("code_version", "")[:12])
+    Console(soft_wrap=True).print(table)
+    if not rows:
+        console.print("no registered models yet: run `make run` or `sonogen train ...`")
+    elif uri.startswith("sqlite:///"):
+        console.print(f"browse runs, curves and sample grids: mlflow ui --backend-store-uri {uri}")
+        console.print("load one: sonogen.registry.load_sampler('models:/<model>@candidate').sample(16, seed=0)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,112 @@
+"""The platform's steps as plain functions: the CLI, `dvc repro` and pipeline components all call these."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sonogen.generators import config_from_dict, get_generator
+from sonogen.generators.trainer import GENERATOR_DIR, TrainConfig, train
+from sonogen.registry import model_name, register_generator
+from sonogen.tracking import MlflowTracker, configure_mlflow, dataset_identity, git_commit
+
+RUN_INFO = "run.json"
+
+
+def load_family_config(path: str | Path | None, family: str, label: str) -> tuple[Any, TrainConfig]:
+    """Model and training configs from a YAML file: either ``train: {<family>: {model, train}}`` (params.yaml)
+    or top-level ``model`` and ``train`` sections. Without a file, the family's defaults."""
+    sections: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        nested = loaded.get("train", {})
+        sections = nested[family] if isinstance(nested, dict) and family in nested else loaded
+        unknown = sorted(set(sections) - {"model", "train"})
+        if unknown:
+            raise ValueError(f"{path}: unexpected sections {unknown} for {family}; expected 'model' and 'train'")
+    family_class = get_generator(family)
+    model = config_from_dict(family_class.config_class, {**(sections.get("model") or {}), "label": label})
+    return model, config_from_dict(TrainConfig, sections.get("train") or {})
+
+
+def _flatten(prefix: str, values: dict) -> dict[str, Any]:
+    return {f"{prefix}.{k}": v for k, v in values.items()}
+
+
+def train_generator(
+    family: str,
+    data: str | Path,
+    label: str,
+    out: str | Path,
+    config_path: str | Path | None = None,
+    dataset: str | None = None,
+    experiment: str | None = None,
+    register: bool = True,
+    resume: bool = False,
+    progress=None,
+) -> dict:
+    """Trains one generator for one label with MLflow tracking; registers it unless ``register`` is False."""
+    import mlflow
+
+    data, out = Path(data), Path(out)
+    model_config, train_config = load_family_config(config_path, family, label)
+    dataset = dataset or data.name
+    tracking_uri = configure_mlflow()
+    info_path = out / RUN_INFO
+    run_id = json.loads(info_path.read_text())["run_id"] if resume and info_path.exists() else None
+    mlflow.set_experiment(experiment or f"{dataset}-{family}")
+    identity = dataset_identity(data, label)
+    with mlflow.start_run(run_id=run_id, run_name=f"{family}-{label}") as run:
+        if run_id is None:
+            mlflow.log_params({
+                **_flatten("model", asdict(model_config)), **_flatten("train", asdict(train_config)), **identity,
+            })
+            mlflow.set_tags({"family": family, "label": label, "dataset": dataset, "code_version": git_commit()})
+        out.mkdir(parents=True, exist_ok=True)
+        info = {"run_id": run.info.run_id, "tracking_uri": tracking_uri, "family": family, "label": label,
+                "dataset": dataset, "data": str(data)}
+        info_path.write_text(json.dumps(info, indent=2) + "\n")
+        generator = get_generator(family)(model_config)
+        summary = train(generator, data, label, train_config, out, MlflowTracker(), resume=resume, progress=progress)
+        mlflow.log_artifact(str(out / "history.json"))
+        info["final"] = summary["final"]
+        info["feature_extractor"] = summary["feature_extractor"]
+        info_path.write_text(json.dumps(info, indent=2) + "\n")
+    if register:
+        info.update(register_trained(out))
+    return info
+
+
+def register_trained(out: str | Path, alias: str | None = "candidate") -> dict:
+    """Registers the generator trained into ``out`` as ``<dataset>-<family>-<label>``, tagged with its data,
+    code and metrics, and gives that version ``alias``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    out = Path(out)
+    if not (out / RUN_INFO).is_file():
+        raise FileNotFoundError(f"{out / RUN_INFO} not found: train a generator into {out} first")
+    info = json.loads((out / RUN_INFO).read_text())
+    configure_mlflow()
+    try:
+        run = mlflow.MlflowClient().get_run(info["run_id"])
+    except MlflowException as err:
+        raise ValueError(f"the training run {info['run_id']} of {out} is not in the tracking store: {err}") from err
+    final = {k: v for k, v in info.get("final", {}).items() if k in ("kmmd", "one_nn_acc", "epoch", "step")}
+    tags = {
+        "family": info["family"],
+        "label": info["label"],
+        "data_dvc_md5": run.data.params.get("data_dvc_md5", "unknown"),
+        "data_manifest_sha256": run.data.params.get("data_manifest_sha256", "unknown"),
+        "code_version": run.data.tags.get("code_version", "unknown"),
+        "feature_extractor": info.get("feature_extractor", ""),
+        **{f"metric.{k}": f"{v:.6g}" if isinstance(v, float) else v for k, v in final.items()},
+    }
+    name = model_name(info["dataset"], info["family"], info["label"])
+    version = register_generator(info["run_id"], out / GENERATOR_DIR, name, tags, alias=alias)
+    # the trained folder stays as training wrote it (it is a DVC output); the caller records the version
+    return {"registered_model": name, "version": version, "alias": alias, "model_uri": f"models:/{name}/{version}"}
