@@ -11,6 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 run: $(STAMP)
 	dvc repro
 	dvc push
+	sonogen registry list
 
 test: $(STAMP)
 	python -m pytest -q
