@@ -1,5 +1,6 @@
 """DVC as users run it: `dvc repro` of the repository's own dvc.yaml, and push/pull to S3 (a moto server)."""
 
+import json
 import os
 import shutil
 import socket
@@ -43,26 +44,36 @@ def project(tmp_path) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["phantom"].update(patients=4, frames_per_patient=1)
     params["prepare"].update(size=32)
+    params["train"]["dcgan"] = {
+        "model": {"image_size": 32, "base_channels": 4},
+        "train": {"epochs": 1, "batch_size": 2, "eval_samples": 2},
+    }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     run(["git", "init", "-q"], root)
     dvc("init", "-q", cwd=root)
     return root
 
 
-def test_dvc_repro_prepares_the_phantom_and_caches_it(project):
-    dvc("repro", cwd=project)
+def test_dvc_repro_prepares_trains_and_registers(project):
+    out = dvc("repro", cwd=project)
+    assert "registered lus-dcgan-consolidation version 1 as @candidate" in out
+    assert "registered lus-dcgan-normal version 1 as @candidate" in out
     prepared = project / "data" / "prepared" / "lus"
     records = read_manifest(prepared)
     assert len(records) == 4 and {r.split for r in records} <= {"train", "val", "test"}
+    registered = json.loads((project / "reports" / "registered.json").read_text())
+    assert [r["registered_model"] for r in registered] == ["lus-dcgan-consolidation", "lus-dcgan-normal"]
+    assert (project / "mlflow.db").exists() and (project / "models" / "dcgan-normal" / "samples.png").exists()
     assert "up to date" in dvc("status", cwd=project)
-    assert "didn't change" in dvc("repro", cwd=project)
+
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["prepare"]["size"] = 16
+    params["train"]["dcgan"]["train"]["epochs"] = 2
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     out = dvc("repro", cwd=project)
-    assert "Stage 'phantom' didn't change" in out and "Running stage 'prepare'" in out
-    with Image.open(prepared / read_manifest(prepared)[0].image) as im:
-        assert im.size == (16, 16)
+    assert "Stage 'prepare' didn't change" in out and "Running stage 'train@dcgan-normal'" in out
+    assert "registered lus-dcgan-normal version 2 as @candidate" in out
+    with Image.open(prepared / records[0].image) as im:
+        assert im.size == (32, 32)
 
 
 def _free_port() -> int:
@@ -92,16 +103,16 @@ def test_push_and_pull_through_s3(project, s3_endpoint):
     s3.create_bucket(Bucket="sonogen-data")
     dvc("remote", "add", "-d", "s3remote", "s3://sonogen-data/dvc", cwd=project, env=env)
     dvc("remote", "modify", "s3remote", "endpointurl", s3_endpoint, cwd=project, env=env)
-    dvc("repro", cwd=project, env=env)
+    dvc("repro", "prepare", cwd=project, env=env)
     prepared = project / "data" / "prepared" / "lus"
     before = {r.image: r.sha256 for r in read_manifest(prepared)}
-    dvc("push", cwd=project, env=env)
+    dvc("push", "prepare", cwd=project, env=env)
     stored = s3.list_objects_v2(Bucket="sonogen-data", Prefix="dvc/")
     assert stored["KeyCount"] >= len(before)
 
     shutil.rmtree(project / "data")
     shutil.rmtree(project / ".dvc" / "cache")
-    dvc("pull", cwd=project, env=env)
+    dvc("pull", "prepare", cwd=project, env=env)
     after = {r.image: r.sha256 for r in read_manifest(prepared)}
     assert after == before
     assert all(file_sha256(prepared / image) == digest for image, digest in after.items())
