@@ -88,7 +88,7 @@ def _band(d: np.ndarray, centre, width) -> np.ndarray:
 def _speckle(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
     """Rayleigh-distributed envelope of a complex Gaussian field, correlated more laterally than axially."""
     field = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
-    field = ndimage.gaussian_filter(field.real, (0.8, 1.7)) + 1j * ndimage.gaussian_filter(field.imag, (0.8, 1.7))
+    field = ndimage.gaussian_filter(field.real, (0.8, 2.4)) + 1j * ndimage.gaussian_filter(field.imag, (0.8, 2.4))
     envelope = np.abs(field)
     return envelope / envelope.mean()
 
@@ -120,21 +120,21 @@ def render(patient: Patient, seed: int, frame: int) -> tuple[np.ndarray, np.ndar
     # chest wall: bright skin, darker fat, striated muscle with fascia lines, curving gently with the probe
     wall = d < pleura
     curve = 0.01 * s**2
-    layered = 0.1 + 0.5 * _band(d, 0.0, 3 * px)
+    layered = 0.07 + 0.35 * _band(d, 0.0, 3 * px)
     for depth_fraction, band_width, brightness in patient.wall_bands:
-        layered += 0.5 * brightness * _band(d, depth_fraction * patient.pleura + curve, band_width)
-    layered *= 1 + 0.25 * np.sin(40 * d + 3 * s)
+        layered += 0.35 * brightness * _band(d, depth_fraction * patient.pleura + curve, band_width)
+    layered *= (1 + 0.25 * np.sin(40 * d + 3 * s)) * (1 + 0.3 * np.sin(7 * s + 23 * d + patient.index))
     echo = np.where(wall, layered, echo)
     # lung: A-line reverberations at multiples of the pleura depth, faint haze, B-lines erasing them
     lung_sliding = s + 0.02 * breathing
     haze = 0.035 + 0.02 * (1 + np.sin(9 * lung_sliding + 30 * d))
-    a_lines = sum(0.7 * 0.55 ** (k - 1) * _band(d, k * pleura, 2.2 * px) for k in (2, 3, 4))
+    a_lines = sum(0.45 * 0.55 ** (k - 1) * _band(d, k * pleura, 3.0 * px) for k in (2, 3, 4))
     lung = haze + (0 if patient.consolidation else 1) * a_lines
     if patient.consolidation:
         lung = haze + 0.5 * a_lines * (np.abs(s - patient.lesion_centre) > patient.lesion_half_width + 0.25)
     for centre in patient.b_lines:
-        ray = np.exp(-0.5 * ((s - centre - 0.01 * breathing) / 0.025) ** 2) * np.exp(-0.6 * (d - pleura))
-        lung = lung * (1 - ray) + 0.6 * ray
+        ray = np.exp(-0.5 * ((s - centre - 0.01 * breathing) / 0.03) ** 2) * np.exp(-0.6 * (d - pleura))
+        lung = lung * (1 - ray) + 0.45 * ray
     echo = np.where(wall, echo, lung)
     echo += 1.2 * _band(d, pleura, 1.4 * px)
 
