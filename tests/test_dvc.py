@@ -40,7 +40,9 @@ def project(tmp_path) -> Path:
     """A copy of this repository's pipeline definition in a fresh git + DVC repository, with tiny parameters."""
     root = tmp_path / "project"
     root.mkdir()
-    shutil.copy(REPO / "dvc.yaml", root)
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, root)
+    (root / "sonogen").symlink_to(REPO / "sonogen")  # stages depend on the code that produces their outputs
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["phantom"].update(patients=4, frames_per_patient=1)
     params["prepare"].update(size=32)
