@@ -1,0 +1,97 @@
+"""DCGAN training throughput, and achieved FLOP/s as a fraction of this machine's own GEMM rate.
+
+    python bench/dcgan_throughput.py [--device auto|cpu|cuda] [--steps 3]
+
+For each config it times full training steps (discriminator + generator updates) on random batches, counts
+their FLOPs with torch's FlopCounterMode, and measures a large matmul in the same precision in the same run
+as the baseline: ``fraction = achieved FLOP/s / GEMM FLOP/s``. bf16 autocast on CUDA, fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sonogen.generators.dcgan import DCGAN, DCGANConfig, generator_flops
+from sonogen.generators.trainer import resolve_device
+from sonogen.jobs import load_family_config
+
+CONFIGS = {
+    "64 px default (params.yaml)": (load_family_config(Path(__file__).parents[1] / "params.yaml", "dcgan", "x")[0], 16),
+    "256 px paper": (DCGANConfig(label="x", image_size=256), 16),
+    "256 px paper, batch 256": (DCGANConfig(label="x", image_size=256), 256),
+}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: int) -> float:
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def training_rate(config: DCGANConfig, batch: int, device: torch.device, steps: int) -> tuple[float, float]:
+    """(images per second, FLOP per training step)."""
+    torch.manual_seed(0)
+    model = DCGAN(config).to(device)
+    if device.type == "cuda":
+        for module in model.networks().values():
+            module.to(memory_format=torch.channels_last)
+    images = torch.rand(batch, 1, config.image_size, config.image_size, device=device) * 2 - 1
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    with autocast():
+        model.train_step(images)  # warm-up: allocator, kernels selection
+        with FlopCounterMode(display=False) as counter:
+            model.train_step(images)
+    synchronize(device)
+    start = time.perf_counter()
+    with autocast():
+        for _ in range(steps):
+            model.train_step(images)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    return batch * steps / elapsed, float(counter.get_total_flops())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'}, " \
+        f"{torch.get_num_threads()} threads"
+    baseline = gemm_rate(device, dtype, 8192 if device.type == "cuda" else 2048, 50 if device.type == "cuda" else 10)
+    print(f"device: {name}; torch {torch.__version__}; precision {dtype}")
+    print(f"baseline GEMM ({'8192' if device.type == 'cuda' else '2048'}², {dtype}): {baseline / 1e9:.1f} GFLOP/s")
+    print(f"256 px generator forward: {generator_flops(DCGANConfig(label='x')) / 1e9:.2f} GFLOP per image\n")
+    print("| config | batch | images/s | GFLOP per step | achieved GFLOP/s | fraction of GEMM |")
+    print("|---|---|---|---|---|---|")
+    for title, (config, batch) in CONFIGS.items():
+        if device.type == "cpu" and batch > 16:
+            continue  # minutes per step on a laptop CPU; measured on GPUs only
+        rate, flops = training_rate(config, batch, device, args.steps)
+        achieved = rate / batch * flops
+        print(f"| {title} | {batch} | {rate:.2f} | {flops / 1e9:.1f} | {achieved / 1e9:.1f} | {achieved / baseline:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
