@@ -248,7 +248,8 @@ def register_command(
     for folder in trained:
         entry = register_trained(folder, alias=alias)
         registered.append({"folder": str(folder), **entry})
-        console.print(f"registered [bold]{entry['registered_model']}[/bold] version {entry['version']} as @{alias}")
+        console.print(f"registered [bold]{entry['registered_model']}[/bold] version {entry['version']} as @{alias}; "
+                      f"last sample grid {folder / 'samples.png'}")
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(registered, indent=2) + "\n")

@@ -12,6 +12,14 @@ from sonogen.data.writer import DatasetWriter, Sample, SkipFile
 Description = tuple[str, str, str] | str
 
 
+def labelled_files(src: Path, layout: str) -> list[Path]:
+    """Every visible file below ``src/<label>/``; ``layout`` names the expected layout in the error."""
+    labels = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")) if src.is_dir() else []
+    if not labels:
+        raise FileNotFoundError(f"{src} has no label sub-folders (expected {layout})")
+    return sorted(p for folder in labels for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
 def read_media(path: Path, origin: str, fps: float) -> list[Sample]:
     suffix = path.suffix.lower()
     if suffix in STILL_SUFFIXES:

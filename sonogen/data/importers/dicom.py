@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from sonogen.data.frames import FrameSampler, to_grey
+from sonogen.data.importers.common import labelled_files
 from sonogen.data.writer import DatasetWriter, Sample, SkipFile
 
 PSEUDONYM_SALT = "sonogen-dicom-v1"
@@ -75,12 +76,9 @@ def import_dicom(
     from pydicom.errors import InvalidDicomError
 
     src = Path(src)
-    labels = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")) if src.is_dir() else []
-    if not labels:
-        raise FileNotFoundError(f"{src} has no label sub-folders (expected SRC/<label>/<file>.dcm)")
+    files = labelled_files(src, "SRC/<label>/<file>.dcm")
     source = source or src.name
     writer = DatasetWriter(out, source=source, strict=strict)
-    files = sorted(p for folder in labels for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     for path in progress(files) if progress else files:
         relative = path.relative_to(src).as_posix()
         if path.stat().st_size == 0:

@@ -10,7 +10,7 @@ import csv
 from pathlib import Path
 
 from sonogen.data.frames import STILL_SUFFIXES, VIDEO_SUFFIXES
-from sonogen.data.importers.common import import_files
+from sonogen.data.importers.common import import_files, labelled_files
 from sonogen.data.writer import slug
 
 
@@ -45,11 +45,8 @@ def import_folder(
     progress=None,
 ) -> dict:
     src = Path(src)
-    labels = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")) if src.is_dir() else []
-    if not labels:
-        raise FileNotFoundError(f"{src} has no label sub-folders (expected SRC/<label>/<image>)")
+    files = labelled_files(src, "SRC/<label>/<image>")
     boxes, patients = read_boxes_csv(Path(boxes_csv)) if boxes_csv else ({}, {})
-    files = sorted(p for folder in labels for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     source = source or src.name
 
     def describe(path: Path):
