@@ -1,0 +1,127 @@
+"""The reduced-VGG ultrasound classifier.
+
+Yu et al. judge their consolidation GAN with a VGG-style classifier trained on real frames; ours is that
+network cut to the size of the data a team has (four 3×3 conv blocks, global pooling, one linear layer). It
+serves three gates: the mean P(label) it gives synthetic images (confidence), its pooled penultimate
+activations as the ``us-encoder`` feature extractor, and the downstream-usefulness experiment, where the same
+network is retrained on real and synthetic mixtures.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CONFIG = "classifier.json"
+WEIGHTS = "classifier.safetensors"
+
+
+@dataclass
+class ClassifierConfig:
+    classes: list[str]
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    dropout: float = 0.25
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self):
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"a classifier needs at least two distinct classes, got {self.classes}")
+        if not self.widths or self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("widths must be non-empty; epochs and batch_size at least 1")
+
+
+class ReducedVGG(nn.Module):
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        self.config = config
+        blocks, channels = [], 1
+        for width in config.widths:
+            # GroupNorm, not BatchNorm: with a few hundred images the running statistics BatchNorm uses at
+            # inference never settle, and an eval-mode classifier then answers one class for everything
+            blocks += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.GroupNorm(min(8, width), width),
+                       nn.ReLU(True), nn.MaxPool2d(2)]
+            channels = width
+        self.features = nn.Sequential(*blocks)
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(channels, len(config.classes))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled penultimate activations ``(N, widths[-1])``: the ``us-encoder`` features."""
+        return self.features(images).mean(dim=(2, 3))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.embed(images)))
+
+
+def train_classifier(images: torch.Tensor, targets: torch.Tensor, config: ClassifierConfig) -> ReducedVGG:
+    """Fits on ``images`` ``(N, 1, H, W)`` in [-1, 1] with class indices ``targets``; deterministic per seed.
+
+    The loss weighs classes by inverse frequency, because rare findings are the point of the platform and an
+    unweighted classifier learns to ignore them. Horizontal flips are the only augmentation: a mirrored lung
+    scan is still a plausible scan, a rotated or rescaled one is not.
+    """
+    if len(images) != len(targets) or len(images) < 2:
+        raise ValueError(f"need at least two images with one target each, got {len(images)} and {len(targets)}")
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # weight init and dropout
+    model = ReducedVGG(config)
+    counts = torch.bincount(targets, minlength=len(config.classes)).double()
+    weights = torch.where(counts > 0, counts.sum() / (len(config.classes) * counts.clamp(min=1)), 0).float()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    model.train()
+    for _ in range(config.epochs):
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(images), config.batch_size):
+            batch = order[start : start + config.batch_size]
+            x = images[batch]
+            flip = torch.rand(len(batch), generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            loss = F.cross_entropy(model(x), targets[batch], weight=weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def _batched(fn, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([fn(images[i : i + batch_size].float()) for i in range(0, len(images), batch_size)])
+
+
+def predict_proba(model: ReducedVGG, images: torch.Tensor) -> torch.Tensor:
+    """Class probabilities ``(N, C)`` in the order of ``model.config.classes``."""
+    model.eval()
+    return _batched(lambda x: model(x).softmax(dim=1), images)
+
+
+def embed(model: ReducedVGG, images: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return _batched(model.embed, images)
+
+
+def save_classifier(model: ReducedVGG, folder: str | Path, extra: dict | None = None) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS))
+    (folder / CONFIG).write_text(json.dumps({"config": asdict(model.config), **(extra or {})}, indent=2) + "\n")
+    return folder
+
+
+def load_classifier(folder: str | Path) -> tuple[ReducedVGG, dict]:
+    """The classifier saved in ``folder`` and the extra fields saved with it."""
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file():
+        raise FileNotFoundError(f"{folder / CONFIG} not found: not a saved sonogen classifier")
+    described = json.loads((folder / CONFIG).read_text())
+    model = ReducedVGG(ClassifierConfig(**described.pop("config")))
+    model.load_state_dict(load_file(str(folder / WEIGHTS)))
+    return model.eval(), described
