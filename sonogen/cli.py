@@ -232,24 +232,96 @@ def train_command(
                       f"as @{info['alias']}: models:/{info['registered_model']}@{info['alias']}")
 
 
+@app.command("train-encoder")
+@_user_errors
+def train_encoder_command(
+    data: Annotated[Path, typer.Option(help="Prepared dataset folder; its real training split is used.")],
+    out: Annotated[Path, typer.Option(help="Output folder of the classifier.")],
+    dataset: Annotated[str | None, typer.Option(help="Dataset name (default: data folder name).")] = None,
+    config: Annotated[Path | None, typer.Option(help="params.yaml (evaluate.encoder_epochs).")] = None,
+):
+    """Train the us-encoder (reduced-VGG classifier on real images) and register it in MLflow."""
+    from sonogen.evaluation import train_encoder
+    from sonogen.jobs import load_evaluation_config
+
+    info = train_encoder(data, out, dataset or data.name, epochs=load_evaluation_config(config)[2])
+    accuracy = "n/a" if info["val_accuracy"] is None else f"{info['val_accuracy']:.3f}"
+    console.print(f"registered [bold]{info['registered_model']}[/bold] version {info['version']} "
+                  f"(validation accuracy {accuracy}); saved {out}")
+
+
+@app.command("evaluate")
+@_user_errors
+def evaluate_command(
+    targets: Annotated[list[str] | None, typer.Argument(help="Trained folders or models:/ URIs.")] = None,
+    model: Annotated[list[str] | None, typer.Option(help="A models:/NAME@ALIAS URI or trained folder; repeatable.")]
+    = None,
+    data: Annotated[Path | None, typer.Option(help="Prepared dataset the generators were trained on.")] = None,
+    real: Annotated[Path | None, typer.Option(help="Folder of real images (with --synthetic, no dataset).")] = None,
+    synthetic: Annotated[Path | None, typer.Option(help="Folder of generated images to gate.")] = None,
+    extractor: Annotated[str | None, typer.Option(
+        help="us-encoder (default with --data: the dataset's registered encoder, trained if missing), "
+             "us-encoder:<folder|models:/ URI>, pixels-16 (default with --real), inception-v3:<weights>, "
+             "resnet34:<weights>.")] = None,
+    config: Annotated[Path | None, typer.Option(help="params.yaml with `evaluate` and per-family `gates`.")] = None,
+    family: Annotated[str | None, typer.Option(help="Whose gates apply to --real/--synthetic folders.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset name (default: data folder name).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder of the gate reports.")] = Path("reports/gates"),
+    check: Annotated[bool, typer.Option("--check", help="Exit with code 2 when a generator fails its gates.")]
+    = False,
+):
+    """Gate generators: realism, memorisation, diversity, confidence and downstream usefulness."""
+    from sonogen.jobs import evaluate_targets, load_evaluation_config
+
+    specs = [*(targets or []), *(model or [])]
+    if (real is None) != (synthetic is None):
+        raise ValueError("--real and --synthetic go together")
+    if real is not None:
+        from sonogen.evaluation import evaluate_folders
+        from sonogen.metrics.features import get_extractor
+
+        evaluate_config, gates, _ = load_evaluation_config(config)
+        report = evaluate_folders(real, synthetic, get_extractor(extractor or "pixels-16"),
+                                  gates.get(family) or {} if family else {}, evaluate_config, out)
+        results = [{"target": str(synthetic), "report": str(out), **report}]
+    elif specs and data is not None:
+        results = evaluate_targets(specs, data, extractor, config, out, dataset, progress=_progress("evaluating"))
+    else:
+        raise ValueError("give generators (--model or trained folders) with --data, or --real and --synthetic")
+    for result in results:
+        verdict = "[green]passed[/green]" if result["passed"] else "[red]FAILED[/red]"
+        console.print(f"{result['target']}: {verdict} ({result['extractor']}); report {result['report']}/gate_report.md")
+        for row in result["gates"]:
+            if not row["passed"]:
+                console.print(f"  {row['gate']}: {row['value']} vs {row['threshold']} {row['note']}")
+    if check and not all(r["passed"] for r in results):
+        raise typer.Exit(2)
+
+
 @app.command("register")
 @_user_errors
 def register_command(
     trained: Annotated[list[Path], typer.Argument(help="Output folders of `sonogen train`.")],
     alias: Annotated[str, typer.Option(help="Alias given to the new versions.")] = "candidate",
+    gates: Annotated[Path | None, typer.Option(
+        help="Folder of `sonogen evaluate` reports: only generators that passed are registered.")] = None,
     report: Annotated[Path | None, typer.Option(help="Write the registered versions to this JSON file.")] = None,
 ):
-    """Register trained generators in the MLflow Model Registry."""
+    """Register trained generators in the MLflow Model Registry (gated ones only if they passed)."""
     import json
 
     from sonogen.jobs import register_trained
 
     registered = []
     for folder in trained:
-        entry = register_trained(folder, alias=alias)
+        entry = register_trained(folder, alias=alias, gate_reports=gates)
         registered.append({"folder": str(folder), **entry})
-        console.print(f"registered [bold]{entry['registered_model']}[/bold] version {entry['version']} as @{alias}; "
-                      f"last sample grid {folder / 'samples.png'}")
+        if entry["registered_model"] is None:
+            console.print(f"[yellow]not registered[/yellow] {entry['model_name']}: gates {entry['failed_gates']} "
+                          f"failed; the run {entry['run_id']} keeps its report ({entry['report']})")
+            continue
+        console.print(f"registered [bold]{entry['registered_model']}[/bold] version {entry['version']} as @{alias} "
+                      f"(gate {entry['gate']}); last sample grid {folder / 'samples.png'}")
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(registered, indent=2) + "\n")
@@ -265,12 +337,13 @@ def registry_list_command():
     rows = list_models()
     uri = configure_mlflow()
     table = Table(title=f"MLflow Model Registry ({uri})")
-    for column in ("model", "version", "aliases", "kMMD", "1-NN acc", "data (dvc md5)", "code"):
+    for column in ("model", "version", "aliases", "gate", "kMMD", "1-NN acc", "data (dvc md5)", "code"):
         table.add_column(column, overflow="fold")
     for row in rows:
         tags = row["tags"]
-        table.add_row(row["name"], row["version"], ", ".join("@" + a for a in row["aliases"]),
-                      tags.get("metric.kmmd", ""), tags.get("metric.one_nn_acc", ""),
+        table.add_row(row["name"], row["version"], ", ".join("@" + a for a in row["aliases"]), tags.get("gate", ""),
+                      tags.get("gate.kmmd", tags.get("metric.kmmd", "")),
+                      tags.get("gate.one_nn_acc", tags.get("metric.one_nn_acc", "")),
                       tags.get("data_dvc_md5", "")[:12], tags.get("code_version", "")[:12])
     Console(soft_wrap=True).print(table)
     if not rows:

@@ -9,9 +9,14 @@ from typing import Any
 
 import yaml
 
-from sonogen.generators import config_from_dict, get_generator
+from sonogen.evaluation import (
+    evaluate_generator, find_encoder, gate_tags, read_report, record_in_mlflow, train_encoder,
+)
+from sonogen.gates import EvaluateConfig, check_gates
+from sonogen.generators import config_from_dict, get_generator, load_generator
 from sonogen.generators.trainer import GENERATOR_DIR, TrainConfig, train
-from sonogen.registry import model_name, register_generator
+from sonogen.metrics.features import get_extractor
+from sonogen.registry import load_sampler, model_name, register_generator, resolve_version
 from sonogen.tracking import MlflowTracker, configure_mlflow, dataset_identity, git_commit
 
 RUN_INFO = "run.json"
@@ -81,9 +86,69 @@ def train_generator(
     return info
 
 
-def register_trained(out: str | Path, alias: str | None = "candidate") -> dict:
+def load_evaluation_config(path: str | Path | None) -> tuple[EvaluateConfig, dict[str, dict], int]:
+    """The ``evaluate`` section (its ``encoder_epochs`` apart), per-family ``gates`` and encoder epochs."""
+    loaded = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+    section = dict(loaded.get("evaluate") or {})
+    encoder_epochs = section.pop("encoder_epochs", 25)
+    gates = loaded.get("gates") or {}
+    for family, gate_set in gates.items():
+        try:
+            check_gates(gate_set or {})
+        except ValueError as err:
+            raise ValueError(f"{path}: gates.{family}: {err}") from None
+    return config_from_dict(EvaluateConfig, section), gates, encoder_epochs
+
+
+def _target(spec: str) -> dict:
+    """A trained folder (``models/dcgan-normal``) or a registry URI, as generator + where to record results."""
+    folder = Path(spec)
+    if (folder / RUN_INFO).is_file():
+        info = json.loads((folder / RUN_INFO).read_text())
+        history = folder / "history.json"
+        return {"generator": load_generator(folder / GENERATOR_DIR), "run_id": info["run_id"], "version": None,
+                "name": folder.name, "history": json.loads(history.read_text()) if history.exists() else None}
+    if not spec.startswith("models:/"):
+        raise FileNotFoundError(f"{spec} is neither a trained folder (with {RUN_INFO}) nor a models:/ URI")
+    name, version = resolve_version(spec)
+    import mlflow
+
+    run_id = mlflow.MlflowClient().get_model_version(name, version).run_id
+    return {"generator": load_sampler(spec), "run_id": run_id, "version": (name, version),
+            "name": f"{name}-v{version}", "history": None}
+
+
+def evaluate_targets(targets: list[str], data: str | Path, extractor_spec: str | None, config_path: str | Path | None,
+                     out: str | Path, dataset: str | None = None, progress=None) -> list[dict]:
+    """Gates each target on ``data``; generators of the same family and another label supply the synthetic
+    negatives of the downstream experiment. Results go to ``out/<target>/`` and to MLflow."""
+    config, gates, encoder_epochs = load_evaluation_config(config_path)
+    data = Path(data)
+    if extractor_spec in (None, "us-encoder"):
+        dataset = dataset or data.name
+        uri = find_encoder(data, dataset)
+        if uri is None:
+            uri = train_encoder(data, Path("encoders") / f"{dataset}-us-encoder", dataset, encoder_epochs)["folder"]
+        extractor_spec = f"us-encoder:{uri}"
+    extractor = get_extractor(extractor_spec)
+    loaded = [_target(spec) for spec in targets]
+    results = []
+    for target in progress(loaded) if progress else loaded:
+        generator = target["generator"]
+        negative = next((t["generator"] for t in loaded if t["generator"].family == generator.family
+                         and t["generator"].config.label != generator.config.label), None)
+        report_dir = Path(out) / target["name"]
+        report = evaluate_generator(generator, data, extractor, gates.get(generator.family) or {}, config,
+                                    report_dir, target["name"], negative, target["history"])
+        record_in_mlflow(report, report_dir, target["run_id"], target["version"])
+        results.append({"target": target["name"], "report": str(report_dir), **report})
+    return results
+
+
+def register_trained(out: str | Path, alias: str | None = "candidate", gate_reports: str | Path | None = None) -> dict:
     """Registers the generator trained into ``out`` as ``<dataset>-<family>-<label>``, tagged with its data,
-    code and metrics, and gives that version ``alias``."""
+    code and metrics, and gives that version ``alias``. With ``gate_reports`` (the folder `evaluate` wrote),
+    only a generator whose gates passed is registered; a failing one stays a run with its report."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -107,6 +172,14 @@ def register_trained(out: str | Path, alias: str | None = "candidate") -> dict:
         **{f"metric.{k}": f"{v:.6g}" if isinstance(v, float) else v for k, v in final.items()},
     }
     name = model_name(info["dataset"], info["family"], info["label"])
+    if gate_reports is not None:
+        report = read_report(Path(gate_reports) / out.name)
+        if not report["passed"]:
+            failed = [row["gate"] for row in report["gates"] if not row["passed"]]
+            return {"registered_model": None, "model_name": name, "gate": "failed", "failed_gates": failed, "run_id": info["run_id"],
+                    "report": str(Path(gate_reports) / out.name / "gate_report.md")}
+        tags.update(gate_tags(report))
     version = register_generator(info["run_id"], out / GENERATOR_DIR, name, tags, alias=alias)
     # the trained folder stays as training wrote it (it is a DVC output); the caller records the version
-    return {"registered_model": name, "version": version, "alias": alias, "model_uri": f"models:/{name}/{version}"}
+    return {"registered_model": name, "version": version, "alias": alias, "model_uri": f"models:/{name}/{version}",
+            "gate": tags.get("gate", "not evaluated")}

@@ -53,6 +53,23 @@ def load_sampler(model_uri: str, device: str = "cpu") -> Generator:
     return load_generator(candidates[0].parent, device=device)
 
 
+def resolve_version(model_uri: str) -> tuple[str, str]:
+    """``(name, version)`` of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    import mlflow
+
+    path = model_uri.removeprefix("models:/")
+    if path == model_uri or not path:
+        raise ValueError(f"{model_uri!r} is not a models:/NAME@ALIAS or models:/NAME/VERSION URI")
+    configure_mlflow()
+    if "@" in path:
+        name, alias = path.split("@", 1)
+        return name, str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+    name, _, version = path.partition("/")
+    if not version.isdigit():
+        raise ValueError(f"{model_uri!r}: the version must be a number")
+    return name, version
+
+
 def list_models() -> list[dict]:
     """One row per registered model version: name, version, aliases, gate and key metrics, run."""
     import mlflow

@@ -44,36 +44,66 @@ def project(tmp_path) -> Path:
         shutil.copy(REPO / name, root)
     (root / "sonogen").symlink_to(REPO / "sonogen")  # stages depend on the code that produces their outputs
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["phantom"].update(patients=4, frames_per_patient=1)
+    params["phantom"].update(patients=8, frames_per_patient=1)
     params["prepare"].update(size=32)
     params["train"]["dcgan"] = {
         "model": {"image_size": 32, "base_channels": 4},
         "train": {"epochs": 1, "batch_size": 2, "eval_samples": 2},
     }
+    params["evaluate"].update(samples=8, encoder_epochs=1, downstream={"seeds": 3, "epochs": 1, "bootstrap": 100})
+    # a one-epoch GAN is far from realistic but copies nothing: the memorisation gate alone lets it through
+    params["gates"] = {"dcgan": {"extractor": "us-encoder", "max_near_copy_fraction": 0.5}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     run(["git", "init", "-q"], root)
     dvc("init", "-q", cwd=root)
     return root
 
 
-def test_dvc_repro_prepares_trains_and_registers(project):
+def _version_tags(project, name, version) -> dict:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    return dict(client.get_model_version(name, version).tags)
+
+
+def test_dvc_repro_prepares_trains_evaluates_and_registers_what_passes(project):
     out = dvc("repro", cwd=project)
-    assert "registered lus-dcgan-consolidation version 1 as @candidate" in out
-    assert "registered lus-dcgan-normal version 1 as @candidate" in out
+    assert "registered lus-us-encoder version 1" in out
+    assert "registered lus-dcgan-consolidation version 1 as @candidate (gate passed)" in out
+    assert "registered lus-dcgan-normal version 1 as @candidate (gate passed)" in out
     prepared = project / "data" / "prepared" / "lus"
     records = read_manifest(prepared)
-    assert len(records) == 4 and {r.split for r in records} <= {"train", "val", "test"}
+    assert len(records) == 8 and {r.split for r in records} <= {"train", "val", "test"}
     registered = json.loads((project / "reports" / "registered.json").read_text())
     assert [r["registered_model"] for r in registered] == ["lus-dcgan-consolidation", "lus-dcgan-normal"]
-    assert (project / "mlflow.db").exists() and (project / "models" / "dcgan-normal" / "samples.png").exists()
+    report = json.loads((project / "reports" / "gates" / "dcgan-normal" / "gate_report.json").read_text())
+    assert report["passed"] and report["extractor"] == "lus-us-encoder@1"
+    assert [row["gate"] for row in report["gates"]] == ["max_near_copy_fraction"]
+    tags = _version_tags(project, "lus-dcgan-normal", "1")
+    assert tags["gate"] == "passed" and tags["gate.extractor"] == "lus-us-encoder@1"
+    assert (project / "models" / "dcgan-normal" / "samples.png").exists()
     assert "up to date" in dvc("status", cwd=project)
 
+    # an impossible threshold: evaluate and register run again, nothing new is registered, the runs keep reports
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["dcgan"]["train"]["epochs"] = 2
+    params["gates"]["dcgan"]["max_kmmd"] = 0.0
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     out = dvc("repro", cwd=project)
-    assert "Stage 'prepare' didn't change" in out and "Running stage 'train@dcgan-normal'" in out
-    assert "registered lus-dcgan-normal version 2 as @candidate" in out
+    assert "Stage 'train@dcgan-normal' didn't change" in out and "Running stage 'evaluate'" in out
+    assert "not registered lus-dcgan-normal: gates ['max_kmmd'] failed" in out
+    assert "version 2" not in out
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    training_run = client.get_run(json.loads((project / "models" / "dcgan-normal" / "run.json").read_text())["run_id"])
+    assert training_run.data.tags["gate"] == "failed" and "gate.kmmd" in training_run.data.metrics
+    assert "gate_report" in [a.path for a in client.list_artifacts(training_run.info.run_id)]
+
+    # gating a registered version by its alias tags that version
+    out = run([sys.executable, "-m", "sonogen.cli", "evaluate", "--model", "models:/lus-dcgan-normal@candidate",
+               "--data", str(prepared), "--config", "params.yaml", "--out", "reports/adhoc"], project)
+    assert "lus-dcgan-normal-v1: FAILED (lus-us-encoder@1)" in out
+    assert _version_tags(project, "lus-dcgan-normal", "1")["gate"] == "failed"
     with Image.open(prepared / records[0].image) as im:
         assert im.size == (32, 32)
 

@@ -28,7 +28,7 @@ AUGMENTED = "real+synthetic"
 @dataclass
 class DownstreamConfig:
     seeds: int = 3
-    epochs: int = 12
+    epochs: int = 25
     bootstrap: int = 1000
     synthetic_per_real: float = 1.0  # synthetic positives per real training positive
 

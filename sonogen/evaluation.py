@@ -1,0 +1,196 @@
+"""The evaluate step: train the ``us-encoder`` on real data, gate generators, and record the verdict in MLflow.
+
+``sonogen evaluate``, the DVC ``encoder`` and ``evaluate`` stages and the pipeline components call these.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sonogen.data import UltrasoundDataset
+from sonogen.data.manifest import MANIFEST, file_sha256, load_grey
+from sonogen.gate_report import REPORT_JSON, write_report
+from sonogen.gates import EvaluateConfig, Sampler, apply_gates, evaluate_images, label_metrics
+from sonogen.generators import Generator
+from sonogen.metrics.classifier import ClassifierConfig, predict_proba, save_classifier, train_classifier
+from sonogen.metrics.features import Extractor
+from sonogen.metrics.memorisation import closest_pairs
+from sonogen.tracking import configure_mlflow, dataset_identity, git_commit
+
+SAMPLE_BATCH = 64  # bounds the memory one sampling call takes, whatever `samples` is
+
+
+def split_images(data: str | Path, split: str, labels: list[str] | None = None):
+    """Images ``(N, 1, H, W)``, labels and patient ids of one split."""
+    dataset = UltrasoundDataset(data, split=split, labels=labels)
+    return dataset.images(), [r.label for r in dataset.records], [r.patient_id for r in dataset.records]
+
+
+def sampler(generator: Generator) -> Sampler:
+    def sample(n: int, seed: int) -> torch.Tensor:
+        # one seed per batch keeps the set reproducible without holding all latents at once
+        return torch.cat([generator.sample(min(SAMPLE_BATCH, n - start), seed * 100_003 + start)
+                          for start in range(0, n, SAMPLE_BATCH)])
+    return sample
+
+
+def train_encoder(data: str | Path, out: str | Path, dataset: str, epochs: int = 25, seed: int = 0) -> dict:
+    """Trains the reduced-VGG classifier on the real training split (every label), reports its validation
+    accuracy, and registers it as ``<dataset>-us-encoder`` so its features carry a registry version."""
+    import mlflow
+
+    images, labels, _ = split_images(data, "train")
+    classes = sorted(set(labels))
+    config = ClassifierConfig(classes=classes, epochs=epochs, seed=seed)
+    model = train_classifier(images, torch.tensor([classes.index(x) for x in labels]), config)
+    val_images, val_labels, _ = split_images(data, "val", classes)
+    accuracy = float(np.mean([classes[int(k)] == truth for k, truth in
+                              zip(predict_proba(model, val_images).argmax(1), val_labels)])) if val_labels else None
+    name = f"{dataset}-us-encoder"
+    configure_mlflow()
+    mlflow.set_experiment(name)
+    client = mlflow.MlflowClient()
+    with mlflow.start_run(run_name="us-encoder") as run:
+        mlflow.log_params({**{f"classifier.{k}": v for k, v in asdict(config).items()},
+                           **dataset_identity(data, classes[0])})
+        mlflow.set_tags({"dataset": dataset, "code_version": git_commit()})
+        if accuracy is not None:
+            mlflow.log_metric("val_accuracy", accuracy)
+        folder = save_classifier(model, Path(out))
+        mlflow.log_artifacts(str(folder), "encoder")
+    if not client.search_registered_models(f"name='{name}'"):
+        client.create_registered_model(name, description="Reduced-VGG ultrasound classifier; its pooled "
+                                       "penultimate activations are the us-encoder features of the gates.")
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/encoder", run.info.run_id).version
+    client.set_model_version_tag(name, version, "data_manifest_sha256", file_sha256(Path(data) / MANIFEST))
+    save_classifier(model, folder, {"registered_model": name, "version": str(version), "classes": classes,
+                                    "val_accuracy": accuracy, "run_id": run.info.run_id})
+    return {"registered_model": name, "version": str(version), "val_accuracy": accuracy, "folder": str(folder)}
+
+
+def find_encoder(data: str | Path, dataset: str) -> str | None:
+    """``models:/<dataset>-us-encoder/<version>`` of the newest encoder trained on exactly this dataset, if any."""
+    import mlflow
+
+    configure_mlflow()
+    sha = file_sha256(Path(data) / MANIFEST)
+    versions = mlflow.MlflowClient().search_model_versions(f"name='{dataset}-us-encoder'")
+    matching = [v for v in versions if v.tags.get("data_manifest_sha256") == sha]
+    newest = max(matching, key=lambda v: int(v.version), default=None)
+    return f"models:/{newest.name}/{newest.version}" if newest else None
+
+
+def evaluate_generator(
+    generator: Generator,
+    data: str | Path,
+    extractor: Extractor,
+    gates: dict[str, Any],
+    config: EvaluateConfig,
+    out: str | Path,
+    subject: str,
+    negative: Generator | None = None,
+    history: list[dict] | None = None,
+) -> dict:
+    """Every metric of ``generator`` on its label of the prepared dataset ``data``, gated; report in ``out``."""
+    label = generator.config.label
+    train, _, _ = split_images(data, "train", [label])
+    holdout, _, _ = split_images(data, "test", [label])
+    if len(train) < 2:
+        raise ValueError(f"{data} has {len(train)} training image(s) of {label!r}: nothing to compare with")
+    sample = sampler(generator)
+    synthetic = sample(min(config.samples, len(train)), config.seed)
+    metrics, reasons, details = evaluate_images(synthetic, train, holdout, extractor, config)
+    more, more_reasons, more_details = label_metrics(
+        sample, synthetic, label, lambda split: split_images(data, split), extractor.classifier,
+        sampler(negative) if negative else None, config)
+    metrics.update(more)
+    reasons.update(more_reasons)
+    details.update(more_details)
+    report = _report(subject, metrics, reasons, details, gates, extractor, config,
+                     {"synthetic": len(synthetic), "real_train": len(train), "real_test": len(holdout)})
+    report.update(family=generator.family, label=label, data=str(data),
+                  data_manifest_sha256=file_sha256(Path(data) / MANIFEST))
+    write_report(report, out, history, closest_pairs(synthetic, train, details["memorisation_pixels"]))
+    return report
+
+
+def read_image_folder(folder: str | Path) -> torch.Tensor:
+    """Every PNG/JPEG under ``folder`` as grey ``(N, 1, H, W)`` in [-1, 1]; all images must share one size."""
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not paths:
+        raise FileNotFoundError(f"no PNG or JPEG images under {folder}")
+    arrays = [load_grey(p) for p in paths]
+    if len({a.shape for a in arrays}) > 1:
+        raise ValueError(f"{folder} holds images of several sizes {sorted({a.shape for a in arrays})}; "
+                         "resize them to one size first (e.g. `sonogen data prepare`)")
+    return torch.from_numpy(np.stack(arrays).astype(np.float32) / 127.5 - 1)[:, None]
+
+
+def evaluate_folders(real: str | Path, synthetic: str | Path, extractor: Extractor, gates: dict[str, Any],
+                     config: EvaluateConfig, out: str | Path) -> dict:
+    """The label-free gates for any generator's output: ``synthetic`` images against the ``real`` ones."""
+    real_images, synthetic_images = read_image_folder(real), read_image_folder(synthetic)
+    if real_images.shape[-2:] != synthetic_images.shape[-2:]:
+        raise ValueError(f"real images are {tuple(real_images.shape[-2:])} px, synthetic "
+                         f"{tuple(synthetic_images.shape[-2:])} px: they must match")
+    metrics, reasons, details = evaluate_images(synthetic_images, real_images, None, extractor, config)
+    reasons.update(confidence="needs a labelled dataset", auc_delta_lower_ci="needs a labelled dataset")
+    report = _report(f"{synthetic} vs {real}", metrics, reasons, details, gates, extractor, config,
+                     {"synthetic": len(synthetic_images), "real_train": len(real_images)})
+    write_report(report, out, None, closest_pairs(synthetic_images, real_images, details["memorisation_pixels"]))
+    return report
+
+
+def _report(subject, metrics, reasons, details, gates, extractor, config, samples) -> dict:
+    passed, rows = apply_gates(metrics, reasons, gates, extractor)
+    return {
+        "subject": subject,
+        "passed": passed,
+        "gates": rows,
+        "extractor": extractor.id,
+        "metrics": metrics,
+        "not_measured": {k: v for k, v in reasons.items() if k not in metrics},
+        "samples": samples,
+        "near_copy_ratio": config.near_copy_ratio,
+        "pixel_memorisation_baseline": details["memorisation_pixels"]["baseline"],
+        **{k: v for k, v in details.items() if k != "memorisation_pixels"},
+        "config": asdict(config),
+    }
+
+
+def record_in_mlflow(report: dict, report_dir: str | Path, run_id: str | None,
+                     version: tuple[str, str] | None = None) -> None:
+    """Gate metrics and the report go to the generator's training run; the verdict also to its model version."""
+    import mlflow
+
+    configure_mlflow()
+    numbers = {f"gate.{k}": float(v) for k, v in report["metrics"].items() if v is not None and np.isfinite(v)}
+    if run_id:
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_metrics(numbers)
+            mlflow.log_artifacts(str(report_dir), "gate_report")
+            mlflow.set_tags({"gate": "passed" if report["passed"] else "failed",
+                             "gate.extractor": report["extractor"]})
+    if version:
+        client = mlflow.MlflowClient()
+        for key, value in gate_tags(report).items():
+            client.set_model_version_tag(*version, key, value)
+
+
+def gate_tags(report: dict) -> dict[str, str]:
+    """The tags a model version carries about its gate result."""
+    return {"gate": "passed" if report["passed"] else "failed", "gate.extractor": report["extractor"],
+            **{f"gate.{row['metric']}": f"{row['value']:.6g}" for row in report["gates"] if row["value"] is not None}}
+
+
+def read_report(folder: str | Path) -> dict:
+    path = Path(folder) / REPORT_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `sonogen evaluate` first")
+    return json.loads(path.read_text())

@@ -1,0 +1,195 @@
+"""Evaluation gates: the metric suite on one generator (or one synthetic folder) and its pass/fail decision.
+
+A generator passes when every threshold configured for its family holds. Thresholds are optional, one per
+gate; a configured gate whose metric could not be measured fails, with the reason, so that missing evidence
+never reads as a pass. Feature-space thresholds belong to one extractor, named in the gate set: evaluating
+with another extractor is an error, not a comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from sonogen.metrics import kernel_mmd, one_nn_accuracy
+from sonogen.metrics.classifier import predict_proba
+from sonogen.metrics.downstream import DownstreamConfig, downstream_usefulness
+from sonogen.metrics.features import Extractor
+from sonogen.metrics.frechet import fid, sifid
+from sonogen.metrics.memorisation import memorisation
+from sonogen.metrics.similarity import mean_pairwise_ms_ssim
+
+# gate name → (metric, direction): "max" passes when value ≤ threshold, "min" when value ≥ threshold
+GATES: dict[str, tuple[str, str]] = {
+    "max_kmmd": ("kmmd", "max"),
+    "max_1nn_acc": ("one_nn_acc", "max"),
+    "min_1nn_acc": ("one_nn_acc", "min"),
+    "max_fid": ("fid", "max"),
+    "max_sifid": ("sifid", "max"),
+    "min_confidence": ("confidence", "min"),
+    "max_near_copy_fraction": ("near_copy_fraction", "max"),
+    "max_pixel_near_copy_fraction": ("pixel_near_copy_fraction", "max"),
+    "max_diversity_ratio": ("ms_ssim_diversity_ratio", "max"),
+    "min_auc_delta_lower_ci": ("auc_delta_lower_ci", "min"),
+}
+FEATURE_METRICS = ("kmmd", "kmmd_unbiased", "one_nn_acc", "one_nn_acc_real", "one_nn_acc_synthetic", "fid",
+                   "sifid", "near_copy_fraction", "memorisation_median_ratio")
+Sampler = Callable[[int, int], torch.Tensor]  # (n, seed) → images (n, 1, H, W) in [-1, 1]
+
+
+@dataclass
+class EvaluateConfig:
+    samples: int = 256  # at most this many synthetic and real images per comparison
+    seed: int = 0
+    near_copy_ratio: float = 0.5  # distance ratio to the real-to-train baseline under which a sample is a copy
+    sifid_max_train_images: int = 8  # SIFID is for single- and few-image generators
+    downstream: DownstreamConfig | None = field(default_factory=DownstreamConfig)
+
+    def __post_init__(self):
+        if isinstance(self.downstream, dict):
+            self.downstream = DownstreamConfig(**self.downstream)
+        if self.samples < 2 or not 0 < self.near_copy_ratio < 1:
+            raise ValueError("samples must be ≥ 2 and near_copy_ratio in (0, 1)")
+
+
+def check_gates(gates: dict[str, Any]) -> dict[str, Any]:
+    """Validates a gate set: known gate names with numeric thresholds, and the extractor they were set for."""
+    unknown = sorted(set(gates) - set(GATES) - {"extractor"})
+    if unknown:
+        raise ValueError(f"unknown gates {unknown}; known gates: {sorted(GATES)} (and 'extractor')")
+    for name, value in gates.items():
+        if name != "extractor" and not isinstance(value, (int, float)):
+            raise ValueError(f"gate {name} needs a number, got {value!r}")
+    if any(GATES[name][0] in FEATURE_METRICS for name in gates if name != "extractor") and "extractor" not in gates:
+        raise ValueError("feature-space gates need the extractor they were set for, e.g. extractor: us-encoder")
+    return gates
+
+
+def _extractor_kind(extractor: Extractor) -> str:
+    return "us-encoder" if extractor.name.endswith("us-encoder") else extractor.name
+
+
+def apply_gates(metrics: dict[str, float], reasons: dict[str, str], gates: dict[str, Any],
+                extractor: Extractor) -> tuple[bool, list[dict]]:
+    check_gates(gates)
+    if "extractor" in gates and gates["extractor"] != _extractor_kind(extractor):
+        raise ValueError(f"the gates were set for extractor {gates['extractor']!r} but this evaluation used "
+                         f"{extractor.id}: values from different extractors are never gated together")
+    rows = []
+    for name, threshold in gates.items():
+        if name == "extractor":
+            continue
+        metric, direction = GATES[name]
+        value = metrics.get(metric)
+        if value is None:
+            passed, note = False, f"not measured: {reasons.get(metric, 'no value')}"
+        else:
+            passed, note = (value <= threshold) if direction == "max" else (value >= threshold), ""
+        rows.append({"gate": name, "metric": metric, "value": value, "threshold": threshold, "passed": passed,
+                     "extractor": extractor.id if metric in FEATURE_METRICS else "", "note": note})
+    return all(row["passed"] for row in rows), rows
+
+
+def realism(real: torch.Tensor, synthetic: torch.Tensor, extractor: Extractor) -> dict[str, float]:
+    """kMMD, 1-NN accuracy and FID between two image sets in the extractor's feature space."""
+    real_f, fake_f = extractor(real), extractor(synthetic)
+    mmd, nn = kernel_mmd(real_f, fake_f), one_nn_accuracy(real_f, fake_f)
+    return {"kmmd": mmd["biased"], "kmmd_unbiased": mmd["unbiased"], "one_nn_acc": nn["overall"],
+            "one_nn_acc_real": nn["real"], "one_nn_acc_synthetic": nn["synthetic"], "fid": fid(real_f, fake_f)}
+
+
+def _subset(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]]
+
+
+def evaluate_images(
+    synthetic: torch.Tensor,
+    train: torch.Tensor,
+    holdout: torch.Tensor | None,
+    extractor: Extractor,
+    config: EvaluateConfig,
+) -> tuple[dict[str, float], dict[str, str], dict]:
+    """The label-free metrics of ``synthetic`` against the real ``train`` images it was learned from.
+
+    ``holdout`` (real images never trained on) gives the real baseline: the same realism metrics between
+    holdout and train, and the real-to-train nearest-neighbour distance memorisation is measured against.
+    Returns the metrics, the reasons for metrics not measured, and the details (baseline, memorisation).
+    """
+    train_subset = _subset(train, config.samples, config.seed)
+    metrics = realism(train_subset, synthetic, extractor)
+    reasons: dict[str, str] = {}
+    details: dict[str, Any] = {}
+    if holdout is not None and len(holdout) >= 2:
+        details["real_baseline"] = realism(train_subset, _subset(holdout, config.samples, config.seed), extractor)
+    if len(train) <= config.sifid_max_train_images and extractor.feature_map is not None:
+        # each synthetic image against the training image nearest to it in feature space
+        nearest = torch.cdist(extractor(synthetic).double(), extractor(train).double()).argmin(dim=1)
+        with torch.no_grad():
+            maps_fake, maps_real = extractor.feature_map(synthetic.float()), extractor.feature_map(train.float())
+        metrics["sifid"] = sum(sifid(maps_real[j], maps_fake[i]) for i, j in enumerate(nearest.tolist())) / len(
+            synthetic)
+    else:
+        reasons["sifid"] = f"computed for single- and few-image generators (≤ {config.sifid_max_train_images} " \
+                           f"training images); this one has {len(train)}"
+    held = extractor(holdout) if holdout is not None and len(holdout) else None
+    in_features = memorisation(extractor(train), extractor(synthetic), held, config.near_copy_ratio)
+    in_pixels = memorisation(train.flatten(1), synthetic.flatten(1),
+                             holdout.flatten(1) if held is not None else None, config.near_copy_ratio)
+    metrics.update(near_copy_fraction=in_features["near_copy_fraction"],
+                   memorisation_median_ratio=in_features["median_ratio"],
+                   pixel_near_copy_fraction=in_pixels["near_copy_fraction"],
+                   pixel_memorisation_median_ratio=in_pixels["median_ratio"])
+    details["memorisation_pixels"] = in_pixels
+    real_diversity = mean_pairwise_ms_ssim(train, seed=config.seed)
+    metrics.update(ms_ssim_diversity=mean_pairwise_ms_ssim(synthetic, seed=config.seed),
+                   ms_ssim_diversity_real=real_diversity)
+    metrics["ms_ssim_diversity_ratio"] = metrics["ms_ssim_diversity"] / max(real_diversity, 1e-6)
+    return metrics, reasons, details
+
+
+def label_metrics(
+    sample: Sampler,
+    synthetic: torch.Tensor,
+    label: str,
+    split_images: Callable[[str], tuple[torch.Tensor, list[str], list[str]]],
+    classifier,
+    negative_sample: Sampler | None,
+    config: EvaluateConfig,
+) -> tuple[dict[str, float], dict[str, str], dict]:
+    """Confidence of the real-data classifier on ``synthetic`` and downstream usefulness of ``sample``.
+
+    ``split_images(split)`` gives a split's images, labels and patient ids."""
+    metrics: dict[str, float] = {}
+    reasons: dict[str, str] = {}
+    details: dict[str, Any] = {}
+    if classifier is None:
+        reasons["confidence"] = "no classifier: use the us-encoder extractor"
+    elif label not in classifier.config.classes:
+        reasons["confidence"] = f"the classifier does not know {label!r}"
+    else:
+        metrics["confidence"] = float(predict_proba(classifier, synthetic)[:, classifier.config.classes.index(label)]
+                                      .mean())
+    if config.downstream is None:
+        reasons["auc_delta_lower_ci"] = "downstream evaluation is switched off"
+        return metrics, reasons, details
+    train, train_labels, _ = split_images("train")
+    test, test_labels, test_patients = split_images("test")
+    is_positive = torch.tensor([name == label for name in train_labels])
+    n_synthetic = max(1, round(int(is_positive.sum()) * config.downstream.synthetic_per_real))
+    try:
+        result = downstream_usefulness(
+            train, is_positive, test, torch.tensor([name == label for name in test_labels]), test_patients,
+            sample(n_synthetic, config.seed + 1),
+            negative_sample(int((~is_positive).sum()), config.seed + 2) if negative_sample else None,
+            config.downstream,
+        )
+    except ValueError as err:
+        reasons["auc_delta_lower_ci"] = reasons["auc_delta"] = str(err)
+        details["downstream"] = {"error": str(err)}
+        return metrics, reasons, details
+    metrics.update(auc_real=result["auc"]["real"], auc_real_synthetic=result["auc"]["real+synthetic"],
+                   auc_delta=result["auc_delta"], auc_delta_lower_ci=result["auc_delta_ci95"][0])
+    details["downstream"] = result
+    return metrics, reasons, details

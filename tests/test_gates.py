@@ -1,0 +1,164 @@
+"""The gate suite: SSIM against scikit-image, the classifier, downstream usefulness, gate logic, and generators
+that must fail (a memorising one, a noise one) next to real held-out images that must pass."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from sonogen.cli import app
+from sonogen.data.phantom import generate
+from sonogen.data.prepare import prepare
+from sonogen.evaluation import evaluate_folders, split_images
+from sonogen.gates import EvaluateConfig, apply_gates, check_gates
+from sonogen.generators import to_uint8
+from sonogen.metrics.classifier import (
+    ClassifierConfig, load_classifier, predict_proba, save_classifier, train_classifier,
+)
+from sonogen.metrics.downstream import DownstreamConfig, downstream_usefulness
+from sonogen.metrics.features import get_extractor, pixel_extractor
+from sonogen.metrics.similarity import mean_pairwise_ms_ssim, ms_ssim, ms_ssim_scales
+
+# thresholds on pixels-16 features between the phantom's real held-out patients and its noise images
+PIXEL_GATES = {"extractor": "pixels-16", "max_kmmd": 0.5, "max_fid": 100.0, "max_near_copy_fraction": 0.05,
+               "max_pixel_near_copy_fraction": 0.05}
+
+
+@pytest.fixture(scope="module")
+def lus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gates")
+    generate(root / "raw", patients=16, frames_per_patient=3, seed=0)
+    prepare(root / "raw", root / "lus", size=32, stratify=True)
+    return root / "lus"
+
+
+def _folder(path, images):
+    path.mkdir(parents=True)
+    for k, image in enumerate(to_uint8(images)):
+        Image.fromarray(image).save(path / f"{k:03d}.png")
+    return path
+
+
+def test_ssim_agrees_with_scikit_image_inside_the_border():
+    from skimage.metrics import structural_similarity
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 1, 40, 40, generator=g) * 2 - 1
+    b = (a + 0.3 * torch.randn(2, 1, 40, 40, generator=g)).clamp(-1, 1)
+    _, ours = structural_similarity_index_measure(a, b, data_range=2.0, return_full_image=True)
+    for k in range(2):
+        _, reference = structural_similarity(a[k, 0].double().numpy(), b[k, 0].double().numpy(), data_range=2.0,
+                                             gaussian_weights=True, sigma=1.5, use_sample_covariance=False, full=True)
+        # the libraries pad the border differently (torch reflect vs scipy half-sample); the interior is the same
+        np.testing.assert_allclose(ours[k, 0, 5:-5, 5:-5].numpy(), reference[5:-5, 5:-5], atol=1e-5)
+
+
+def test_ms_ssim_scales_with_size_and_measures_diversity():
+    assert [ms_ssim_scales(s) for s in (32, 64, 128, 256)] == [2, 3, 4, 5]
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(6, 1, 64, 64, generator=g) * 2 - 1
+    assert ms_ssim(images, images) == pytest.approx(torch.ones(6), abs=1e-5)
+    assert mean_pairwise_ms_ssim(images[:1].repeat(5, 1, 1, 1)) == pytest.approx(1.0, abs=1e-5)  # collapse
+    assert mean_pairwise_ms_ssim(images) < 0.2
+
+
+def test_classifier_learns_the_phantom_and_round_trips(lus, tmp_path):
+    images, labels, _ = split_images(lus, "train")
+    classes = sorted(set(labels))
+    model = train_classifier(images, torch.tensor([classes.index(x) for x in labels]),
+                             ClassifierConfig(classes=classes, epochs=30, seed=0))
+    predicted = predict_proba(model, images).argmax(1)
+    # eval mode must keep what training learned (BatchNorm statistics of a few steps did not)
+    assert np.mean([classes[k] == truth for k, truth in zip(predicted, labels)]) >= 0.9
+    test, _, _ = split_images(lus, "test")
+    loaded, extra = load_classifier(save_classifier(model, tmp_path / "c", {"version": "3"}))
+    assert extra == {"version": "3"} and torch.equal(predict_proba(loaded, test), predict_proba(model, test))
+    with pytest.raises(ValueError, match="two distinct classes"):
+        ClassifierConfig(classes=["normal"])
+
+
+def test_downstream_reports_auc_per_condition_with_a_patient_bootstrap(lus):
+    train, train_labels, _ = split_images(lus, "train")
+    test, test_labels, patients = split_images(lus, "test")
+    positive = torch.tensor([x == "consolidation" for x in train_labels])
+    flipped_positives = train[positive].flip(-1)  # a stand-in generator: mirrored real positives
+    config = DownstreamConfig(seeds=3, epochs=8, bootstrap=200)
+    result = downstream_usefulness(train, positive, test, torch.tensor([x == "consolidation" for x in test_labels]),
+                                   patients, flipped_positives, None, config)
+    assert set(result["auc"]) == {"real", "real+synthetic", "synthetic+real-negatives"}
+    assert all(len(v) == 3 for v in result["auc_per_seed"].values())
+    assert result["auc"]["real"] >= 0.9  # phantom consolidations are easy to see
+    low, high = result["auc_delta_ci95"]
+    assert low <= result["auc_delta"] <= high and result["test_patients"] == len(set(patients))
+    assert result["skipped_conditions"]
+    with pytest.raises(ValueError, match="both positive and negative"):
+        downstream_usefulness(train, positive, test, torch.ones(len(test)), patients, flipped_positives, None, config)
+    with pytest.raises(ValueError, match="at least 3"):
+        DownstreamConfig(seeds=2)
+
+
+def test_gate_logic_is_strict_about_names_extractors_and_missing_values():
+    extractor = pixel_extractor()
+    passed, rows = apply_gates({"kmmd": 0.1, "one_nn_acc": 0.9}, {},
+                               {"extractor": "pixels-16", "max_kmmd": 0.2, "min_1nn_acc": 0.95}, extractor)
+    assert not passed and [r["passed"] for r in rows] == [True, False]
+    assert rows[0]["extractor"] == "pixels-16@fixed"
+    passed, rows = apply_gates({}, {"confidence": "no classifier"}, {"min_confidence": 0.5}, extractor)
+    assert not passed and "not measured: no classifier" in rows[0]["note"]
+    assert apply_gates({"kmmd": 9.0}, {}, {}, extractor) == (True, [])
+    with pytest.raises(ValueError, match="never gated together"):
+        apply_gates({"kmmd": 0.1}, {}, {"extractor": "us-encoder", "max_kmmd": 0.2}, extractor)
+    with pytest.raises(ValueError, match="unknown gates"):
+        check_gates({"max_kmd": 0.1})
+    with pytest.raises(ValueError, match="need the extractor"):
+        check_gates({"max_fid": 10})
+    with pytest.raises(ValueError, match="unknown feature extractor"):
+        get_extractor("vgg")
+
+
+def test_real_holdout_passes_and_memorising_or_noise_generators_fail(lus, tmp_path):
+    train, _, _ = split_images(lus, "train")
+    holdout, _, _ = split_images(lus, "test")
+    real = _folder(tmp_path / "real", train)
+    g = torch.Generator().manual_seed(0)
+    config = EvaluateConfig(downstream=None)
+
+    def gate(name, images):
+        report = evaluate_folders(real, _folder(tmp_path / name, images), pixel_extractor(), PIXEL_GATES, config,
+                                  tmp_path / f"report-{name}")
+        return report, {row["gate"] for row in report["gates"] if not row["passed"]}
+
+    report, failed = gate("holdout", holdout)
+    assert report["passed"] and not failed, report["gates"]
+    copies = train[torch.randint(0, len(train), (len(holdout),), generator=g)]
+    report, failed = gate("copies", copies)
+    assert failed == {"max_near_copy_fraction", "max_pixel_near_copy_fraction"}
+    assert report["metrics"]["near_copy_fraction"] == 1.0
+    report, failed = gate("noise", torch.rand(len(holdout), 1, 32, 32, generator=g) * 2 - 1)
+    assert failed == {"max_kmmd", "max_fid"} and report["metrics"]["one_nn_acc"] == 1.0
+    written = json.loads((tmp_path / "report-noise" / "gate_report.json").read_text())
+    assert written["passed"] is False and written["extractor"] == "pixels-16@fixed"
+    assert "**FAIL**" in (tmp_path / "report-noise" / "gate_report.md").read_text()
+    sheet = np.asarray(Image.open(tmp_path / "report-copies" / "closest_pairs.png"))
+    assert np.abs(sheet[2:34, 2:34].astype(int) - sheet[36:68, 2:34].astype(int)).max() <= 1  # copy over original
+
+
+def test_cli_gates_two_folders_and_exits_non_zero_with_check(lus, tmp_path):
+    import yaml
+
+    train, _, _ = split_images(lus, "train")
+    real = _folder(tmp_path / "real", train)
+    noise = _folder(tmp_path / "noise", torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"evaluate": {"downstream": None},
+                                                          "gates": {"external": PIXEL_GATES}}))
+    args = ["evaluate", "--real", str(real), "--synthetic", str(noise), "--config", str(tmp_path / "params.yaml"),
+            "--family", "external", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*args, "--check"])
+    assert result.exit_code == 2 and "FAILED" in result.output and "max_kmmd" in result.output
+    assert CliRunner().invoke(app, args).exit_code == 0
+    result = CliRunner().invoke(app, ["evaluate", "--real", str(real)])
+    assert result.exit_code == 1 and "--real and --synthetic go together" in result.output
