@@ -25,6 +25,9 @@ import_app = typer.Typer(
 )
 registry_app = typer.Typer(help="The MLflow Model Registry: registered generators and their versions.",
                            no_args_is_help=True)
+pipeline_app = typer.Typer(help="Kubeflow Pipelines: compile the training pipeline, run it here or on a cluster.",
+                           no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(data_app, name="data")
 app.add_typer(registry_app, name="registry")
 data_app.add_typer(import_app, name="import")
@@ -242,9 +245,9 @@ def train_encoder_command(
 ):
     """Train the us-encoder (reduced-VGG classifier on real images) and register it in MLflow."""
     from sonogen.evaluation import train_encoder
-    from sonogen.jobs import load_evaluation_config
+    from sonogen.jobs import evaluation_config, read_params
 
-    info = train_encoder(data, out, dataset or data.name, epochs=load_evaluation_config(config)[2])
+    info = train_encoder(data, out, dataset or data.name, epochs=evaluation_config(read_params(config))[2])
     accuracy = "n/a" if info["val_accuracy"] is None else f"{info['val_accuracy']:.3f}"
     console.print(f"registered [bold]{info['registered_model']}[/bold] version {info['version']} "
                   f"(validation accuracy {accuracy}); saved {out}")
@@ -271,7 +274,7 @@ def evaluate_command(
     = False,
 ):
     """Gate generators: realism, memorisation, diversity, confidence and downstream usefulness."""
-    from sonogen.jobs import evaluate_targets, load_evaluation_config
+    from sonogen.jobs import evaluate_targets, evaluation_config, read_params
 
     specs = [*(targets or []), *(model or [])]
     if (real is None) != (synthetic is None):
@@ -280,12 +283,13 @@ def evaluate_command(
         from sonogen.evaluation import evaluate_folders
         from sonogen.metrics.features import get_extractor
 
-        evaluate_config, gates, _ = load_evaluation_config(config)
+        evaluate_config, gates, _ = evaluation_config(read_params(config))
         report = evaluate_folders(real, synthetic, get_extractor(extractor or "pixels-16"),
                                   gates.get(family) or {} if family else {}, evaluate_config, out)
         results = [{"target": str(synthetic), "report": str(out), **report}]
     elif specs and data is not None:
-        results = evaluate_targets(specs, data, extractor, config, out, dataset, progress=_progress("evaluating"))
+        results = evaluate_targets(specs, data, extractor, read_params(config), out, dataset,
+                                   progress=_progress("evaluating"))
     else:
         raise ValueError("give generators (--model or trained folders) with --data, or --real and --synthetic")
     for result in results:
@@ -310,11 +314,11 @@ def register_command(
     """Register trained generators in the MLflow Model Registry (gated ones only if they passed)."""
     import json
 
-    from sonogen.jobs import register_trained
+    from sonogen.jobs import register_trained, trained_name
 
     registered = []
     for folder in trained:
-        entry = register_trained(folder, alias=alias, gate_reports=gates)
+        entry = register_trained(folder, alias=alias, gate_report=gates / trained_name(folder) if gates else None)
         registered.append({"folder": str(folder), **entry})
         if entry["registered_model"] is None:
             console.print(f"[yellow]not registered[/yellow] {entry['model_name']}: gates {entry['failed_gates']} "
@@ -351,6 +355,82 @@ def registry_list_command():
     elif uri.startswith("sqlite:///"):
         console.print(f"browse runs, curves and sample grids: mlflow ui --backend-store-uri {uri}")
         console.print("load one: sonogen.registry.load_sampler('models:/<model>@candidate').sample(16, seed=0)")
+
+
+Image = Annotated[str | None, typer.Option(
+    help="Component image (default: $SONOGEN_IMAGE, else ghcr.io/sonogen/sonogen-train:<version>).")]
+
+
+def _set_image(image: str | None) -> None:
+    import os
+
+    if image:
+        os.environ["SONOGEN_IMAGE"] = image  # components read it when their module is imported
+
+
+@pipeline_app.command("compile")
+@_user_errors
+def pipeline_compile_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the pipeline IR YAML.")]
+    = Path("training_pipeline.yaml"),
+    image: Image = None,
+):
+    """Compile the training pipeline to KFP IR YAML."""
+    _set_image(image)
+    from pipelines.training import compile_pipeline
+
+    console.print(f"wrote {compile_pipeline(out)}")
+
+
+@pipeline_app.command("run")
+@_user_errors
+def pipeline_run_command(
+    params: Annotated[Path, typer.Option(help="params.yaml with the dataset, training, evaluation and gate settings.")]
+    = Path("params.yaml"),
+    host: Annotated[str | None, typer.Option(help="Kubeflow Pipelines endpoint; without it the run is local.")] = None,
+    experiment: Annotated[str, typer.Option(help="KFP experiment of the run (with --host).")] = "sonogen",
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the cluster run; exit 1 unless it succeeds.")] = False,
+    token: Annotated[str | None, typer.Option(envvar="KFP_TOKEN", help="Bearer token for the KFP endpoint "
+                                              "(default: the KFP client's own credentials).")] = None,
+    namespace: Annotated[str | None, typer.Option(help="Kubeflow profile namespace (multi-user installs).")] = None,
+    image: Image = None,
+    pipeline_root: Annotated[Path, typer.Option(help="Where a local run keeps task outputs.")] = Path(".kfp"),
+    raw: Annotated[str | None, typer.Option(help="Raw dataset instead of params.yaml's: a folder (with "
+                                            "--dvc-repo, a path in that DVC repository) or 'phantom'.")] = None,
+    dvc_repo: Annotated[str | None, typer.Option(help="Git URL of a DVC repository holding --raw.")] = None,
+    dvc_rev: Annotated[str | None, typer.Option(help="Revision of --dvc-repo.")] = None,
+):
+    """Run the training pipeline: locally with kfp.local (default) or on a Kubeflow cluster (--host)."""
+    import tempfile
+
+    _set_image(image)
+    from pipelines.training import arguments_from_params, compile_pipeline, run_local
+    from sonogen.registry import list_models
+
+    if not params.is_file():
+        raise FileNotFoundError(f"{params} not found")
+    arguments = arguments_from_params(params.read_text())
+    arguments.update({k: v for k, v in {"raw": raw, "dvc_repo": dvc_repo, "dvc_rev": dvc_rev}.items() if v})
+    if host:
+        from sonogen.submit import submit_pipeline
+
+        with tempfile.TemporaryDirectory() as tmp:
+            package = compile_pipeline(Path(tmp) / "training_pipeline.yaml")
+            result = submit_pipeline(package, host, arguments, experiment=experiment, wait=wait, token=token,
+                                     namespace=namespace)
+        console.print(f"submitted run {result['run_id']}: {result['run_url']}")
+        if wait:
+            console.print(f"run finished: {result['state']}")
+            if result["state"] != "SUCCEEDED":
+                raise typer.Exit(1)
+        return
+    before = {(row["name"], row["version"]) for row in list_models()}
+    run_local(arguments, pipeline_root)
+    for row in list_models():
+        if (row["name"], row["version"]) not in before:
+            console.print(f"registered [bold]{row['name']}[/bold] version {row['version']} "
+                          f"{' '.join('@' + a for a in row['aliases'])} (gate {row['tags'].get('gate', '-')})")
+    console.print(f"task outputs and gate reports: {pipeline_root}/")
 
 
 if __name__ == "__main__":

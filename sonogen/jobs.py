@@ -86,18 +86,58 @@ def train_generator(
     return info
 
 
-def load_evaluation_config(path: str | Path | None) -> tuple[EvaluateConfig, dict[str, dict], int]:
-    """The ``evaluate`` section (its ``encoder_epochs`` apart), per-family ``gates`` and encoder epochs."""
-    loaded = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
-    section = dict(loaded.get("evaluate") or {})
+def read_params(path: str | Path | None) -> dict:
+    return (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+
+
+def evaluation_config(params: dict) -> tuple[EvaluateConfig, dict[str, dict], int]:
+    """From params.yaml's content: the ``evaluate`` section, per-family ``gates`` and the encoder's epochs."""
+    section = dict(params.get("evaluate") or {})
     encoder_epochs = section.pop("encoder_epochs", 25)
-    gates = loaded.get("gates") or {}
+    gates = params.get("gates") or {}
     for family, gate_set in gates.items():
         try:
             check_gates(gate_set or {})
         except ValueError as err:
-            raise ValueError(f"{path}: gates.{family}: {err}") from None
+            raise ValueError(f"gates.{family}: {err}") from None
     return config_from_dict(EvaluateConfig, section), gates, encoder_epochs
+
+
+def prepare_dataset(raw: str, out: str | Path, phantom: dict | None = None, prepare: dict | None = None,
+                    dvc_repo: str | None = None, dvc_rev: str | None = None) -> dict:
+    """Prepares ``raw``: ``phantom`` (simulated with the ``phantom`` parameters), a folder, or a folder of the DVC
+    repository ``dvc_repo`` at ``dvc_rev`` (fetched from its remote, S3 included). ``prepare`` holds params.yaml's
+    ``prepare`` section."""
+    import tempfile
+
+    from sonogen.data.manifest import MANIFEST, file_sha256
+    from sonogen.data.phantom import generate
+    from sonogen.data.prepare import prepare as prepare_folder
+
+    options = dict(prepare or {})
+    method = options.pop("split_method", "hash")
+    if method not in ("hash", "stratify"):
+        raise ValueError(f"prepare.split_method must be hash or stratify, got {method!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "raw"
+        if raw == "phantom":
+            generate(source, **(phantom or {}))
+        elif dvc_repo:
+            from dvc.repo import Repo
+
+            Repo.get(dvc_repo, raw, out=str(source), rev=dvc_rev)
+        else:
+            source = Path(raw)
+        report = prepare_folder(source, out, stratify=method == "stratify", **options)
+    return {**report, "manifest_sha256": file_sha256(Path(out) / MANIFEST)}
+
+
+def trained_name(folder: str | Path) -> str:
+    """``<family>-<label>`` of a trained folder: the name of its gate report folder."""
+    if not (Path(folder) / RUN_INFO).is_file():
+        raise FileNotFoundError(f"{Path(folder) / RUN_INFO} not found: train a generator into {folder} first")
+    info = json.loads((Path(folder) / RUN_INFO).read_text())
+    return f"{info['family']}-{info['label']}"
 
 
 def _target(spec: str) -> dict:
@@ -107,7 +147,8 @@ def _target(spec: str) -> dict:
         info = json.loads((folder / RUN_INFO).read_text())
         history = folder / "history.json"
         return {"generator": load_generator(folder / GENERATOR_DIR), "run_id": info["run_id"], "version": None,
-                "name": folder.name, "history": json.loads(history.read_text()) if history.exists() else None}
+                "name": trained_name(folder),
+                "history": json.loads(history.read_text()) if history.exists() else None}
     if not spec.startswith("models:/"):
         raise FileNotFoundError(f"{spec} is neither a trained folder (with {RUN_INFO}) nor a models:/ URI")
     name, version = resolve_version(spec)
@@ -118,11 +159,12 @@ def _target(spec: str) -> dict:
             "name": f"{name}-v{version}", "history": None}
 
 
-def evaluate_targets(targets: list[str], data: str | Path, extractor_spec: str | None, config_path: str | Path | None,
+def evaluate_targets(targets: list[str], data: str | Path, extractor_spec: str | None, params: dict,
                      out: str | Path, dataset: str | None = None, progress=None) -> list[dict]:
-    """Gates each target on ``data``; generators of the same family and another label supply the synthetic
-    negatives of the downstream experiment. Results go to ``out/<target>/`` and to MLflow."""
-    config, gates, encoder_epochs = load_evaluation_config(config_path)
+    """Gates each target on ``data`` with the ``evaluate`` and ``gates`` sections of ``params``; generators of
+    the same family and another label supply the synthetic negatives of the downstream experiment. Results go
+    to ``out/<family>-<label>/`` (``out/<model>-v<version>/`` for registry URIs) and to MLflow."""
+    config, gates, encoder_epochs = evaluation_config(params)
     data = Path(data)
     if extractor_spec in (None, "us-encoder"):
         dataset = dataset or data.name
@@ -145,10 +187,10 @@ def evaluate_targets(targets: list[str], data: str | Path, extractor_spec: str |
     return results
 
 
-def register_trained(out: str | Path, alias: str | None = "candidate", gate_reports: str | Path | None = None) -> dict:
+def register_trained(out: str | Path, alias: str | None = "candidate", gate_report: str | Path | None = None) -> dict:
     """Registers the generator trained into ``out`` as ``<dataset>-<family>-<label>``, tagged with its data,
-    code and metrics, and gives that version ``alias``. With ``gate_reports`` (the folder `evaluate` wrote),
-    only a generator whose gates passed is registered; a failing one stays a run with its report."""
+    code and metrics, and gives that version ``alias``. With ``gate_report`` (the folder `evaluate` wrote for
+    it), only a generator whose gates passed is registered; a failing one stays a run with its report."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -172,12 +214,12 @@ def register_trained(out: str | Path, alias: str | None = "candidate", gate_repo
         **{f"metric.{k}": f"{v:.6g}" if isinstance(v, float) else v for k, v in final.items()},
     }
     name = model_name(info["dataset"], info["family"], info["label"])
-    if gate_reports is not None:
-        report = read_report(Path(gate_reports) / out.name)
+    if gate_report is not None:
+        report = read_report(gate_report)
         if not report["passed"]:
             failed = [row["gate"] for row in report["gates"] if not row["passed"]]
-            return {"registered_model": None, "model_name": name, "gate": "failed", "failed_gates": failed, "run_id": info["run_id"],
-                    "report": str(Path(gate_reports) / out.name / "gate_report.md")}
+            return {"registered_model": None, "model_name": name, "gate": "failed", "failed_gates": failed,
+                    "run_id": info["run_id"], "report": str(Path(gate_report) / "gate_report.md")}
         tags.update(gate_tags(report))
     version = register_generator(info["run_id"], out / GENERATOR_DIR, name, tags, alias=alias)
     # the trained folder stays as training wrote it (it is a DVC output); the caller records the version

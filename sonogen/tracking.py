@@ -77,7 +77,10 @@ def dataset_identity(data: str | Path, label: str) -> dict[str, str | int]:
 
 
 def git_commit() -> str:
-    """The commit of the code that runs, with ``-dirty`` when the working tree has changes."""
+    """The commit of the code that runs, with ``-dirty`` when the working tree has changes; in the container
+    image (no .git) the commit it was built from, ``SONOGEN_GIT_COMMIT``."""
+    if os.environ.get("SONOGEN_GIT_COMMIT"):
+        return os.environ["SONOGEN_GIT_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)

@@ -1,0 +1,30 @@
+"""train_generator: one generator family on one label, tracked in MLflow (registration is a later step)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_generator(
+    prepared: Input[Dataset],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    family: str,
+    label: str,
+    params: str,
+    dataset_name: str = "lus",
+):
+    import tempfile
+
+    from sonogen.jobs import train_generator as run_training
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as config:
+        config.write(params)  # read as `dvc repro` reads params.yaml: train.<family>.{model,train}
+    info = run_training(family, prepared.path, label, model.path, config.name, dataset=dataset_name,
+                        register=False)
+    model.metadata.update({"family": family, "label": label, "run_id": info["run_id"]})
+    for key, value in info["final"].items():
+        if isinstance(value, float):
+            metrics.log_metric(key, value)

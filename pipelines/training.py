@@ -1,0 +1,95 @@
+"""The training pipeline: prepare → us-encoder → for each (family, label): train → evaluate → if passed: register.
+
+The same definition runs on a Kubeflow cluster (GPU training tasks, credentials from Kubernetes) and on a laptop
+through ``kfp.local`` with no cluster. Its arguments come from ``params.yaml``, so ``dvc repro`` and a pipeline
+run of the same parameters call the same ``sonogen`` functions with the same settings.
+"""
+
+import itertools
+import os
+from pathlib import Path
+
+import yaml
+from kfp import compiler, dsl, kubernetes
+
+from components.evaluate_gates import evaluate_gates
+from components.prepare_data import prepare_data
+from components.register_model import register_model
+from components.train_encoder import train_encoder
+from components.train_generator import train_generator
+
+PIPELINE_NAME = "sonogen-training"
+# cluster wiring (infra/base): object-store credentials from a Secret, service endpoints from a ConfigMap
+S3_SECRET, S3_SECRET_KEYS = "sonogen-s3", ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+ENV_CONFIG_MAP, ENV_KEYS = "sonogen-env", ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+
+
+def _cluster_environment(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
+    kubernetes.use_config_map_as_env(task, config_map_name=ENV_CONFIG_MAP, config_map_key_to_env={k: k for k in ENV_KEYS})
+    return task
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="Train, gate and register ultrasound image generators.")
+def training_pipeline(
+    params: str,
+    runs: list = [{"family": "dcgan", "label": "consolidation"}, {"family": "dcgan", "label": "normal"}],  # noqa: B006
+    raw: str = "phantom",
+    dvc_repo: str = "",
+    dvc_rev: str = "",
+    dataset_name: str = "lus",
+):
+    """``params`` is the text of a params.yaml: KFP passes dict parameters as protobuf Structs, which turn every
+    integer into a float, so the sections travel as YAML and each step reads them as ``dvc repro`` does."""
+    prepared = _cluster_environment(
+        prepare_data(params=params, raw=raw, dvc_repo=dvc_repo, dvc_rev=dvc_rev)
+    ).set_cpu_request("2").set_memory_request("8G")
+    encoder = _cluster_environment(
+        train_encoder(prepared=prepared.outputs["prepared"], params=params, dataset_name=dataset_name)
+    ).set_cpu_request("4").set_memory_request("8G")
+    with dsl.ParallelFor(items=runs, name="family-label") as run:
+        trained = _cluster_environment(train_generator(
+            prepared=prepared.outputs["prepared"], family=run.family, label=run.label, params=params,
+            dataset_name=dataset_name,
+        ))
+        trained.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+        trained.set_cpu_request("4").set_memory_request("16G").set_retry(2)
+        gated = _cluster_environment(evaluate_gates(
+            prepared=prepared.outputs["prepared"], model=trained.outputs["model"], encoder=encoder.outputs["encoder"],
+            params=params,
+        )).set_cpu_request("4").set_memory_request("8G")
+        with dsl.If(gated.outputs["Output"] == True, name="gates-passed"):  # noqa: E712  (a KFP condition)
+            _cluster_environment(
+                register_model(model=trained.outputs["model"], report=gated.outputs["report"])
+            ).set_caching_options(False)  # registering twice must make a new version, never be skipped
+
+
+def arguments_from_params(params_text: str) -> dict:
+    """Pipeline arguments from the text of params.yaml (the same parameters ``dvc repro`` uses)."""
+    params = yaml.safe_load(params_text) or {}
+    dataset = params.get("dataset") or {}
+    train = params.get("train") or {}
+    raw = dataset.get("raw", "data/raw/phantom")
+    return {
+        "params": params_text,
+        "runs": [{"family": f, "label": lb} for f, lb in itertools.product(train.get("families", []),
+                                                                           train.get("labels", []))],
+        # the DVC phantom stage's output is simulated inside the pipeline from the same parameters
+        "raw": "phantom" if raw == "data/raw/phantom" else raw,
+        "dataset_name": dataset.get("name", "lus"),
+    }
+
+
+def compile_pipeline(package_path: str | Path) -> Path:
+    compiler.Compiler().compile(training_pipeline, str(package_path))
+    return Path(package_path)
+
+
+def run_local(arguments: dict, pipeline_root: str | Path) -> None:
+    """Runs the pipeline here with ``kfp.local``: each task a subprocess of this interpreter, no cluster."""
+    from kfp import local
+
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
+               raise_on_error=True)
+    training_pipeline(**arguments)

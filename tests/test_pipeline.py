@@ -1,0 +1,106 @@
+"""The Kubeflow training pipeline: its compiled IR against a golden file, its cluster wiring, and a real local
+run with kfp.local that trains, gates and registers on the phantom."""
+
+import os
+import re
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from sonogen.data.manifest import MANIFEST, file_sha256
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "golden" / "training_pipeline.yaml"
+IMAGE = f"ghcr.io/sonogen/sonogen-train:{version('sonogen')}"
+TINY_PARAMS = {
+    "dataset": {"name": "lus", "raw": "data/raw/phantom"},
+    "phantom": {"patients": 8, "frames_per_patient": 2, "seed": 0, "consolidation_fraction": 0.5},
+    "prepare": {"size": 32, "split": "0.7,0.15,0.15", "seed": 0, "split_method": "stratify"},
+    "train": {"families": ["dcgan"], "labels": ["consolidation", "normal"],
+              "dcgan": {"model": {"image_size": 32, "base_channels": 4},
+                        "train": {"epochs": 1, "batch_size": 2, "eval_samples": 2}}},
+    "evaluate": {"samples": 8, "encoder_epochs": 1, "downstream": {"seeds": 3, "epochs": 1, "bootstrap": 100}},
+    "gates": {"dcgan": {"extractor": "us-encoder", "max_near_copy_fraction": 0.5}},
+}
+
+
+def sonogen(*args, cwd, env=None):
+    environment = {k: v for k, v in os.environ.items() if k not in ("SONOGEN_IMAGE", "MLFLOW_TRACKING_URI")}
+    environment.update(env or {})
+    result = subprocess.run([sys.executable, "-m", "sonogen.cli", *args], cwd=cwd, env=environment,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"sonogen {args} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("compiled") / "training_pipeline.yaml"
+    sonogen("pipeline", "compile", "-o", str(out), cwd=REPO)
+    return out
+
+
+def test_compiled_pipeline_matches_the_golden_file(compiled):
+    # parsed, not as text: the compiler's header comment lists dict defaults in no fixed key order
+    assert list(yaml.safe_load_all(compiled.read_text())) == list(yaml.safe_load_all(GOLDEN.read_text())), (
+        "the compiled pipeline changed; review the difference and refresh the golden file with "
+        "`sonogen pipeline compile -o tests/golden/training_pipeline.yaml`")
+
+
+def test_training_requests_a_gpu_and_every_task_gets_cluster_credentials(compiled):
+    spec, platform = yaml.safe_load_all(compiled.read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    gpu = {name: e["container"]["resources"].get("accelerator") for name, e in executors.items()
+           if "accelerator" in e["container"].get("resources", {})}
+    assert gpu == {"exec-train-generator": {"count": "1", "resourceCount": "1", "resourceType": "nvidia.com/gpu",
+                                            "type": "nvidia.com/gpu"}}
+    assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
+    kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(kubernetes) == set(executors)
+    for config in kubernetes.values():
+        assert {s["secretName"] for s in config["secretAsEnv"]} == {"sonogen-s3"}
+        assert {c["configMapName"] for c in config["configMapAsEnv"]} == {"sonogen-env"}
+    dag = spec["root"]["dag"]["tasks"]
+    assert dag["for-loop-1"]["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--runs"
+    body = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    assert body["condition-2"]["triggerPolicy"]["condition"].endswith("== true")
+    assert body["train-generator"]["retryPolicy"]["maxRetryCount"] == 2
+
+
+def test_the_component_image_is_the_one_the_dockerfile_builds(compiled, tmp_path):
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM .* AS train$", dockerfile, re.M)
+    assert f"ghcr.io/sonogen/sonogen-train:<version>" in dockerfile
+    assert 'ENTRYPOINT ["sonogen"]' in dockerfile
+    other = tmp_path / "other.yaml"
+    sonogen("pipeline", "compile", "-o", str(other), "--image", "registry.example/sonogen-train:1.2", cwd=REPO)
+    images = {e["container"]["image"] for e in next(yaml.safe_load_all(other.read_text()))["deploymentSpec"]
+              ["executors"].values()}
+    assert images == {"registry.example/sonogen-train:1.2"}
+
+
+def test_local_run_trains_gates_and_registers_like_dvc(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    out = sonogen("pipeline", "run", "--params", "params.yaml", cwd=tmp_path)
+    for label in ("consolidation", "normal"):
+        assert f"registered lus-dcgan-{label} version 1 @candidate (gate passed)" in out
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    version_1 = client.get_model_version("lus-dcgan-normal", "1")
+    assert version_1.tags["gate.extractor"] == "lus-us-encoder@1"
+    assert client.get_registered_model("lus-dcgan-normal").aliases == {"candidate": 1}
+    reports = list((tmp_path / ".kfp").rglob("gate_report.md"))
+    assert len(reports) == 2
+
+    # the pipeline's prepared data is what the DVC stages' commands make from the same parameters
+    phantom, prepare = TINY_PARAMS["phantom"], TINY_PARAMS["prepare"]
+    sonogen("data", "phantom", "raw", "--patients", str(phantom["patients"]), "--frames-per-patient",
+            str(phantom["frames_per_patient"]), "--seed", "0", "--consolidation-fraction", "0.5", cwd=tmp_path)
+    sonogen("data", "prepare", "raw", "prepared", "--size", "32", "--split", prepare["split"], "--seed", "0",
+            "--stratify", cwd=tmp_path)
+    [pipeline_manifest] = (tmp_path / ".kfp").rglob(f"prepare-data/prepared/{MANIFEST}")
+    assert file_sha256(pipeline_manifest) == file_sha256(tmp_path / "prepared" / MANIFEST)
