@@ -71,11 +71,13 @@ def test_pocus_names_and_grouping():
     assert series_of("Pneu_northumbria_0409_set2_vid4") == "northumbria_0409_set2"
     assert series_of("Reg_liftl_pneucase3_clip1") == series_of("Pneu_liftl_pneu_case3_clip3") == "liftl_case3"
     assert series_of("Reg_Avi_Video_001") is None
-    metadata = {"a": {"Patient ID / Name": "7"}, "b": {"Patient ID / Name": "7"}, "Reg_x_set1_vid1": {}}
-    ids = group_patients(["a", "b", "c", "Reg_x_set1_vid1", "Pneu_x_set1_vid2"], metadata)
-    assert ids["a"] == ids["b"] == "pocus-id7"
+    metadata = {"a": {"Patient ID / Name": "7", "Source ID": "2"}, "b": {"Patient ID / Name": "7", "Source ID": "2"},
+                "d": {"Patient ID / Name": "7", "Source ID": "16"}, "Reg_x_set1_vid1": {}}
+    ids = group_patients(["a", "b", "c", "d", "Reg_x_set1_vid1", "Pneu_x_set1_vid2"], metadata)
+    assert ids["a"] == ids["b"] == "pocus-s2-id7"
+    assert ids["d"] == "pocus-s16-id7", "patient 7 of another source is another patient"
     assert ids["Reg_x_set1_vid1"] == ids["Pneu_x_set1_vid2"] != ids["c"]
-    assert len(set(ids.values())) == 3
+    assert len(set(ids.values())) == 4
 
 
 def test_strict_import_fails_but_reports(pocus_tree, tmp_path):

@@ -46,6 +46,13 @@ def read_metadata(src: Path) -> dict[str, dict[str, str]]:
         return {row["Filename"].strip(): row for row in csv.DictReader(f) if row.get("Filename")}
 
 
+def _metadata_patient(row: dict[str, str]) -> str | None:
+    """``s<source>-id<patient>``: the metadata numbers patients within each source (id 40 of one site is not id 40
+    of another), so the source is part of the identity."""
+    pid = (row.get("Patient ID / Name") or "").strip()
+    return f"s{(row.get('Source ID') or '').strip() or 'unknown'}-id{pid}" if pid else None
+
+
 def group_patients(stems: list[str], metadata: dict[str, dict[str, str]]) -> dict[str, str]:
     """Maps each file stem to a patient id: connected components over shared metadata ids and name series."""
     parent = {stem: stem for stem in stems}
@@ -59,8 +66,7 @@ def group_patients(stems: list[str], metadata: dict[str, dict[str, str]]) -> dic
     first_with: dict[str, str] = {}
     for stem in stems:
         keys = []
-        pid = metadata.get(stem, {}).get("Patient ID / Name", "").strip()
-        if pid:
+        if pid := _metadata_patient(metadata.get(stem, {})):
             keys.append(f"id:{pid}")
         if series := series_of(stem):
             keys.append(f"series:{series}")
@@ -74,11 +80,8 @@ def group_patients(stems: list[str], metadata: dict[str, dict[str, str]]) -> dic
         members.setdefault(find(stem), []).append(stem)
     ids = {}
     for group in members.values():
-        pids = sorted(
-            {metadata[s]["Patient ID / Name"].strip() for s in group if metadata.get(s, {}).get("Patient ID / Name")},
-            key=lambda p: (len(p), p),
-        )
-        name = f"pocus-id{pids[0]}" if pids else f"pocus-{min(group)}"
+        pids = sorted({p for s in group if (p := _metadata_patient(metadata.get(s, {})))}, key=lambda p: (len(p), p))
+        name = f"pocus-{pids[0]}" if pids else f"pocus-{min(group)}"
         for stem in group:
             ids[stem] = re.sub(r"[^A-Za-z0-9.-]+", "-", name)
     return ids
