@@ -49,7 +49,7 @@ def _user_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (FileNotFoundError, FileExistsError, ValueError, StrictImportError) as err:
+        except (FileNotFoundError, FileExistsError, ValueError, ConnectionError, StrictImportError) as err:
             console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(1) from err
 
@@ -393,6 +393,9 @@ def pipeline_run_command(
     token: Annotated[str | None, typer.Option(envvar="KFP_TOKEN", help="Bearer token for the KFP endpoint "
                                               "(default: the KFP client's own credentials).")] = None,
     namespace: Annotated[str | None, typer.Option(help="Kubeflow profile namespace (multi-user installs).")] = None,
+    service_account: Annotated[str, typer.Option(help="Kubernetes service account of the cluster run "
+                                                 "(infra/ creates the default; in a profile: default-editor).")]
+    = "sonogen-pipeline-runner",
     image: Image = None,
     pipeline_root: Annotated[Path, typer.Option(help="Where a local run keeps task outputs.")] = Path(".kfp"),
     raw: Annotated[str | None, typer.Option(help="Raw dataset instead of params.yaml's: a folder (with "
@@ -417,7 +420,7 @@ def pipeline_run_command(
         with tempfile.TemporaryDirectory() as tmp:
             package = compile_pipeline(Path(tmp) / "training_pipeline.yaml")
             result = submit_pipeline(package, host, arguments, experiment=experiment, wait=wait, token=token,
-                                     namespace=namespace)
+                                     namespace=namespace, service_account=service_account)
         console.print(f"submitted run {result['run_id']}: {result['run_url']}")
         if wait:
             console.print(f"run finished: {result['state']}")
