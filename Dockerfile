@@ -5,9 +5,10 @@
 #   train  the image every Kubeflow Pipelines component runs in (`sonogen ...`): CUDA base, Python 3.11, the whole
 #          project installed from requirements.lock, with torch (same pin as the lock) resolved to PyTorch's CUDA build.
 #   serve  the slim KServe predictor (`python -m serving`): python:3.11-slim, kserve + onnxruntime-gpu (with the CUDA
-#          and cuDNN runtime wheels), numpy, pillow, pyyaml, and the project's packages installed without their
-#          dependencies -- no torch, MLflow, DVC or diffusers. Only modules that import nothing beyond that set work
-#          there (the `serving` package and the parts of `sonogen` it uses); it serves exported ONNX generators.
+#          and cuDNN runtime wheels), mlflow-skinny (the registry client) and boto3 (S3 artifacts), numpy, pillow,
+#          pyyaml, and the project's packages installed without their dependencies -- no torch, full MLflow, DVC or
+#          diffusers. Only modules that import nothing beyond that set work there (the `serving` package and the
+#          parts of `sonogen` it uses): it serves generators exported with `sonogen export onnx`.
 #
 # Image tags: ghcr.io/sonogen/sonogen-train:<version> and ghcr.io/sonogen/sonogen-serve:<version>, where <version> is
 # `version` in pyproject.toml -- now ghcr.io/sonogen/sonogen-train:0.1.0 and ghcr.io/sonogen/sonogen-serve:0.1.0.
@@ -123,15 +124,15 @@ RUN groupadd --gid 1000 sonogen \
 
 WORKDIR /app
 
-# `-c requirements.lock`: every package the lock pins (numpy, pillow, fastapi, protobuf, kserve once added, ...)
+# `-c requirements.lock`: every package the lock pins (numpy, pillow, fastapi, protobuf, kserve, mlflow-skinny, ...)
 # gets the lock's version. onnxruntime-gpu and onnxruntime are the same import package: only the GPU one is here.
 # The CUDA/cuDNN wheels' library folders go into the loader cache so ORT's CUDA provider finds them on its own.
 COPY requirements.lock ./
 RUN python -m pip install -c requirements.lock \
-        "kserve==0.21.0" "onnxruntime-gpu[cuda,cudnn]==1.31.1" numpy pillow pyyaml \
+        "kserve==0.21.0" "onnxruntime-gpu[cuda,cudnn]==1.31.1" mlflow-skinny boto3 numpy pillow pyyaml \
  && python -c "import glob, os, sysconfig; site = sysconfig.get_paths()['purelib']; dirs = sorted({os.path.dirname(p) for p in glob.glob(os.path.join(site, 'nvidia', '**', 'lib*.so*'), recursive=True)}); assert dirs, 'no CUDA libraries'; open('/etc/ld.so.conf.d/zz-nvidia-wheels.conf', 'w').write(''.join(d + chr(10) for d in dirs))" \
  && ldconfig \
- && python -c "import onnxruntime, kserve; assert 'CUDAExecutionProvider' in onnxruntime.get_available_providers()"
+ && python -c "import onnxruntime, kserve, mlflow; assert 'CUDAExecutionProvider' in onnxruntime.get_available_providers()"
 
 COPY --chown=1000:1000 . .
 RUN python -m pip install --no-deps . \

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import track
 from rich.table import Table
 
-from sonogen.data.writer import StrictImportError
+from sonogen import cli_serving
+from sonogen.cli_common import console, progress as _progress, user_errors as _user_errors
 
 app = typer.Typer(
     help="sonogen: train, gate, register and serve ultrasound image generators.",
@@ -30,30 +29,18 @@ pipeline_app = typer.Typer(help="Kubeflow Pipelines: compile the training pipeli
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(data_app, name="data")
 app.add_typer(registry_app, name="registry")
+app.add_typer(cli_serving.export_app, name="export")
+app.command("serve")(cli_serving.serve_command)
+app.command("sample")(cli_serving.sample_command)
+app.command("generate")(cli_serving.generate_command)
+registry_app.command("promote")(cli_serving.promote_command)
+registry_app.command("rollback")(cli_serving.rollback_command)
+registry_app.command("show")(cli_serving.show_command)
 data_app.add_typer(import_app, name="import")
-console = Console(stderr=True, soft_wrap=True)
 
 Strict = Annotated[bool, typer.Option("--strict", help="Fail if any file is skipped (the report is still written).")]
 Fps = Annotated[float, typer.Option(min=0.01, help="Frames sampled per second of video.")]
 Licence = Annotated[str, typer.Option(help="Licence recorded for every imported image.")]
-
-
-def _progress(description: str) -> Callable:
-    return functools.partial(track, description=description, console=console, transient=True)
-
-
-def _user_errors(command: Callable) -> Callable:
-    """Turns the library's expected errors into a one-line message and exit code 1, not a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (FileNotFoundError, FileExistsError, ValueError, ConnectionError, StrictImportError) as err:
-            console.print(f"[red]error:[/red] {err}")
-            raise typer.Exit(1) from err
-
-    return wrapper
 
 
 def _print_import(report: dict, out: Path) -> None:

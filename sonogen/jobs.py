@@ -16,7 +16,8 @@ from sonogen.gates import EvaluateConfig, check_gates
 from sonogen.generators import config_from_dict, get_generator, load_generator
 from sonogen.generators.trainer import GENERATOR_DIR, TrainConfig, train
 from sonogen.metrics.features import get_extractor
-from sonogen.registry import load_sampler, model_name, register_generator, resolve_version
+from sonogen.model_card import build_model_card
+from sonogen.registry import load_sampler, model_name, register_generator, resolve_version, write_model_card
 from sonogen.tracking import MlflowTracker, configure_mlflow, dataset_identity, git_commit
 
 RUN_INFO = "run.json"
@@ -214,6 +215,7 @@ def register_trained(out: str | Path, alias: str | None = "candidate", gate_repo
         **{f"metric.{k}": f"{v:.6g}" if isinstance(v, float) else v for k, v in final.items()},
     }
     name = model_name(info["dataset"], info["family"], info["label"])
+    report = None
     if gate_report is not None:
         report = read_report(gate_report)
         if not report["passed"]:
@@ -222,6 +224,9 @@ def register_trained(out: str | Path, alias: str | None = "candidate", gate_repo
                     "run_id": info["run_id"], "report": str(Path(gate_report) / "gate_report.md")}
         tags.update(gate_tags(report))
     version = register_generator(info["run_id"], out / GENERATOR_DIR, name, tags, alias=alias)
+    train_params = {k: v for k, v in run.data.params.items() if k.startswith("train.")}
+    write_model_card(name, version, build_model_card(name, version, info, tags, out / GENERATOR_DIR, report,
+                                                     train_params))
     # the trained folder stays as training wrote it (it is a DVC output); the caller records the version
     return {"registered_model": name, "version": version, "alias": alias, "model_uri": f"models:/{name}/{version}",
             "gate": tags.get("gate", "not evaluated")}

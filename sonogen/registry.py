@@ -1,13 +1,17 @@
-"""The MLflow Model Registry side: register generators, find and load them by alias, list them."""
+"""The MLflow Model Registry side: register generators, find and load them by alias, list them, promote them
+(with an audit trail in version tags) and roll promotions back."""
 
 from __future__ import annotations
 
+import getpass
+import tempfile
+import time
 from pathlib import Path
 
-from sonogen.generators import Generator, load_generator
 from sonogen.tracking import configure_mlflow
 
 CANDIDATE = "candidate"
+CHAMPION = "champion"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 # what the pyfunc wrapper needs at load time; pinned by the project's lock where it is installed
 PIP_REQUIREMENTS = ["sonogen", "torch==2.13.0", "safetensors", "numpy"]
@@ -41,9 +45,11 @@ def register_generator(
     return version
 
 
-def load_sampler(model_uri: str, device: str = "cpu") -> Generator:
+def load_sampler(model_uri: str, device: str = "cpu"):
     """The generator behind ``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``, or a runs:/ URI)."""
     import mlflow
+
+    from sonogen.generators import load_generator
 
     configure_mlflow()
     folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
@@ -91,3 +97,91 @@ def list_models() -> list[dict]:
                 "created": version.creation_timestamp,
             })
     return sorted(rows, key=lambda r: (r["name"], -int(r["version"])))
+
+
+def write_model_card(name: str, version: str, card: str) -> None:
+    """Stores the card as the version's description (shown in the MLflow UI) and as ``model_card/`` artifact
+    of its run."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    client.update_model_version(name, version, description=card)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}-v{version}.md"
+        path.write_text(card)
+        client.log_artifact(client.get_model_version(name, version).run_id, str(path), "model_card")
+
+
+def model_card(name: str, version: str | None = None, alias: str = CHAMPION) -> str:
+    """The card of ``version`` (default: the version ``alias`` points at, else the latest)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    configure_mlflow()
+    client = mlflow.MlflowClient()
+    if version is None:
+        try:
+            version = str(client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            versions = client.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise ValueError(f"no registered model {name!r}") from None
+            version = str(max(int(v.version) for v in versions))
+    card = client.get_model_version(name, version).description
+    return card or f"# {name} v{version}\n\nNo model card: this version was registered without one.\n"
+
+
+def _holder(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _who() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name in some containers
+        return "unknown"
+
+
+def promote(name: str, version: str, to: str = CHAMPION, reason: str = "", force: bool = False) -> dict:
+    """Points ``to`` at ``version``. A version whose gate tag is not ``passed`` needs ``force`` and a reason.
+    The version records who promoted it, when, why, and which version held the alias before."""
+    import mlflow
+
+    configure_mlflow()
+    client = mlflow.MlflowClient()
+    gate = client.get_model_version(name, str(version)).tags.get("gate", "not evaluated")
+    if gate != "passed" and not force:
+        raise ValueError(f"{name} version {version} has gate {gate!r}; promoting it needs --force and a --reason")
+    if force and not reason.strip():
+        raise ValueError("--force needs a --reason: the audit trail must say why a gate was overridden")
+    previous = _holder(client, name, to)
+    client.set_registered_model_alias(name, to, str(version))
+    record = {"by": _who(), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": reason,
+              "previous_version": previous or "", "forced": str(bool(force and gate != "passed")).lower()}
+    for key, value in record.items():
+        client.set_model_version_tag(name, str(version), f"{to}.{key}", value)
+    return {"model_name": name, "version": str(version), "alias": to, "gate": gate, **record}
+
+
+def rollback(name: str, alias: str = CHAMPION) -> dict:
+    """Returns ``alias`` to the version that held it before the current holder was promoted."""
+    import mlflow
+
+    configure_mlflow()
+    client = mlflow.MlflowClient()
+    current = _holder(client, name, alias)
+    if current is None:
+        raise ValueError(f"{name} has no @{alias} to roll back")
+    previous = client.get_model_version(name, current).tags.get(f"{alias}.previous_version", "")
+    if not previous:
+        raise ValueError(f"{name}@{alias} (version {current}) has no previous holder to return to")
+    client.set_registered_model_alias(name, alias, previous)
+    record = {"by": _who(), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "from_version": current}
+    for key, value in record.items():
+        client.set_model_version_tag(name, previous, f"{alias}.restored_{key}", value)
+    return {"model_name": name, "alias": alias, "version": previous, **record}

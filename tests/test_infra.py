@@ -6,13 +6,17 @@ No cluster, no Docker, no network: Kubernetes objects are validated against the 
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import tomllib
 from functools import cache
+from importlib.metadata import version as installed_version
+from importlib.resources import files
 from pathlib import Path
 
 import pytest
@@ -20,6 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
+SERVING = INFRA / "serving"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
@@ -35,8 +40,11 @@ KUSTOMIZATION_KINDS = {"Kustomization", "Component"}
 CLUSTER_SCOPED_KINDS = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
                         "PersistentVolume", "StorageClass", "PriorityClass"}
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
+# The components of a KServe InferenceService; each embeds a PodSpec (containers, securityContext, ...).
+ISVC_COMPONENTS = ("predictor", "transformer", "explainer")
 # API groups built into Kubernetes (schemas bundled with kubernetes-validate). Custom resources (KServe's
-# InferenceService, serving.kserve.io) have no bundled schema: they get the structural and image checks only.
+# InferenceService, serving.kserve.io) have no bundled schema: they get the structural and image checks there, and an
+# InferenceService the checks of its own section (KServe SDK types, its PodSpec part validated as a Pod).
 BUILTIN_API_GROUPS = {"", "apps", "batch", "autoscaling", "policy", "rbac.authorization.k8s.io", "networking.k8s.io",
                       "storage.k8s.io", "scheduling.k8s.io", "coordination.k8s.io", "discovery.k8s.io",
                       "node.k8s.io", "apiextensions.k8s.io", "admissionregistration.k8s.io"}
@@ -132,13 +140,16 @@ def find(kind: str, name: str, namespace: str | None = None) -> dict | None:
 
 
 def pod_specs() -> list[tuple[dict, dict]]:
-    """(workload, pod spec) for every workload."""
+    """(object, pod spec) for every workload and every component of a KServe InferenceService (whose component specs
+    embed a PodSpec): the policy checks below (Secrets, ConfigMaps, images, non-root, requests) apply to all."""
     specs = []
     for obj in objects():
         if obj["kind"] in WORKLOAD_KINDS:
             specs.append((obj, obj["spec"]["template"]["spec"]))
         elif obj["kind"] == "Pod":
             specs.append((obj, obj["spec"]))
+        elif obj["kind"] == "InferenceService":
+            specs += [(obj, obj["spec"][c]) for c in ISVC_COMPONENTS if c in obj["spec"]]
     return specs
 
 
@@ -194,6 +205,33 @@ def readme_secret_commands() -> dict[tuple[str, str], set[str]]:
     return found
 
 
+def kustomized(directory: Path) -> tuple[list[dict], dict[tuple[str, str], dict]]:
+    """What `kubectl kustomize DIRECTORY` renders, as far as local files go: the objects of its local resources
+    (recursively, moved to its `namespace` if it sets one) and its generated ConfigMaps' data, (namespace, name) ->
+    data, with `behavior: merge` applied."""
+    kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    objs: list[dict] = []
+    configmaps: dict[tuple[str, str], dict] = {}
+    for resource in kust.get("resources", []):
+        if is_remote(resource):
+            continue
+        target = directory / resource
+        if (target / "kustomization.yaml").is_file():
+            sub_objs, sub_configmaps = kustomized(target)
+            objs += sub_objs
+            configmaps |= sub_configmaps
+        else:
+            objs += [d for d in yaml.safe_load_all(target.read_text()) if d]
+    if kust.get("namespace"):
+        for obj in objs:
+            if obj["kind"] not in CLUSTER_SCOPED_KINDS:
+                obj["metadata"]["namespace"] = kust["namespace"]
+    for cm in generated_configmaps(directory / "kustomization.yaml", kust):
+        key = (cm["metadata"]["namespace"], cm["metadata"]["name"])
+        configmaps[key] = configmaps.get(key, {}) | cm["data"] if cm["_behavior"] == "merge" else cm["data"]
+    return objs, configmaps
+
+
 # ------------------------------------------------------------------------------------------------- YAML --
 
 def test_every_yaml_file_parses():
@@ -230,6 +268,16 @@ def test_kustomizations_resources_exist_and_remote_ones_are_pinned():
         for gen in kust.get("configMapGenerator", []):
             for env in gen.get("envs", []):
                 assert (path.parent / env).is_file(), f"{path}: {env} does not exist"
+
+
+def test_every_manifest_is_in_a_kustomization():
+    """Every manifest under infra/ is applied by some kustomization (no file that `kubectl apply -k` never sees)."""
+    included = set()
+    for path, kust in kustomizations():
+        included |= {(path.parent / r).resolve() for r in kust.get("resources", []) if not is_remote(r)}
+    for path in yaml_files():
+        if path.name != "kustomization.yaml":
+            assert path.resolve() in included, f"{path.relative_to(ROOT)} is in no kustomization's resources"
 
 
 def test_kfp_is_the_pinned_upstream_install():
@@ -292,7 +340,7 @@ def test_the_validator_rejects_bad_objects(kubernetes_validate):
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-@pytest.mark.parametrize("overlay", ["base", "overlays/local"])
+@pytest.mark.parametrize("overlay", ["base", "overlays/local", "serving"])
 def test_kustomize_renders_the_local_kustomizations(kubernetes_validate, overlay):
     if not (INFRA / overlay / "kustomization.yaml").is_file():
         pytest.skip(f"no infra/{overlay}")
@@ -300,21 +348,19 @@ def test_kustomize_renders_the_local_kustomizations(kubernetes_validate, overlay
                               timeout=60)
     assert rendered.returncode == 0, rendered.stderr
     objs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
+    expected_objs, expected_configmaps = kustomized(INFRA / overlay)
     names = {(o["kind"], namespace_of(o), o["metadata"]["name"]) for o in objs}
-    assert names == {(o["kind"], namespace_of(o), o["metadata"]["name"]) for o in objects()}
+    assert names == {(o["kind"], namespace_of(o), o["metadata"]["name"]) for o in expected_objs} | {
+        ("ConfigMap", namespace, name) for namespace, name in expected_configmaps}
+    sources = {(o["kind"], namespace_of(o), o["metadata"]["name"]): o for o in expected_objs}
     for obj in objs:
         if api_group(obj) in BUILTIN_API_GROUPS:
             kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
-    def key(cm: dict) -> tuple:
-        return namespace_of(cm), cm["metadata"]["name"]
-
-    configmaps = {key(o): o["data"] for o in objs if o["kind"] == "ConfigMap"}
-    expected = {key(cm): cm["data"] for cm in objects() if cm["kind"] == "ConfigMap"}
-    overlay_path = INFRA / overlay / "kustomization.yaml"
-    for cm in generated_configmaps(overlay_path, yaml.safe_load(overlay_path.read_text())):
-        if cm["_behavior"] == "merge":
-            expected[key(cm)] = expected[key(cm)] | cm["data"]
-    assert configmaps == expected
+        else:
+            # kustomize knows no custom resource's schema: it must leave the spec alone (labels go to metadata only).
+            assert obj["spec"] == sources[(obj["kind"], namespace_of(obj), obj["metadata"]["name"])]["spec"]
+    configmaps = {(namespace_of(o), o["metadata"]["name"]): o["data"] for o in objs if o["kind"] == "ConfigMap"}
+    assert configmaps == expected_configmaps
 
 
 # ------------------------------------------------------------------------------------ references, policy --
@@ -366,6 +412,11 @@ def test_secret_references_match_the_readme_commands():
 def test_configmap_references_exist():
     for obj, spec in pod_specs():
         for c in containers(spec):
+            for source in c.get("envFrom", []):
+                if "configMapRef" in source:
+                    name = source["configMapRef"]["name"]
+                    assert find("ConfigMap", name, namespace_of(obj)), (
+                        f"{c['name']}: envFrom ConfigMap {name} is not in namespace {namespace_of(obj)}")
             for env in c.get("env", []):
                 ref = env.get("valueFrom", {}).get("configMapKeyRef")
                 if ref:
@@ -436,7 +487,8 @@ def test_readme_lists_the_sonogen_env_keys():
 def test_services_select_pods_and_ports():
     for svc in (o for o in objects() if o["kind"] == "Service"):
         selector = svc["spec"]["selector"]
-        matches = [(obj, spec) for obj, spec in pod_specs() if namespace_of(obj) == namespace_of(svc)
+        matches = [(obj, spec) for obj, spec in pod_specs() if obj["kind"] in WORKLOAD_KINDS
+                   and namespace_of(obj) == namespace_of(svc)
                    and selector.items() <= obj["spec"]["template"]["metadata"]["labels"].items()]
         assert len(matches) == 1, f"Service {svc['metadata']['name']} selects {len(matches)} workloads"
         ports = {(p.get("name"), p["containerPort"]) for c in matches[0][1]["containers"] for p in c.get("ports", [])}
@@ -774,3 +826,233 @@ def test_dockerfile_header_documents_build_push_and_tags():
         assert re.search(rf"docker build --target {target}\b.*-t ghcr\.io/sonogen/{image}:\$VERSION", header)
         assert f"docker push ghcr.io/sonogen/{image}:$VERSION" in header
     assert "SONOGEN_IMAGE" in header and "--image" in header
+
+
+# --------------------------------------------------------------------------- KServe InferenceService --
+
+def inference_services() -> list[dict]:
+    services = [o for o in objects() if o["kind"] == "InferenceService"]
+    assert services, "no KServe InferenceService under infra/"
+    return services
+
+
+def served_container(isvc: dict) -> dict:
+    """The predictor's model-server container: the only one, named as KServe names its own."""
+    [container] = isvc["spec"]["predictor"]["containers"]
+    assert container["name"] == "kserve-container", "KServe expects the model server in `kserve-container`"
+    return container
+
+
+def container_port(container: dict, port: int | str) -> int:
+    """A probe's port (number or name) as the container port it targets; fails if the container has no such port."""
+    ports = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+    assert port in ports.values() or port in ports, f"{container['name']}: no container port {port!r}"
+    return port if isinstance(port, int) else ports[port]
+
+
+@pytest.fixture(scope="module")
+def kserve_models():
+    """The KServe SDK's v1beta1 types: the InferenceService CRD's schema as the kserve release of the lock has it."""
+    import kserve.models
+
+    assert installed_version("kserve") == lock_pins()["kserve"], "the installed kserve SDK is not the lock's"
+    return kserve.models
+
+
+def check_kserve_type(value, type_name: str, where: str, models) -> None:
+    """`value` against a KServe SDK type (its `openapi_types` and JSON `attribute_map`), recursively: no unknown
+    field anywhere in KServe's own types, and scalars of the right type. Kubernetes' core types inside (V1Container,
+    V1ObjectMeta, ...) are left to the Pod validation against the Kubernetes schemas."""
+    if type_name.startswith("list["):
+        assert isinstance(value, list), f"{where}: expected a list"
+        for i, item in enumerate(value):
+            check_kserve_type(item, type_name[5:-1], f"{where}[{i}]", models)
+    elif type_name.startswith("dict("):
+        assert isinstance(value, dict) and all(isinstance(k, str) for k in value), f"{where}: expected a mapping"
+        for key, item in value.items():
+            check_kserve_type(item, type_name[5:-1].split(", ", 1)[1], f"{where}.{key}", models)
+    elif type_name in ("str", "int", "bool", "float"):
+        types = {"str": str, "int": int, "bool": bool, "float": (int, float)}[type_name]
+        assert isinstance(value, types) and (type_name == "bool" or not isinstance(value, bool)), (
+            f"{where}: expected {type_name}, got {value!r}")
+    elif re.match(r"V1(alpha|beta)\d+", type_name):
+        cls = getattr(models, type_name)
+        assert isinstance(value, dict), f"{where}: expected an object ({type_name})"
+        fields = {json_name: attr for attr, json_name in cls.attribute_map.items()}
+        unknown = set(value) - fields.keys()
+        assert not unknown, f"{where}: {sorted(unknown)} are not fields of KServe's {type_name}"
+        for key, item in value.items():
+            check_kserve_type(item, cls.openapi_types[fields[key]], f"{where}.{key}", models)
+
+
+def pod_spec_fields(version: str) -> set[str]:
+    """The fields of a core/v1 PodSpec in the schemas kubernetes-validate bundles for Kubernetes `version`."""
+    schemas = files("kubernetes_validate") / "kubernetes-json-schema"
+    [folder] = [f for f in schemas.iterdir() if re.fullmatch(rf"v{re.escape(version)}\.\d+-local-strict", f.name)]
+    return set(json.loads((folder / "podspec-v1.json").read_text())["properties"])
+
+
+def parse_serve_args(container: dict, monkeypatch, capsys) -> argparse.Namespace:
+    """The container's args as `python -m serving` parses them: serving/__main__.py's `main`, with its own parser,
+    stopped right after parsing (before it imports a model server or touches a registry). The container's literal
+    SONOGEN_SERVE_* variables are the parser's environment, as in the pod."""
+    import serving.__main__
+
+    for name in [n for n in os.environ if n.startswith("SONOGEN_SERVE_")]:
+        monkeypatch.delenv(name)
+    for env in container.get("env", []):
+        if env["name"].startswith("SONOGEN_SERVE_") and "value" in env:
+            monkeypatch.setenv(env["name"], env["value"])
+
+    class Parsed(Exception):
+        pass
+
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_and_stop(self, args=None, namespace=None):
+        raise Parsed(parse_args(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+    try:
+        serving.__main__.main(list(container.get("args", [])))
+    except Parsed as parsed:
+        return parsed.args[0]
+    except SystemExit:
+        pytest.fail(f"python -m serving rejects {container.get('args')}: {capsys.readouterr().err.strip()}")
+    pytest.fail("serving.__main__.main() did not parse its arguments")
+
+
+def test_serving_kustomization():
+    kust = yaml.safe_load((SERVING / "kustomization.yaml").read_text())
+    assert kust["namespace"] == "sonogen"
+    assert kust["resources"] == ["inferenceservice.yaml"]
+    assert "configMapGenerator" not in kust, "sonogen-env comes from infra/base; a second generator would clash"
+    docs = [d for d in yaml.safe_load_all((SERVING / "inferenceservice.yaml").read_text()) if d]
+    assert [(d["apiVersion"], d["kind"]) for d in docs] == [("serving.kserve.io/v1beta1", "InferenceService")]
+    assert namespace_of(docs[0]) == kust["namespace"]
+
+
+def test_inference_service_matches_kserve_v1beta1(kserve_models):
+    for isvc in inference_services():
+        where = f"InferenceService/{isvc['metadata']['name']}"
+        assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+        assert "status" not in isvc, f"{where}: status is the controller's"
+        assert "predictor" in isvc["spec"], f"{where}: the CRD requires spec.predictor"
+        check_kserve_type(isvc, "V1beta1InferenceService", where, kserve_models)
+        # The negative case: the walk does catch a misplaced field.
+        broken = json.loads(json.dumps(isvc))
+        broken["spec"]["predictor"]["minReplica"] = 1
+        with pytest.raises(AssertionError, match="minReplica"):
+            check_kserve_type(broken, "V1beta1InferenceService", where, kserve_models)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_inference_service_pod_spec_validates_as_a_pod(kubernetes_validate, kserve_models, version):
+    """Each component's PodSpec fields, wrapped into a Pod, validate strictly; the rest are KServe's own fields."""
+    pod_fields = pod_spec_fields(version)
+    extension_fields = set(kserve_models.V1beta1ComponentExtensionSpec.attribute_map.values())
+    for isvc in inference_services():
+        for component in (c for c in ISVC_COMPONENTS if c in isvc["spec"]):
+            spec = isvc["spec"][component]
+            where = f"InferenceService/{isvc['metadata']['name']}.spec.{component}"
+            assert not set(spec) & pod_fields & extension_fields
+            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": isvc["metadata"],
+                   "spec": {k: v for k, v in spec.items() if k in pod_fields}}
+            try:
+                kubernetes_validate.validate(pod, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{where} is not a valid PodSpec for Kubernetes {version}: {exc.message} "
+                            f"at {list(exc.path)}")
+
+
+def test_inference_service_runs_the_serve_image_of_this_version():
+    sonogen_version = installed_version("sonogen")
+    assert sonogen_version == pyproject()["project"]["version"], "installed sonogen is stale: reinstall the project"
+    for isvc in inference_services():
+        container = served_container(isvc)
+        assert container["image"] == f"ghcr.io/sonogen/sonogen-serve:{sonogen_version}", (
+            f"{container['image']} is not the serve image of sonogen {sonogen_version}")
+        # The image's ENTRYPOINT (python -m serving) runs: the manifest gives its arguments only.
+        assert "command" not in container
+        assert json.loads(last_in_chain("serve", "ENTRYPOINT")) == ["python", "-m", "serving"]
+
+
+def test_inference_service_args_parse_with_the_serving_parser(monkeypatch, capsys):
+    from serving.app import model_uri, served_name
+
+    for isvc in inference_services():
+        container = served_container(isvc)
+        args = parse_serve_args(container, monkeypatch, capsys)
+        name = isvc["metadata"]["name"]
+        # The served name (the URL path /v1/models/NAME) is the registered model's, and the object's name.
+        assert args.model == name and served_name(model_uri(args.model, args.alias, args.version)) == name
+        assert args.alias == "champion" and args.version is None, "serve the champion alias, not a fixed version"
+        assert args.watch > 0, "without --watch a promotion is not picked up"
+        [port] = container["ports"]
+        assert port["containerPort"] == args.http_port == 8080
+    # The parser does reject what it does not know (the stop above is after parsing, not instead of it).
+    with pytest.raises(pytest.fail.Exception, match="unrecognized arguments"):
+        parse_serve_args({"args": ["--model", "x", "--watch-seconds", "60"]}, monkeypatch, capsys)
+
+
+def test_inference_service_resources_and_scaling():
+    for isvc in inference_services():
+        predictor = isvc["spec"]["predictor"]
+        resources = served_container(isvc)["resources"]
+        assert str(resources.get("limits", {}).get("nvidia.com/gpu")) == "1", "one GPU per replica"
+        if "nvidia.com/gpu" in resources.get("requests", {}):
+            assert str(resources["requests"]["nvidia.com/gpu"]) == "1", "extended resources: request == limit"
+        assert resources["requests"].keys() >= {"cpu", "memory"} and "memory" in resources["limits"]
+        assert isinstance(predictor["minReplicas"], int) and predictor["minReplicas"] >= 1, (
+            "at least one warm replica: a GPU cold start is slow, and the alias watcher runs only in a live pod")
+        assert predictor["maxReplicas"] >= predictor["minReplicas"]
+
+
+def test_inference_service_env_references():
+    base = INFRA / "base" / "kustomization.yaml"
+    generated = {(namespace_of(cm), cm["metadata"]["name"]): cm["data"]
+                 for cm in generated_configmaps(base, yaml.safe_load(base.read_text()))}
+    for isvc in inference_services():
+        namespace, container = namespace_of(isvc), served_container(isvc)
+        config_maps = [s["configMapRef"]["name"] for s in container.get("envFrom", []) if "configMapRef" in s]
+        assert config_maps == ["sonogen-env"]
+        assert "MLFLOW_TRACKING_URI" in generated[(namespace, "sonogen-env")], "infra/base renders no sonogen-env here"
+        secret_keys = {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+                       for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+        assert secret_keys == {("sonogen-s3", "AWS_ACCESS_KEY_ID"), ("sonogen-s3", "AWS_SECRET_ACCESS_KEY")}
+        assert "sonogen-s3" in EXTERNAL_SECRETS
+        assert readme_secret_commands()[("sonogen-s3", namespace)] >= {k for _, k in secret_keys}
+
+
+def test_inference_service_probes_and_security():
+    from serving.app import OPEN_PATHS
+
+    uid = last_in_chain("serve", "USER").split(":")[0]
+    for isvc in inference_services():
+        container = served_container(isvc)
+        [exposed] = [p["containerPort"] for p in container["ports"]]
+        probes = {"readinessProbe": "/v2/health/ready", "livenessProbe": "/v2/health/live"}
+        for probe, path in probes.items():
+            get = container[probe]["httpGet"]
+            assert get["path"] == path, f"{probe} checks {get['path']}, not {path}"
+            assert get["path"] in OPEN_PATHS, f"{probe}: {get['path']} would need a token"
+            assert container_port(container, get["port"]) == exposed, f"{probe} probes another port"
+        context = container["securityContext"]
+        assert context["runAsNonRoot"] is True and str(context["runAsUser"]) == uid, "the image's USER"
+        assert context["capabilities"]["drop"] == ["ALL"]
+        # Knative (KServe's serverless mode) rejects a pod-level securityContext unless a feature flag allows it.
+        assert "securityContext" not in isvc["spec"]["predictor"], "set it per container, not for the pod"
+
+
+def test_serving_readme():
+    readme = (SERVING / "README.md").read_text()
+    assert "kubectl apply -k infra/serving" in readme
+    assert "Dockerfile" in readme and "docker build --target serve" in readme
+    for isvc in inference_services():
+        name = isvc["metadata"]["name"]
+        args = served_container(isvc)["args"]
+        watch = args[args.index("--watch") + 1]
+        for text in (f"--watch {watch}", f"sonogen registry promote {name}", "--to champion",
+                     f"/v1/models/{name}:predict", f"/v2/models/{name}/infer", f"--model {name}"):
+            assert text in readme, f"infra/serving/README.md does not mention {text!r}"
+    assert "| `serving/` |" in (INFRA / "README.md").read_text(), "infra/README.md's table has no serving/ row"

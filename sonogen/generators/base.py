@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sonogen import sampling
+
 CONFIG = "config.json"
 WEIGHTS = "weights.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
@@ -28,7 +30,7 @@ FORMAT_VERSION = 1
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images ``(N, 1, H, W)`` in [-1, 1] as uint8 ``(N, H, W)``."""
-    return ((images[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    return sampling.to_uint8(images.detach().float().cpu().numpy())
 
 
 def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
@@ -67,8 +69,14 @@ class Generator(ABC):
         """One optimisation step on a batch ``(B, 1, H, W)`` in [-1, 1]; returns the losses."""
 
     @abstractmethod
-    def generate(self, n: int, generator: torch.Generator, condition: dict[str, Any]) -> torch.Tensor:
-        """``n`` images ``(n, 1, H, W)`` in [-1, 1], drawing all randomness from the CPU ``generator``."""
+    def generate(self, n: int, seed: int, condition: dict[str, Any]) -> torch.Tensor:
+        """``n`` images ``(n, 1, H, W)`` in [-1, 1], drawing all randomness from ``seed`` on the CPU (so that
+        devices and runtimes agree)."""
+
+    def sampling_network(self) -> tuple[nn.Module, torch.Tensor]:
+        """The network that turns seeded latents into images, with example latents, for ONNX export; a family
+        whose sampling is more than one network call (a diffusion loop) raises ``NotImplementedError``."""
+        raise NotImplementedError(f"the {self.family} family has no single sampling network to export")
 
     def to(self, device: torch.device | str) -> Generator:
         self.device = torch.device(device)
@@ -90,12 +98,14 @@ class Generator(ABC):
         """``n`` images for ``seed``: the same seed, weights and condition always give the same images."""
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
+        if seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed}")
         condition = self.check_condition(condition)
         modes = {name: module.training for name, module in self.networks().items()}
         for module in self.networks().values():
             module.eval()
         try:
-            return self.generate(n, torch.Generator().manual_seed(seed), condition).float().cpu()
+            return self.generate(n, seed, condition).float().cpu()
         finally:
             for name, module in self.networks().items():
                 module.train(modes[name])

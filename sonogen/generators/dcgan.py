@@ -18,6 +18,7 @@ from torch import nn
 
 from sonogen.generators.base import Generator
 from sonogen.generators.registry import register_family
+from sonogen.sampling import gaussian_latents
 
 
 @dataclass
@@ -133,13 +134,14 @@ class DCGAN(Generator):
             raise ValueError(f"this DCGAN generates {self.config.label!r} images, not {condition['label']!r}")
         return condition
 
-    def latents(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        # one draw per image: torch's vectorised randn orders values differently for other sizes, and the
-        # first k of n images must not depend on n
-        return torch.stack([torch.randn(self.config.latent_dim, generator=generator) for _ in range(n)])
+    def latents(self, n: int, seed: int) -> torch.Tensor:
+        return torch.from_numpy(gaussian_latents(seed, n, self.config.latent_dim))
 
-    def generate(self, n: int, generator: torch.Generator, condition: dict[str, Any]) -> torch.Tensor:
-        return self.generator(self.latents(n, generator).to(self.device))
+    def generate(self, n: int, seed: int, condition: dict[str, Any]) -> torch.Tensor:
+        return self.generator(self.latents(n, seed).to(self.device))
+
+    def sampling_network(self) -> tuple[nn.Module, torch.Tensor]:
+        return self.generator, self.latents(2, 0)
 
     def train_step(self, images: torch.Tensor) -> dict[str, float]:
         optimizers = self.optimizers()

@@ -1,0 +1,92 @@
+"""The KServe predictor of registered generators: ``load()`` resolves the model from MLflow, ``predict()``
+samples it, over the v1 (``instances``) and v2 (``inputs`` tensors) protocols.
+
+GAN families with an exported ONNX graph run on ONNX Runtime (CUDA when the provider is there) and draw their
+latents with ``sonogen.noise``, so they need no torch; other families sample with torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import threading
+import uuid
+from typing import Any
+
+import numpy as np
+from kserve import InferOutput, InferRequest, InferResponse, Model
+from kserve.errors import InvalidInput
+
+from serving.batching import Batcher
+from serving.requests import SamplingRequest, parse_request, parse_v2_request
+from sonogen.sampling import gaussian_latents
+
+
+def _png(image: np.ndarray) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+class SamplerModel(Model):
+    def __init__(self, name: str, model_uri: str, max_n: int = 256, max_batch: int = 16):
+        super().__init__(name)
+        self.model_uri, self.max_n, self.max_batch = model_uri, max_n, max_batch
+        self.version: str | None = None
+        self.batcher: Batcher | None = None
+        self._lock = threading.Lock()
+
+    def load(self) -> bool:
+        """Resolves ``model_uri`` and loads the sampler; False (not ready) while the model is not there yet."""
+        from sonogen.samplers import load_backend
+
+        with self._lock:
+            backend = load_backend(self.model_uri)
+            if backend is None:
+                return False
+            if self.batcher is not None:
+                self.batcher.close()
+            self.backend, self.version = backend, backend.version
+            self.batcher = Batcher(backend.run, self.max_batch) if backend.run else None
+            self.ready = True
+        return True
+
+    async def _sample(self, request: SamplingRequest) -> np.ndarray:
+        backend, batcher = self.backend, self.batcher
+        if batcher is None:  # torch families sample whole requests
+            try:
+                return await asyncio.to_thread(backend.sample, request.n, request.seed, request.condition)
+            except ValueError as err:  # the family's own condition checks
+                raise InvalidInput(f"condition: {err}") from err
+        chunks = [gaussian_latents(request.seed, min(self.max_batch, request.n - start), backend.latent_dim, start)
+                  for start in range(0, request.n, self.max_batch)]
+        return np.concatenate(await asyncio.gather(*(batcher.run(chunk) for chunk in chunks)))
+
+    def _echo(self, request: SamplingRequest) -> dict[str, Any]:
+        return {"model_name": self.name, "model_version": self.version, "seed": request.seed,
+                "label": self.backend.label, "condition": request.condition}
+
+    async def predict(self, payload, headers: dict[str, str] | None = None):
+        if isinstance(payload, InferRequest):
+            request = parse_v2_request(payload, self.backend, self.max_n)
+            images = await self._sample(request)
+            output = InferOutput(name="images", shape=list(images.shape), datatype="UINT8")
+            output.set_data_from_numpy(images, binary_data=False)
+            return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
+                                 infer_outputs=[output], model_version=self.version,
+                                 parameters={k: v for k, v in self._echo(request).items()
+                                             if k in ("model_version", "seed", "label")})
+        if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list) or not payload["instances"]:
+            raise InvalidInput('instances: expected {"instances": [{"n": ..., "seed": ..., ...}]}')
+        requests = [parse_request(item, self.backend, self.max_n, f"instances[{i}]")
+                    for i, item in enumerate(payload["instances"])]
+        if sum(r.n for r in requests) > self.max_n:
+            raise InvalidInput(f"instances: {sum(r.n for r in requests)} images in one call; at most {self.max_n}")
+        predictions = []
+        for request, images in zip(requests, await asyncio.gather(*(self._sample(r) for r in requests))):
+            predictions.append({**self._echo(request), "format": request.format,
+                                "images": [_png(image) for image in images]})
+        return {"predictions": predictions}

@@ -1,0 +1,139 @@
+"""The ``sonogen`` commands that export, serve, sample and promote registered generators."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sonogen.cli_common import console, progress, user_errors
+
+export_app = typer.Typer(help="Export registered generators for serving.", no_args_is_help=True)
+
+Token = Annotated[str | None, typer.Option(envvar="SONOGEN_SERVE_TOKEN", help="Bearer token of the endpoint.")]
+
+
+@export_app.command("onnx")
+@user_errors
+def export_onnx_command(
+    model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION.")],
+    tolerance: Annotated[float, typer.Option(help="Largest ONNX Runtime vs torch difference accepted.")] = 1e-4,
+):
+    """Export a GAN generator to ONNX, check it against torch, and log it to the same model version."""
+    from sonogen.export import export_registered
+
+    result = export_registered(model, tolerance)
+    console.print(f"{result['model_name']} v{result['version']}: ONNX opset {result['opset']}, "
+                  f"{result['bytes'] / 1e6:.1f} MB, max |ONNX − torch| = {result['max_abs_diff']:.2g} "
+                  f"(≤ {tolerance:g}); logged as {result['artifact']}")
+
+
+@user_errors
+def serve_command(
+    model: Annotated[str, typer.Option(help="Registered model name (or a models:/ URI, or a saved generator folder).")],
+    alias: Annotated[str, typer.Option(help="Alias to serve.")] = "champion",
+    version: Annotated[str | None, typer.Option(help="Serve this version instead of the alias.")] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind; loopback unless you mean to share it.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
+    max_n: Annotated[int, typer.Option(min=1, help="Most images one call may ask for.")] = 256,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most images per network call (requests are batched).")] = 16,
+    max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body accepted.")] = 64 * 1024,
+    token: Token = None,
+    watch: Annotated[float, typer.Option(help="Poll the alias every this many seconds and reload on promotion "
+                                                "(0: load once).")] = 0,
+):
+    """Serve a registered generator with KServe's v1 and v2 protocols on this machine."""
+    from serving.app import model_uri, serve_local, served_name, watch_alias
+    from serving.predictor import SamplerModel
+
+    uri = model_uri(model, alias, version)
+    sampler = SamplerModel(served_name(uri), uri, max_n=max_n, max_batch=max_batch)
+    if not sampler.load():
+        if not watch:
+            raise ValueError(f"{uri} does not exist in the registry; promote a version first or pass --watch")
+        console.print(f"{uri} does not exist yet: answering 503 until it does (polling every {watch:g} s)")
+    if watch:
+        watch_alias(sampler, watch)
+    if sampler.ready:
+        console.print(f"serving {sampler.name} version {sampler.version} ({sampler.backend.runtime})")
+    console.print(f"v1: POST http://{host}:{port}/v1/models/{sampler.name}:predict   "
+                  f"v2: POST http://{host}:{port}/v2/models/{sampler.name}/infer")
+    serve_local(sampler, host, port, max_body_bytes=max_body_bytes, token=token)
+
+
+@user_errors
+def sample_command(
+    url: Annotated[str, typer.Option(help="Endpoint, e.g. http://127.0.0.1:8080.")],
+    model: Annotated[str, typer.Option(help="Served model name.")],
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs and manifest.csv.")],
+    n: Annotated[int, typer.Option("-n", "--n", min=1, help="Number of images.")] = 16,
+    seed: Annotated[int, typer.Option(min=0, help="Seed; the same seed and version give the same images.")] = 0,
+    label: Annotated[str | None, typer.Option(help="Label to ask for (checked by the server).")] = None,
+    condition: Annotated[str | None, typer.Option(help="Condition as JSON, for families that take one.")] = None,
+    per_request: Annotated[int, typer.Option(min=1, help="Images per request.")] = 16,
+    token: Token = None,
+):
+    """Ask a sampling endpoint for images and save them with a manifest."""
+    from sonogen.client import sample, save_samples
+
+    images = sample(url, model, n, seed, label=label, condition=json.loads(condition) if condition else None,
+                    token=token, per_request=per_request)
+    manifest = save_samples(images, out)
+    console.print(f"wrote {len(images)} images of {model} v{images[0]['model_version']} to {out}/ ({manifest.name})")
+
+
+@user_errors
+def generate_command(
+    model: Annotated[str, typer.Option(help="models:/NAME@ALIAS or models:/NAME/VERSION.")],
+    n: Annotated[int, typer.Option("-n", "--n", min=1, help="Number of images.")],
+    out: Annotated[str, typer.Option(help="Output folder or s3://bucket/prefix.")],
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the whole set.")] = 0,
+    batch: Annotated[int, typer.Option(min=1, help="Images per chunk (the unit of resumption).")] = 64,
+):
+    """Write a large synthetic dataset (images + manifest.csv); rerun the same command to resume."""
+    from sonogen.generate import generate_dataset
+
+    result = generate_dataset(model, n, out, seed=seed, batch=batch, progress=progress(f"generating {n} images"))
+    console.print(f"{result['images']} images of {result['model_name']} v{result['model_version']} in {out} "
+                  f"({result['skipped_chunks']} of {result['chunks']} chunks were already there); manifest.csv")
+
+
+@user_errors
+def promote_command(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version to promote.")],
+    to: Annotated[str, typer.Option(help="Alias to move.")] = "champion",
+    reason: Annotated[str, typer.Option(help="Why (recorded on the version; required with --force).")] = "",
+    force: Annotated[bool, typer.Option("--force", help="Promote a version whose gates did not pass.")] = False,
+):
+    """Point an alias (champion) at a version whose gates passed; the previous holder is remembered."""
+    from sonogen.registry import promote
+
+    result = promote(name, version, to, reason, force)
+    previous = f" (was version {result['previous_version']})" if result["previous_version"] else ""
+    console.print(f"{name}@{to} → version {version}{previous}, gate {result['gate']}, by {result['by']}")
+
+
+@user_errors
+def rollback_command(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    alias: Annotated[str, typer.Option(help="Alias to return to its previous holder.")] = "champion",
+):
+    """Return an alias to the version that held it before the last promotion."""
+    from sonogen.registry import rollback
+
+    result = rollback(name, alias)
+    console.print(f"{name}@{alias} → version {result['version']} (was version {result['from_version']})")
+
+
+@user_errors
+def show_command(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str | None, typer.Option(help="Version (default: the champion, else the latest).")] = None,
+):
+    """Print a version's model card (Markdown): data, licences, training config, gates, intended use, limitations."""
+    from sonogen.registry import model_card
+
+    typer.echo(model_card(name, version))

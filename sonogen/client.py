@@ -1,0 +1,67 @@
+"""Python client of the sampling endpoint (KServe v1 protocol): ask a served generator for images and save
+them with a manifest."""
+
+from __future__ import annotations
+
+import base64
+import csv
+from pathlib import Path
+from typing import Any
+
+from sonogen.sampling import chunk_seed
+
+MANIFEST_COLUMNS = ("image", "seed", "index", "model_name", "model_version", "label")
+
+
+def sample(url: str, model: str, n: int, seed: int = 0, label: str | None = None,
+           condition: dict[str, Any] | None = None, token: str | None = None, per_request: int = 16,
+           timeout_s: float = 300) -> list[dict[str, Any]]:
+    """``n`` images from ``url``'s ``model``: one dict per image with its ``png`` bytes, the ``seed`` and
+    ``index`` that reproduce it, ``model_name``, ``model_version`` and ``label``. Large draws are split into
+    requests of ``per_request`` images, request ``k`` with seed ``chunk_seed(seed, k)``."""
+    import requests
+
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    endpoint = f"{url.rstrip('/')}/v1/models/{model}:predict"
+    images = []
+    for chunk, start in enumerate(range(0, n, per_request)):
+        instance = {"n": min(per_request, n - start), "seed": chunk_seed(seed, chunk), "format": "png"}
+        if label is not None:
+            instance["label"] = label
+        if condition:
+            instance["condition"] = condition
+        try:
+            response = requests.post(endpoint, json={"instances": [instance]}, headers=headers, timeout=timeout_s)
+        except requests.ConnectionError as err:
+            raise ConnectionError(f"cannot reach the sampling endpoint {url}: {err}") from err
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("error", response.text)
+            except ValueError:
+                message = response.text
+            raise ValueError(f"{endpoint} answered HTTP {response.status_code}: {message}")
+        [prediction] = response.json()["predictions"]
+        for index, encoded in enumerate(prediction["images"]):
+            images.append({"png": base64.b64decode(encoded), "seed": prediction["seed"], "index": index,
+                           "model_name": prediction["model_name"], "model_version": prediction["model_version"],
+                           "label": prediction["label"]})
+    return images
+
+
+def save_samples(images: list[dict[str, Any]], out: str | Path) -> Path:
+    """Writes ``out/00000.png …`` and ``out/manifest.csv``; returns the manifest's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for number, image in enumerate(images):
+        name = f"{number:05d}.png"
+        (out / name).write_bytes(image["png"])
+        rows.append({"image": name, **{k: image[k] for k in MANIFEST_COLUMNS[1:]}})
+    manifest = out / "manifest.csv"
+    with manifest.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest

@@ -1,0 +1,66 @@
+"""The model card written when a generator version is registered: what it was trained on (data version and
+licences), how (config), how it scored (gates), and what it is and is not for."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from sonogen.data.manifest import read_manifest
+
+INTENDED_USE = (
+    "Synthetic ultrasound frames to augment training and testing of downstream models (classification, "
+    "detection) for the label above, and to develop and test ML pipelines. Research use."
+)
+LIMITATIONS = (
+    "- Not for diagnosis, clinical decisions, or as evidence about a patient.\n"
+    "- Realism and usefulness are measured on the data version and extractor named here; other probes, sites "
+    "or devices may differ. Check the gates again before using the images for another population.\n"
+    "- The generator may reproduce artefacts and biases of its training data; review samples before use.\n"
+    "- Synthetic images inherit the licence terms of the training data listed below."
+)
+
+
+def _licences(data: Path, label: str) -> list[str]:
+    try:
+        records = [r for r in read_manifest(data) if r.label == label and r.split == "train"]
+    except FileNotFoundError:
+        return ["unknown (the training manifest was not available at registration)"]
+    counts = Counter(r.licence or "unspecified" for r in records)
+    return [f"{licence}: {count} training images" for licence, count in counts.most_common()]
+
+
+def build_model_card(name: str, version: str, info: dict, tags: dict[str, str], generator_dir: Path,
+                     gate_report: dict | None, train_params: dict[str, str]) -> str:
+    """Markdown for ``name`` version ``version``; ``info`` is the training run's record (family, label, data)."""
+    described = json.loads((generator_dir / "config.json").read_text())
+    lines = [
+        f"# {name} v{version}",
+        "",
+        f"{info['family']} generator of **{info['label']}** frames, trained on dataset `{info['dataset']}` "
+        f"(training run `{info['run_id']}`, code `{tags.get('code_version', 'unknown')}`).",
+        "",
+        "## Data",
+        f"- prepared dataset: `{info['data']}`",
+        f"- DVC md5: `{tags.get('data_dvc_md5', 'unknown')}`; manifest sha256: `{tags.get('data_manifest_sha256', 'unknown')}`",
+        "- licences:",
+        *[f"  - {line}" for line in _licences(Path(info["data"]), info["label"])],
+        "",
+        "## Training",
+        f"- stopped at epoch {described['epoch']}, step {described['step']}",
+        "- model config: `" + json.dumps(described["config"], sort_keys=True) + "`",
+        "- training config: `" + json.dumps(train_params, sort_keys=True) + "`",
+        "",
+        "## Gates",
+    ]
+    if gate_report is None:
+        lines.append("Not evaluated: this version was registered without a gate report.")
+    else:
+        lines += [f"**{'passed' if gate_report['passed'] else 'failed'}** with extractor `{gate_report['extractor']}`.", "",
+                  "| gate | value | threshold | passed |", "|---|---|---|---|"]
+        for row in gate_report["gates"]:
+            value = "n/a" if row["value"] is None else f"{row['value']:.4g}"
+            lines.append(f"| {row['gate']} | {value} | {row.get('threshold', '')} | {'yes' if row['passed'] else 'no'} |")
+    lines += ["", "## Intended use", INTENDED_USE, "", "## Limitations", LIMITATIONS, ""]
+    return "\n".join(lines)

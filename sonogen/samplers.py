@@ -1,0 +1,90 @@
+"""Samplers of registered generators, resolved from MLflow: ONNX Runtime for exported GAN generators (no torch
+needed), torch otherwise. The server and bulk generation share them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sonogen.export import ONNX_TAG
+from sonogen.sampling import gaussian_latents, to_uint8
+
+
+@dataclass
+class Backend:
+    version: str
+    family: str
+    label: str
+    conditions: frozenset[str]
+    runtime: str
+    # ONNX: latents (B, latent_dim) → uint8 images; torch families sample whole requests instead
+    latent_dim: int | None = None
+    run: Callable[[np.ndarray], np.ndarray] | None = None
+    sample: Callable[[int, int, dict[str, Any]], np.ndarray] | None = None
+
+    def images(self, n: int, seed: int, condition: dict[str, Any] | None = None) -> np.ndarray:
+        """Images ``(n, H, W)`` uint8 for ``seed``, whichever runtime holds the generator."""
+        if self.run is not None:
+            return self.run(gaussian_latents(seed, n, self.latent_dim))
+        return self.sample(n, seed, condition or {})
+
+
+def _onnx_backend(path: str, version: str, family: str, label: str) -> Backend:
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    session = onnxruntime.InferenceSession(path, providers=providers)
+    [latents] = session.get_inputs()
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return to_uint8(session.run(["images"], {"latents": batch})[0])
+
+    return Backend(version, family, label, frozenset({"label"}), f"onnxruntime:{session.get_providers()[0]}",
+                   latent_dim=int(latents.shape[1]), run=run)
+
+
+def _torch_backend(generator, version: str) -> Backend:
+    from sonogen.generators import to_uint8 as tensor_to_uint8
+
+    def sample(n: int, seed: int, condition: dict[str, Any]) -> np.ndarray:
+        return tensor_to_uint8(generator.sample(n, seed, condition))
+
+    return Backend(version, generator.family, generator.config.label, frozenset(generator.conditions),
+                   f"torch:{generator.device}", sample=sample)
+
+
+def load_backend(model_uri: str) -> Backend | None:
+    """The sampler of ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a saved generator folder (local or
+    object-store URI); None while a registry alias or version does not exist yet."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from sonogen.registry import resolve_version
+    from sonogen.tracking import configure_mlflow
+
+    configure_mlflow()
+    if not model_uri.startswith("models:/"):
+        import torch
+
+        from sonogen.generators import load_generator
+
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+        return _torch_backend(load_generator(folder, "cuda" if torch.cuda.is_available() else "cpu"), model_uri)
+    try:
+        name, version = resolve_version(model_uri)
+        tags = mlflow.MlflowClient().get_model_version(name, version).tags
+    except MlflowException:
+        return None
+    if ONNX_TAG in tags:
+        return _onnx_backend(mlflow.artifacts.download_artifacts(tags[ONNX_TAG]), version, tags["family"], tags["label"])
+    import torch
+
+    from sonogen.registry import load_sampler
+
+    generator = load_sampler(f"models:/{name}/{version}", "cuda" if torch.cuda.is_available() else "cpu")
+    return _torch_backend(generator, version)

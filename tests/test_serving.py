@@ -1,0 +1,351 @@
+"""Export, the KServe predictor as a real server on loopback (v1, v2, determinism, batching, every error case,
+auth), the sampling client, and promotion in a temporary MLflow registry picked up by a watching server."""
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from sonogen.cli import app
+from sonogen.data.phantom import generate
+from sonogen.data.prepare import prepare
+from sonogen.export import export_registered
+from sonogen.generators import to_uint8
+from sonogen.jobs import register_trained, train_generator
+from sonogen.registry import load_sampler
+
+NAME = "lus-dcgan-consolidation"
+TOKEN = "s3cret"
+MAX_N, MAX_BATCH = 24, 4
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """Two versions of one tiny generator: v1 passed its gates and is exported to ONNX, v2 was never gated."""
+    root = tmp_path_factory.mktemp("registry")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        generate(root / "raw", patients=6, frames_per_patient=2, seed=0)
+        prepare(root / "raw", root / "lus", size=32, stratify=True)
+        (root / "tiny.yaml").write_text(yaml.safe_dump({
+            "model": {"image_size": 32, "base_channels": 4},
+            "train": {"epochs": 1, "batch_size": 4, "eval_samples": 4},
+        }))
+        train_generator("dcgan", root / "lus", "consolidation", root / "trained", config_path=root / "tiny.yaml",
+                        register=False)
+        assert register_trained(root / "trained")["version"] == "1"
+        assert register_trained(root / "trained")["version"] == "2"
+        # stands for a version that went through `sonogen evaluate` and passed (tests/test_gates.py covers that path)
+        mlflow.MlflowClient().set_model_version_tag(NAME, "1", "gate", "passed")
+        export = export_registered(f"models:/{NAME}/1")
+        yield {"root": root, "uri": os.environ["MLFLOW_TRACKING_URI"], "export": export}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(registry, *args):
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"]}
+    process = subprocess.Popen([sys.executable, "-m", "sonogen.cli", "serve", "--model", NAME, "--port", str(port),
+                                *args], cwd=registry["root"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited: {process.stdout.read()}")
+        try:
+            if requests.get(f"{url}/v2/health/live", timeout=1).status_code == 200:
+                return process, url
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError("server did not start in 60 s")
+
+
+def _stop(process):
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(registry):
+    process, url = _start_server(registry, "--version", "1", "--token", TOKEN, "--max-n", str(MAX_N),
+                                 "--max-batch", str(MAX_BATCH), "--max-body-bytes", "2048")
+    yield url
+    _stop(process)
+
+
+def predict(url, body, token=TOKEN, **kwargs):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(f"{url}/v1/models/{NAME}:predict", data=data, timeout=60,
+                         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}, **kwargs)
+
+
+def decode(encoded: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))))
+
+
+def test_export_matches_torch_and_is_logged_on_the_version(registry):
+    export = registry["export"]
+    assert export["max_abs_diff"] <= 1e-4 and export["bytes"] > 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+        tags = mlflow.MlflowClient().get_model_version(NAME, "1").tags
+        assert tags["onnx_artifact"] == export["artifact"]
+        assert mlflow.artifacts.download_artifacts(export["artifact"]).endswith(".onnx")
+
+
+def test_v1_predict_returns_the_generator_images_with_their_provenance(registry, server):
+    response = predict(server, {"instances": [{"n": 3, "seed": 7, "label": "consolidation"}]})
+    assert response.status_code == 200, response.text
+    [prediction] = response.json()["predictions"]
+    assert {k: prediction[k] for k in ("model_name", "model_version", "seed", "label", "format")} == \
+        {"model_name": NAME, "model_version": "1", "seed": 7, "label": "consolidation", "format": "png"}
+    assert prediction["condition"] == {"label": "consolidation"}
+    images = np.stack([decode(image) for image in prediction["images"]])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+        expected = to_uint8(load_sampler(f"models:/{NAME}/1").sample(3, 7))
+    assert images.shape == (3, 32, 32)
+    # ONNX Runtime vs torch: parity ≤ 1e-4 can still flip a rounding to the next grey level
+    assert np.abs(images.astype(int) - expected).max() <= 1
+
+
+def test_same_seed_gives_identical_bytes_alone_or_batched_with_concurrent_requests(server):
+    alone = {seed: predict(server, {"instances": [{"n": 3, "seed": seed}]}).json() for seed in range(6)}
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(lambda s: predict(server, {"instances": [{"n": 3, "seed": s}]}).json(), range(6)))
+    for seed, response in enumerate(together):
+        assert response["predictions"][0]["images"] == alone[seed]["predictions"][0]["images"]
+    assert alone[0]["predictions"][0]["images"] != alone[1]["predictions"][0]["images"]
+
+
+def test_more_images_than_a_batch_are_split_and_keep_their_order(server):
+    many = predict(server, {"instances": [{"n": MAX_BATCH * 2 + 1, "seed": 3}]}).json()["predictions"][0]["images"]
+    few = predict(server, {"instances": [{"n": 2, "seed": 3}]}).json()["predictions"][0]["images"]
+    assert len(many) == MAX_BATCH * 2 + 1 and many[:2] == few
+
+
+def test_v2_infer_returns_a_uint8_tensor(server):
+    body = {"inputs": [{"name": "n", "shape": [1], "datatype": "INT32", "data": [2]},
+                       {"name": "seed", "shape": [1], "datatype": "INT64", "data": [7]},
+                       {"name": "label", "shape": [1], "datatype": "BYTES", "data": ["consolidation"]}]}
+    response = requests.post(f"{server}/v2/models/{NAME}/infer", json=body, timeout=60,
+                             headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    [output] = result["outputs"]
+    assert (output["name"], output["datatype"], output["shape"]) == ("images", "UINT8", [2, 32, 32])
+    assert result["model_version"] == "1" and result["parameters"]["seed"] == 7
+    v1 = predict(server, {"instances": [{"n": 2, "seed": 7}]}).json()["predictions"][0]["images"]
+    assert np.array_equal(np.array(output["data"], dtype=np.uint8).reshape(2, 32, 32),
+                          np.stack([decode(image) for image in v1]))
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    (b"{not json", "Unrecognized request format"),
+    ({"n": 2}, "instances"),
+    ({"instances": []}, "instances"),
+    ({"instances": [{"n": 0}]}, "instances[0].n"),
+    ({"instances": [{"n": MAX_N + 1}]}, "instances[0].n"),
+    ({"instances": [{"n": 2, "seed": "abc"}]}, "instances[0].seed"),
+    ({"instances": [{"n": 2, "seed": 1.5}]}, "instances[0].seed"),
+    ({"instances": [{"n": 2, "seed": -1}]}, "instances[0].seed"),
+    ({"instances": [{"n": 2, "label": "normal"}]}, "instances[0].label"),
+    ({"instances": [{"n": 2, "condition": {"mask": "x.png"}}]}, "instances[0].condition.mask"),
+    ({"instances": [{"n": 2, "format": "jpeg"}]}, "instances[0].format"),
+    ({"instances": [{"n": 2, "steps": 5}]}, "instances[0].steps"),
+    ({"instances": [{"n": MAX_N}, {"n": 1}]}, "instances: 25 images"),
+    ({"instances": [{"n": 1, "label": "x" * 3000}]}, "request body"),
+])
+def test_bad_requests_are_400_naming_the_field(server, body, field):
+    response = predict(server, body)
+    assert response.status_code == 400, response.text
+    assert field in response.json()["error"]
+
+
+def test_v2_bad_inputs_are_400(server):
+    body = {"inputs": [{"name": "n", "shape": [1], "datatype": "FP32", "data": [2.0]}]}
+    response = requests.post(f"{server}/v2/models/{NAME}/infer", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 400 and "inputs.n" in response.json()["error"]
+
+
+def test_bearer_token_is_required_except_on_health_probes(server):
+    assert predict(server, {"instances": [{"n": 1}]}, token="wrong").status_code == 401
+    assert requests.post(f"{server}/v1/models/{NAME}:predict", json={"instances": [{"n": 1}]}).status_code == 401
+    assert requests.get(f"{server}/v2/health/ready").status_code == 200
+
+
+def test_sample_command_writes_pngs_and_a_manifest(server, tmp_path):
+    out = tmp_path / "samples"
+    result = CliRunner().invoke(app, ["sample", "--url", server, "--model", NAME, "-n", "10", "--seed", "1",
+                                      "--per-request", "4", "--out", str(out)], env={"SONOGEN_SERVE_TOKEN": TOKEN})
+    assert result.exit_code == 0, result.output
+    rows = list(__import__("csv").DictReader((out / "manifest.csv").open()))
+    assert len(rows) == 10 and len(list(out.glob("*.png"))) == 10
+    assert {r["model_version"] for r in rows} == {"1"} and {r["label"] for r in rows} == {"consolidation"}
+    assert len({r["seed"] for r in rows}) == 3 and rows[0]["seed"] == "1"
+    first = predict(server, {"instances": [{"n": 4, "seed": 1}]}).json()["predictions"][0]["images"]
+    assert (out / "00000.png").read_bytes() == base64.b64decode(first[0])
+
+
+def test_promotion_is_gated_audited_picked_up_by_a_watching_server_and_rolled_back(registry):
+    runner = CliRunner()
+    env = {"MLFLOW_TRACKING_URI": registry["uri"]}
+    process, url = _start_server(registry, "--watch", "0.3")
+    try:
+        def served_version():
+            response = predict(url, {"instances": [{"n": 1, "seed": 0}]})
+            return response.status_code, response.json()["predictions"][0]["model_version"] if response.ok else None
+
+        def wait_for(version):
+            deadline = time.time() + 30
+            while served_version() != (200, version):
+                assert time.time() < deadline, f"the server did not pick up version {version}"
+                time.sleep(0.2)
+
+        assert served_version() == (503, None)  # no champion yet
+
+        refused = runner.invoke(app, ["registry", "promote", NAME, "2", "--to", "champion"], env=env)
+        assert refused.exit_code == 1 and "gate 'not evaluated'" in refused.output
+        no_reason = runner.invoke(app, ["registry", "promote", NAME, "2", "--force"], env=env)
+        assert no_reason.exit_code == 1 and "--reason" in no_reason.output
+
+        assert runner.invoke(app, ["registry", "promote", NAME, "1", "--reason", "first gated"], env=env).exit_code == 0
+        wait_for("1")
+        forced = runner.invoke(app, ["registry", "promote", NAME, "2", "--force", "--reason", "clinical review"],
+                               env=env)
+        assert forced.exit_code == 0 and "was version 1" in forced.output
+        wait_for("2")  # v2 has no ONNX export: served by torch
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+            tags = mlflow.MlflowClient().get_model_version(NAME, "2").tags
+        assert (tags["champion.reason"], tags["champion.previous_version"], tags["champion.forced"]) == \
+            ("clinical review", "1", "true")
+        assert tags["champion.by"] and tags["champion.at"].endswith("Z")
+
+        rolled = runner.invoke(app, ["registry", "rollback", NAME], env=env)
+        assert rolled.exit_code == 0 and "version 1 (was version 2)" in rolled.output
+        wait_for("1")
+        again = runner.invoke(app, ["registry", "rollback", NAME], env=env)
+        assert again.exit_code == 1 and "no previous holder" in again.output
+    finally:
+        _stop(process)
+
+
+def test_show_prints_the_model_card(registry):
+    result = CliRunner().invoke(app, ["registry", "show", NAME, "--version", "1"],
+                                env={"MLFLOW_TRACKING_URI": registry["uri"]})
+    assert result.exit_code == 0, result.output
+    for section in (f"# {NAME} v1", "## Data", "DVC md5", "licences", "## Training", "## Gates",
+                    "## Intended use", "## Limitations", "Not for diagnosis"):
+        assert section in result.output
+    assert '"image_size": 32' in result.output
+
+
+def test_serving_a_missing_model_without_watch_is_a_clear_error(registry):
+    result = CliRunner().invoke(app, ["serve", "--model", "no-such-model"], env={"MLFLOW_TRACKING_URI": registry["uri"]})
+    assert result.exit_code == 1 and "models:/no-such-model@champion does not exist" in result.output
+
+
+def _generate(registry, out, n=10, batch=4, seed=3):
+    return CliRunner().invoke(app, ["generate", "--model", f"models:/{NAME}/1", "-n", str(n), "--out", str(out),
+                                    "--seed", str(seed), "--batch", str(batch)],
+                              env={"MLFLOW_TRACKING_URI": registry["uri"]})
+
+
+def test_generate_writes_a_dataset_resumes_and_refuses_other_settings(registry, server, tmp_path):
+    from sonogen.data.manifest import read_manifest
+
+    out = tmp_path / "synthetic"
+    first = _generate(registry, out)
+    assert first.exit_code == 0, first.output
+    records = read_manifest(out)
+    assert [r.image for r in records] == [f"images/{i:07d}.png" for i in range(10)]
+    assert {(r.label, r.split, r.source) for r in records} == {("consolidation", "train", f"{NAME}@v1")}
+    # chunk 0 is the endpoint's draw for the same seed
+    served = predict(server, {"instances": [{"n": 4, "seed": 3}]}).json()["predictions"][0]["images"]
+    assert [(out / r.image).read_bytes() for r in records[:4]] == [base64.b64decode(i) for i in served]
+
+    lost = out / records[5].image
+    original = lost.read_bytes()
+    lost.unlink()
+    again = _generate(registry, out)
+    assert again.exit_code == 0 and "2 of 3 chunks were already there" in again.output
+    assert lost.read_bytes() == original and read_manifest(out) == records
+
+    other = _generate(registry, out, seed=4)
+    assert other.exit_code == 1 and "other settings" in other.output
+
+
+def test_generate_to_s3_resumes_from_what_is_there(registry, tmp_path, monkeypatch):
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            monkeypatch.delenv(var, raising=False)
+        for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+                           "AWS_CONFIG_FILE": str(tmp_path / "none"),
+                           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}.items():
+            monkeypatch.setenv(var, value)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="synthetic-lus")
+        assert _generate(registry, "s3://synthetic-lus/dcgan/v1", n=6).exit_code == 0
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="synthetic-lus")["Contents"]}
+        assert keys == {"dcgan/v1/generate.json", "dcgan/v1/manifest.csv",
+                        *(f"dcgan/v1/images/{i:07d}.png" for i in range(6))}
+        s3.delete_object(Bucket="synthetic-lus", Key="dcgan/v1/images/0000005.png")
+        resumed = _generate(registry, "s3://synthetic-lus/dcgan/v1", n=6)
+        assert resumed.exit_code == 0 and "1 of 2 chunks were already there" in resumed.output
+        assert s3.head_object(Bucket="synthetic-lus", Key="dcgan/v1/images/0000005.png")["ContentLength"] > 0
+    finally:
+        server.stop()
+
+
+def test_export_command_reports_parity(registry):
+    result = CliRunner().invoke(app, ["export", "onnx", f"models:/{NAME}/2"], env={"MLFLOW_TRACKING_URI": registry["uri"]})
+    assert result.exit_code == 0, result.output
+    assert "max |ONNX − torch|" in result.output and f"runs:/" in result.output
+
+
+def test_the_serving_image_path_samples_an_exported_generator_without_torch(registry, server):
+    """The serve image has no torch: resolving the champion's ONNX export and sampling must not need it."""
+    script = (
+        "import sys, json; sys.modules['torch'] = None\n"
+        "import serving.__main__\n"
+        "from sonogen.samplers import load_backend\n"
+        f"backend = load_backend('models:/{NAME}/1')\n"
+        "print(json.dumps({'runtime': backend.runtime, 'images': backend.images(2, 7).tolist()}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": registry["uri"]}, cwd=registry["root"])
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert printed["runtime"] == "onnxruntime:CPUExecutionProvider"
+    served = predict(server, {"instances": [{"n": 2, "seed": 7}]}).json()["predictions"][0]["images"]
+    assert np.array_equal(np.array(printed["images"], dtype=np.uint8), np.stack([decode(i) for i in served]))
