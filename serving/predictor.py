@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import threading
 import uuid
 from typing import Any
@@ -20,15 +19,7 @@ from kserve.errors import InvalidInput
 
 from serving.batching import Batcher
 from serving.requests import SamplingRequest, parse_request, parse_v2_request
-from sonogen.sampling import gaussian_latents
-
-
-def _png(image: np.ndarray) -> str:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image, mode="L").save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+from sonogen.sampling import gaussian_latents, png_bytes
 
 
 class SamplerModel(Model):
@@ -88,5 +79,5 @@ class SamplerModel(Model):
         predictions = []
         for request, images in zip(requests, await asyncio.gather(*(self._sample(r) for r in requests))):
             predictions.append({**self._echo(request), "format": request.format,
-                                "images": [_png(image) for image in images]})
+                                "images": [base64.b64encode(png_bytes(image)).decode() for image in images]})
         return {"predictions": predictions}

@@ -53,12 +53,12 @@ def export_registered(model_uri: str, tolerance: float = PARITY_TOLERANCE) -> di
     Runtime and torch differ by more than ``tolerance``; nothing is logged then."""
     import mlflow
 
-    from sonogen.registry import load_sampler, resolve_version
+    from sonogen.registry import load_sampler, model_version, resolve_version
 
     name, version = resolve_version(model_uri)
+    run_id = model_version(name, version).run_id
     generator = load_sampler(f"models:/{name}/{version}")
     client = mlflow.MlflowClient()
-    run_id = client.get_model_version(name, version).run_id
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}-v{version}.onnx"
         report = export_to_onnx(generator, path)

@@ -9,14 +9,13 @@ with other settings into the same place is refused rather than mixed in. A local
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from sonogen.data.manifest import MANIFEST, Record
-from sonogen.sampling import chunk_seed
+from sonogen.sampling import chunk_seed, png_bytes
 
 PLAN = "generate.json"
 
@@ -56,14 +55,6 @@ class Destination:
         return (self.root / name).read_bytes()
 
 
-def _png(image) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image, mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int = 64,
                      condition: dict[str, Any] | None = None, progress=None) -> dict:
     """Writes ``n`` images of ``model_uri`` to ``out``; returns a summary (written, skipped chunks, manifest)."""
@@ -92,7 +83,7 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
             skipped += 1
             pngs = [destination.read(image_name) for image_name in names]
         else:
-            pngs = [_png(image) for image in backend.images(size, chunk_seed(seed, k), condition)]
+            pngs = [png_bytes(image) for image in backend.images(size, chunk_seed(seed, k), condition)]
             for image_name, data in zip(names, pngs):
                 destination.write(image_name, data)
         for i, (image_name, data) in enumerate(zip(names, pngs)):

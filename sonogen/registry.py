@@ -59,9 +59,26 @@ def load_sampler(model_uri: str, device: str = "cpu"):
     return load_generator(candidates[0].parent, device=device)
 
 
+class NotRegistered(ValueError):
+    """A registered model, version or alias that does not exist (yet)."""
+
+
+def model_version(name: str, version: str):
+    """MLflow's ``ModelVersion`` ``version`` of ``name``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    configure_mlflow()
+    try:
+        return mlflow.MlflowClient().get_model_version(name, str(version))
+    except MlflowException as err:
+        raise NotRegistered(f"{name} has no version {version} in {mlflow.get_tracking_uri()}") from err
+
+
 def resolve_version(model_uri: str) -> tuple[str, str]:
     """``(name, version)`` of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     path = model_uri.removeprefix("models:/")
     if path == model_uri or not path:
@@ -69,7 +86,10 @@ def resolve_version(model_uri: str) -> tuple[str, str]:
     configure_mlflow()
     if "@" in path:
         name, alias = path.split("@", 1)
-        return name, str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+        try:
+            return name, str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+        except MlflowException as err:
+            raise NotRegistered(f"{model_uri} does not exist in {mlflow.get_tracking_uri()}") from err
     name, _, version = path.partition("/")
     if not version.isdigit():
         raise ValueError(f"{model_uri!r}: the version must be a number")
@@ -127,7 +147,7 @@ def model_card(name: str, version: str | None = None, alias: str = CHAMPION) -> 
             if not versions:
                 raise ValueError(f"no registered model {name!r}") from None
             version = str(max(int(v.version) for v in versions))
-    card = client.get_model_version(name, version).description
+    card = model_version(name, version).description
     return card or f"# {name} v{version}\n\nNo model card: this version was registered without one.\n"
 
 
@@ -154,7 +174,7 @@ def promote(name: str, version: str, to: str = CHAMPION, reason: str = "", force
 
     configure_mlflow()
     client = mlflow.MlflowClient()
-    gate = client.get_model_version(name, str(version)).tags.get("gate", "not evaluated")
+    gate = model_version(name, version).tags.get("gate", "not evaluated")
     if gate != "passed" and not force:
         raise ValueError(f"{name} version {version} has gate {gate!r}; promoting it needs --force and a --reason")
     if force and not reason.strip():

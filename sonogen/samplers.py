@@ -62,9 +62,8 @@ def load_backend(model_uri: str) -> Backend | None:
     """The sampler of ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a saved generator folder (local or
     object-store URI); None while a registry alias or version does not exist yet."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    from sonogen.registry import resolve_version
+    from sonogen.registry import NotRegistered, model_version, resolve_version
     from sonogen.tracking import configure_mlflow
 
     configure_mlflow()
@@ -77,12 +76,16 @@ def load_backend(model_uri: str) -> Backend | None:
         return _torch_backend(load_generator(folder, "cuda" if torch.cuda.is_available() else "cpu"), model_uri)
     try:
         name, version = resolve_version(model_uri)
-        tags = mlflow.MlflowClient().get_model_version(name, version).tags
-    except MlflowException:
+        tags = model_version(name, version).tags
+    except NotRegistered:
         return None
     if ONNX_TAG in tags:
         return _onnx_backend(mlflow.artifacts.download_artifacts(tags[ONNX_TAG]), version, tags["family"], tags["label"])
-    import torch
+    try:
+        import torch
+    except ImportError:  # the serving image: ONNX only
+        raise ValueError(f"{name} version {version} has no ONNX export and torch is not installed here; run "
+                         f"`sonogen export onnx models:/{name}/{version}`") from None
 
     from sonogen.registry import load_sampler
 

@@ -1,11 +1,13 @@
-"""Torch-free sampling helpers shared by torch training and the ONNX Runtime server: seeded Gaussian latents
-and the [-1, 1] → uint8 image conversion.
+"""Torch-free sampling helpers shared by torch training and the ONNX Runtime server: seeded Gaussian latents,
+the [-1, 1] → uint8 image conversion and PNG encoding.
 
 Image ``i`` of a seed gets its own stream, ``SeedSequence([seed, i])``, so an image does not depend on how many
 were drawn with it or in which batch, and torch is not needed to reproduce it.
 """
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 
@@ -33,3 +35,12 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     """Images ``(N, 1, H, W)`` float in [-1, 1] as uint8 ``(N, H, W)``."""
     scaled = (np.clip(images[:, 0].astype(np.float32), -1, 1) + np.float32(1)) * np.float32(127.5)
     return np.rint(scaled).astype(np.uint8)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """One uint8 ``(H, W)`` image as PNG; the same pixels always give the same bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()

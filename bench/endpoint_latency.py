@@ -1,0 +1,123 @@
+"""The sampling endpoint against the in-process sampler it wraps: latency p50/p99 and throughput at concurrency
+1, 8 and 32 (each client asks for one image at a time), for the 256 px paper DCGAN exported to ONNX.
+
+    python bench/endpoint_latency.py [--requests 64]
+
+Baselines from the same run: in-process latency of one image (the same ONNX Runtime sampler, no HTTP) and
+in-process throughput at the server's batch size. The server runs as `sonogen serve` in its own process on
+loopback; the clients share the machine with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import requests
+
+NAME = "bench-dcgan-256"
+MAX_BATCH = 16
+
+
+def register_random_generator(root: Path) -> str:
+    import mlflow
+    import torch
+
+    from sonogen.export import export_registered
+    from sonogen.generators.dcgan import DCGAN, DCGANConfig
+    from sonogen.registry import register_generator
+
+    torch.manual_seed(0)
+    folder = DCGAN(DCGANConfig(label="consolidation", image_size=256)).save(root / "generator")
+    run_id = mlflow.MlflowClient().create_run(mlflow.set_experiment("bench-endpoint").experiment_id).info.run_id
+    version = register_generator(run_id, folder, NAME, {"family": "dcgan", "label": "consolidation"})
+    export_registered(f"models:/{NAME}/{version}")
+    return version
+
+
+def percentiles(latencies: list[float]) -> tuple[float, float]:
+    return float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="sonogen-endpoint-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.chdir(root)
+    version = register_random_generator(root)
+
+    from sonogen.samplers import load_backend
+
+    backend = load_backend(f"models:/{NAME}/{version}")
+    backend.images(MAX_BATCH, 0)
+    single = []
+    for seed in range(20):
+        start = time.perf_counter()
+        backend.images(1, seed)
+        single.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    for seed in range(4):
+        backend.images(MAX_BATCH, seed)
+    in_process_rate = 4 * MAX_BATCH / (time.perf_counter() - start)
+    p50_single, _ = percentiles(single)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "sonogen.cli", "serve", "--model", NAME, "--version", version,
+                               "--port", str(port), "--max-batch", str(MAX_BATCH)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1/models/{NAME}:predict"
+    try:
+        for _ in range(600):
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        sessions: dict[int, requests.Session] = {}
+
+        def call(seed: int) -> float:
+            import threading
+
+            session = sessions.setdefault(threading.get_ident(), requests.Session())
+            start = time.perf_counter()
+            response = session.post(url, json={"instances": [{"n": 1, "seed": seed}]}, timeout=120)
+            response.raise_for_status()
+            return time.perf_counter() - start
+
+        call(0)
+        print(f"in-process (ONNX Runtime, {backend.runtime}): one image p50 {p50_single * 1e3:.1f} ms; "
+              f"batch {MAX_BATCH}: {in_process_rate:.2f} images/s")
+        print("| concurrency | requests | p50 ms | p99 ms | images/s | × in-process batch throughput |")
+        print("|---|---|---|---|---|---|")
+        for concurrency in (1, 8, 32):
+            with ThreadPoolExecutor(concurrency) as pool:
+                start = time.perf_counter()
+                latencies = list(pool.map(call, range(1000, 1000 + args.requests)))
+                wall = time.perf_counter() - start
+            p50, p99 = percentiles(latencies)
+            rate = args.requests / wall
+            print(f"| {concurrency} | {args.requests} | {p50 * 1e3:.1f} | {p99 * 1e3:.1f} | {rate:.2f} | "
+                  f"{rate / in_process_rate:.2f} |")
+            if concurrency == 1:
+                overhead = p50 - p50_single
+        print(f"p50 overhead of the endpoint at concurrency 1: {overhead * 1e3:.1f} ms "
+              f"(HTTP, JSON, PNG + base64 of one 256 px image)")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
