@@ -1,7 +1,7 @@
 """The sampling endpoint against the in-process sampler it wraps: latency p50/p99 and throughput at concurrency
-1, 8 and 32 (each client asks for one image at a time), for the 256 px paper DCGAN exported to ONNX.
+1, 8 and 32 (each client asks for one image at a time), for the paper DCGAN (256 px by default) exported to ONNX.
 
-    python bench/endpoint_latency.py [--requests 64]
+    python bench/endpoint_latency.py [--requests 64] [--image-size 256]
 
 Baselines from the same run: in-process latency of one image (the same ONNX Runtime sampler, no HTTP) and
 in-process throughput at the server's batch size. The server runs as `sonogen serve` in its own process on
@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import requests
 
-NAME = "bench-dcgan-256"
+NAME = "bench-dcgan"
 MAX_BATCH = 16
 
 
-def register_random_generator(root: Path) -> str:
+def register_random_generator(root: Path, image_size: int) -> str:
     import mlflow
     import torch
 
@@ -36,7 +36,7 @@ def register_random_generator(root: Path) -> str:
     from sonogen.registry import register_generator
 
     torch.manual_seed(0)
-    folder = DCGAN(DCGANConfig(label="consolidation", image_size=256)).save(root / "generator")
+    folder = DCGAN(DCGANConfig(label="consolidation", image_size=image_size)).save(root / "generator")
     run_id = mlflow.MlflowClient().create_run(mlflow.set_experiment("bench-endpoint").experiment_id).info.run_id
     version = register_generator(run_id, folder, NAME, {"family": "dcgan", "label": "consolidation"})
     export_registered(f"models:/{NAME}/{version}")
@@ -50,11 +50,13 @@ def percentiles(latencies: list[float]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    parser.add_argument("--image-size", type=int, default=256,
+                        help="32 leaves the network almost free, which isolates the endpoint's own overhead")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="sonogen-endpoint-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     os.chdir(root)
-    version = register_random_generator(root)
+    version = register_random_generator(root, args.image_size)
 
     from sonogen.samplers import load_backend
 
@@ -113,7 +115,7 @@ def main() -> None:
             if concurrency == 1:
                 overhead = p50 - p50_single
         print(f"p50 overhead of the endpoint at concurrency 1: {overhead * 1e3:.1f} ms "
-              f"(HTTP, JSON, PNG + base64 of one 256 px image)")
+              f"(HTTP, JSON, PNG + base64 of one {args.image_size} px image)")
     finally:
         server.terminate()
         server.wait(timeout=30)

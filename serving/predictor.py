@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import threading
 import uuid
 from typing import Any
@@ -70,6 +71,11 @@ class SamplerModel(Model):
                                  infer_outputs=[output], model_version=self.version,
                                  parameters={k: v for k, v in self._echo(request).items()
                                              if k in ("model_version", "seed", "label")})
+        if isinstance(payload, (bytes, str)):  # kserve leaves bodies of other content types (curl -d) undecoded
+            try:
+                payload = json.loads(payload)
+            except ValueError as err:
+                raise InvalidInput(f"request body: not JSON ({err})") from err
         if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list) or not payload["instances"]:
             raise InvalidInput('instances: expected {"instances": [{"n": ..., "seed": ..., ...}]}')
         requests = [parse_request(item, self.backend, self.max_n, f"instances[{i}]")
@@ -78,6 +84,7 @@ class SamplerModel(Model):
             raise InvalidInput(f"instances: {sum(r.n for r in requests)} images in one call; at most {self.max_n}")
         predictions = []
         for request, images in zip(requests, await asyncio.gather(*(self._sample(r) for r in requests))):
-            predictions.append({**self._echo(request), "format": request.format,
-                                "images": [base64.b64encode(png_bytes(image)).decode() for image in images]})
+            # encoding off the event loop: zlib releases the GIL, so it overlaps with other requests' sampling
+            encoded = await asyncio.to_thread(lambda: [base64.b64encode(png_bytes(i)).decode() for i in images])
+            predictions.append({**self._echo(request), "format": request.format, "images": encoded})
         return {"predictions": predictions}

@@ -18,7 +18,7 @@ LIMITATIONS = (
     "- Realism and usefulness are measured on the data version and extractor named here; other probes, sites "
     "or devices may differ. Check the gates again before using the images for another population.\n"
     "- The generator may reproduce artefacts and biases of its training data; review samples before use.\n"
-    "- Synthetic images inherit the licence terms of the training data listed below."
+    "- Synthetic images inherit the licence terms of the training data listed under Data."
 )
 
 

@@ -183,6 +183,18 @@ def test_bad_requests_are_400_naming_the_field(server, body, field):
     assert field in response.json()["error"]
 
 
+@pytest.mark.parametrize(("content_type", "body", "status"), [
+    ("application/x-www-form-urlencoded", '{"instances": [{"n": 1, "seed": 2}]}', 200),  # what curl -d sends
+    ("text/plain", "n=1&seed=2", 400),
+])
+def test_bodies_of_other_content_types_are_read_as_json(server, content_type, body, status):
+    response = requests.post(f"{server}/v1/models/{NAME}:predict", data=body, timeout=60,
+                             headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": content_type})
+    assert response.status_code == status, response.text
+    if status == 400:
+        assert "request body: not JSON" in response.json()["error"]
+
+
 def test_v2_bad_inputs_are_400(server):
     body = {"inputs": [{"name": "n", "shape": [1], "datatype": "FP32", "data": [2.0]}]}
     response = requests.post(f"{server}/v2/models/{NAME}/infer", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
