@@ -361,3 +361,13 @@ def test_the_serving_image_path_samples_an_exported_generator_without_torch(regi
     assert printed["runtime"] == "onnxruntime:CPUExecutionProvider"
     served = predict(server, {"instances": [{"n": 2, "seed": 7}]}).json()["predictions"][0]["images"]
     assert np.array_equal(np.array(printed["images"], dtype=np.uint8), np.stack([decode(i) for i in served]))
+
+
+def test_a_saved_generator_folder_is_served_by_torch(registry):
+    from sonogen.generators import load_generator
+    from sonogen.samplers import load_backend
+
+    folder = registry["root"] / "trained" / "generator"
+    backend = load_backend(str(folder))
+    assert (backend.runtime, backend.family, backend.label) == ("torch:cpu", "dcgan", "consolidation")
+    assert np.array_equal(backend.images(3, 11), to_uint8(load_generator(folder).sample(3, 11)))
