@@ -22,6 +22,8 @@ from serving.batching import Batcher
 from serving.requests import SamplingRequest, parse_request, parse_v2_request
 from sonogen.sampling import gaussian_latents, png_bytes
 
+INLINE_ENCODE = 4  # images per request encoded on the event loop itself
+
 
 class SamplerModel(Model):
     def __init__(self, name: str, model_uri: str, max_n: int = 256, max_batch: int = 16):
@@ -84,7 +86,9 @@ class SamplerModel(Model):
             raise InvalidInput(f"instances: {sum(r.n for r in requests)} images in one call; at most {self.max_n}")
         predictions = []
         for request, images in zip(requests, await asyncio.gather(*(self._sample(r) for r in requests))):
-            # encoding off the event loop: zlib releases the GIL, so it overlaps with other requests' sampling
-            encoded = await asyncio.to_thread(lambda: [base64.b64encode(png_bytes(i)).decode() for i in images])
+            encode = lambda: [base64.b64encode(png_bytes(image)).decode() for image in images]  # noqa: E731
+            # a few images are cheaper to encode here than the thread hop; many go off the event loop (zlib
+            # releases the GIL, so they overlap with other requests' sampling)
+            encoded = encode() if len(images) <= INLINE_ENCODE else await asyncio.to_thread(encode)
             predictions.append({**self._echo(request), "format": request.format, "images": encoded})
         return {"predictions": predictions}
