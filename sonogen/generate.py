@@ -24,7 +24,7 @@ class Destination:
     """A local folder or an S3 prefix (boto3: endpoint and credentials from the usual AWS_* settings)."""
 
     def __init__(self, out: str):
-        self.out = out
+        self.s3 = None
         if out.startswith("s3://"):
             import boto3
 
@@ -32,26 +32,28 @@ class Destination:
             self.prefix = prefix.strip("/")
             self.s3 = boto3.client("s3")
             pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
-            self.existing = {o["Key"][len(self.prefix) + 1 if self.prefix else 0:] for p in pages for o in p.get("Contents", [])}
+            self.existing = {o["Key"].removeprefix(self._key("")) for p in pages for o in p.get("Contents", [])}
         else:
             self.root = Path(out)
             self.root.mkdir(parents=True, exist_ok=True)
             self.existing = {str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file()}
 
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
     def write(self, name: str, data: bytes) -> None:
-        if hasattr(self, "s3"):
-            self.s3.put_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}" if self.prefix else name, Body=data)
+        if self.s3 is not None:
+            self.s3.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
         else:
             path = self.root / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.with_suffix(".tmp").write_bytes(data)
-            os.replace(path.with_suffix(".tmp"), path)
+            os.replace(path.with_suffix(".tmp"), path)  # a crash never leaves half a file under the real name
         self.existing.add(name)
 
     def read(self, name: str) -> bytes:
-        if hasattr(self, "s3"):
-            key = f"{self.prefix}/{name}" if self.prefix else name
-            return self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        if self.s3 is not None:
+            return self.s3.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
         return (self.root / name).read_bytes()
 
 
