@@ -371,3 +371,10 @@ def test_a_saved_generator_folder_is_served_by_torch(registry):
     backend = load_backend(str(folder))
     assert (backend.runtime, backend.family, backend.label) == ("torch:cpu", "dcgan", "consolidation")
     assert np.array_equal(backend.images(3, 11), to_uint8(load_generator(folder).sample(3, 11)))
+
+
+def test_the_image_entry_point_refuses_a_model_that_is_not_registered(registry):
+    result = subprocess.run([sys.executable, "-m", "serving", "--model", "no-such-model"], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "MLFLOW_TRACKING_URI": registry["uri"]})
+    assert result.returncode == 1
+    assert "models:/no-such-model@champion does not exist in the registry" in result.stderr
