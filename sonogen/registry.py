@@ -7,8 +7,12 @@ import getpass
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sonogen.tracking import configure_mlflow
+
+if TYPE_CHECKING:  # torch stays out of the serving image, which imports this module
+    from sonogen.generators import Generator
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -45,7 +49,7 @@ def register_generator(
     return version
 
 
-def load_sampler(model_uri: str, device: str = "cpu"):
+def load_sampler(model_uri: str, device: str = "cpu") -> Generator:
     """The generator behind ``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``, or a runs:/ URI)."""
     import mlflow
 
