@@ -10,7 +10,8 @@ import argparse
 import os
 import sys
 
-from serving.app import MAX_BODY_BYTES, RequestLimits, model_uri, served_name, watch_alias
+from serving.app import MAX_BODY_BYTES, RequestLimits, model_uri, watch_alias
+from sonogen.registry import model_name_of
 from serving.predictor import SamplerModel
 
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     import kserve.model_server
 
     uri = model_uri(args.model, args.alias, args.version)
-    model = SamplerModel(served_name(uri), uri, max_n=args.max_n, max_batch=args.max_batch)
+    model = SamplerModel(model_name_of(uri), uri, max_n=args.max_n, max_batch=args.max_batch)
     if not model.load():
         sys.exit(f"{uri} does not exist in the registry at {os.environ.get('MLFLOW_TRACKING_URI', 'the default store')}")
     if args.watch:

@@ -68,13 +68,6 @@ def model_uri(model: str, alias: str = "champion", version: str | None = None) -
     return f"models:/{model}/{version}" if version else f"models:/{model}@{alias}"
 
 
-def served_name(uri: str) -> str:
-    """The name the endpoint routes: the registered model's name, or the folder's."""
-    if uri.startswith("models:/"):
-        return uri.removeprefix("models:/").split("@")[0].split("/")[0]
-    return Path(uri.rstrip("/")).name
-
-
 def watch_alias(model: SamplerModel, every_s: float) -> threading.Thread:
     """Polls the registry and reloads ``model`` when its alias points at another version (or first appears)."""
     from sonogen.registry import resolve_version

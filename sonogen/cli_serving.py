@@ -45,11 +45,12 @@ def serve_command(
                                                 "(0: load once).")] = 0,
 ):
     """Serve a registered generator with KServe's v1 and v2 protocols on this machine."""
-    from serving.app import model_uri, serve_local, served_name, watch_alias
+    from serving.app import model_uri, serve_local, watch_alias
     from serving.predictor import SamplerModel
+    from sonogen.registry import model_name_of
 
     uri = model_uri(model, alias, version)
-    sampler = SamplerModel(served_name(uri), uri, max_n=max_n, max_batch=max_batch)
+    sampler = SamplerModel(model_name_of(uri), uri, max_n=max_n, max_batch=max_batch)
     if not sampler.load():
         if not watch:
             raise ValueError(f"{uri} does not exist in the registry; promote a version first or pass --watch")

@@ -60,6 +60,7 @@ class Destination:
 def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int = 64,
                      condition: dict[str, Any] | None = None, progress=None) -> dict:
     """Writes ``n`` images of ``model_uri`` to ``out``; returns a summary (written, skipped chunks, manifest)."""
+    from sonogen.registry import model_name_of
     from sonogen.samplers import load_backend
 
     if n < 1 or batch < 1:
@@ -67,7 +68,7 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
     backend = load_backend(model_uri)
     if backend is None:
         raise ValueError(f"{model_uri} is not in the registry")
-    name = model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
+    name = model_name_of(model_uri)
     plan = {"model_name": name, "model_version": backend.version, "family": backend.family, "label": backend.label,
             "n": n, "seed": seed, "batch": batch, "condition": condition or {}}
     destination = Destination(out)

@@ -79,6 +79,14 @@ def model_version(name: str, version: str):
         raise NotRegistered(f"{name} has no version {version} in {mlflow.get_tracking_uri()}") from err
 
 
+def model_name_of(model_uri: str) -> str:
+    """The registered name in ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; a folder's (or object
+    prefix's) own name for a saved generator elsewhere."""
+    if model_uri.startswith("models:/"):
+        return model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
+    return Path(model_uri.rstrip("/")).name
+
+
 def resolve_version(model_uri: str) -> tuple[str, str]:
     """``(name, version)`` of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
     import mlflow
@@ -133,24 +141,22 @@ def write_model_card(name: str, version: str, card: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}-v{version}.md"
         path.write_text(card)
-        client.log_artifact(client.get_model_version(name, version).run_id, str(path), "model_card")
+        client.log_artifact(model_version(name, version).run_id, str(path), "model_card")
 
 
 def model_card(name: str, version: str | None = None, alias: str = CHAMPION) -> str:
     """The card of ``version`` (default: the version ``alias`` points at, else the latest)."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     configure_mlflow()
     client = mlflow.MlflowClient()
     if version is None:
-        try:
-            version = str(client.get_model_version_by_alias(name, alias).version)
-        except MlflowException:
-            versions = client.search_model_versions(f"name='{name}'")
-            if not versions:
-                raise ValueError(f"no registered model {name!r}") from None
-            version = str(max(int(v.version) for v in versions))
+        version = _holder(client, name, alias)
+    if version is None:
+        versions = client.search_model_versions(f"name='{name}'")
+        if not versions:
+            raise ValueError(f"no registered model {name!r}")
+        version = str(max(int(v.version) for v in versions))
     card = model_version(name, version).description
     return card or f"# {name} v{version}\n\nNo model card: this version was registered without one.\n"
 
@@ -164,11 +170,13 @@ def _holder(client, name: str, alias: str) -> str | None:
         return None
 
 
-def _who() -> str:
+def _audit() -> dict[str, str]:
+    """Who acts, and when (UTC)."""
     try:
-        return getpass.getuser()
+        who = getpass.getuser()
     except (KeyError, OSError):  # no login name in some containers
-        return "unknown"
+        who = "unknown"
+    return {"by": who, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def promote(name: str, version: str, to: str = CHAMPION, reason: str = "", force: bool = False) -> dict:
@@ -185,7 +193,7 @@ def promote(name: str, version: str, to: str = CHAMPION, reason: str = "", force
         raise ValueError("--force needs a --reason: the audit trail must say why a gate was overridden")
     previous = _holder(client, name, to)
     client.set_registered_model_alias(name, to, str(version))
-    record = {"by": _who(), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": reason,
+    record = {**_audit(), "reason": reason,
               "previous_version": previous or "", "forced": str(bool(force and gate != "passed")).lower()}
     for key, value in record.items():
         client.set_model_version_tag(name, str(version), f"{to}.{key}", value)
@@ -205,7 +213,7 @@ def rollback(name: str, alias: str = CHAMPION) -> dict:
     if not previous:
         raise ValueError(f"{name}@{alias} (version {current}) has no previous holder to return to")
     client.set_registered_model_alias(name, alias, previous)
-    record = {"by": _who(), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "from_version": current}
+    record = {**_audit(), "from_version": current}
     for key, value in record.items():
         client.set_model_version_tag(name, previous, f"{alias}.restored_{key}", value)
     return {"model_name": name, "alias": alias, "version": previous, **record}

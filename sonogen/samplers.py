@@ -68,12 +68,11 @@ def load_backend(model_uri: str) -> Backend | None:
 
     configure_mlflow()
     if not model_uri.startswith("models:/"):
-        import torch
-
         from sonogen.generators import load_generator
+        from sonogen.generators.trainer import resolve_device
 
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-        return _torch_backend(load_generator(folder, "cuda" if torch.cuda.is_available() else "cpu"), model_uri)
+        return _torch_backend(load_generator(folder, resolve_device("auto")), model_uri)
     try:
         name, version = resolve_version(model_uri)
         tags = model_version(name, version).tags
@@ -82,12 +81,12 @@ def load_backend(model_uri: str) -> Backend | None:
     if ONNX_TAG in tags:
         return _onnx_backend(mlflow.artifacts.download_artifacts(tags[ONNX_TAG]), version, tags["family"], tags["label"])
     try:
-        import torch
-    except ImportError:  # the serving image: ONNX only
+        from sonogen.generators.trainer import resolve_device
+    except ImportError:  # the serving image: ONNX only, no torch
         raise ValueError(f"{name} version {version} has no ONNX export and torch is not installed here; run "
                          f"`sonogen export onnx models:/{name}/{version}`") from None
 
     from sonogen.registry import load_sampler
 
-    generator = load_sampler(f"models:/{name}/{version}", "cuda" if torch.cuda.is_available() else "cpu")
+    generator = load_sampler(f"models:/{name}/{version}", resolve_device("auto"))
     return _torch_backend(generator, version)

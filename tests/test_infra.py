@@ -978,14 +978,15 @@ def test_inference_service_runs_the_serve_image_of_this_version():
 
 
 def test_inference_service_args_parse_with_the_serving_parser(monkeypatch, capsys):
-    from serving.app import model_uri, served_name
+    from serving.app import model_uri
+    from sonogen.registry import model_name_of
 
     for isvc in inference_services():
         container = served_container(isvc)
         args = parse_serve_args(container, monkeypatch, capsys)
         name = isvc["metadata"]["name"]
         # The served name (the URL path /v1/models/NAME) is the registered model's, and the object's name.
-        assert args.model == name and served_name(model_uri(args.model, args.alias, args.version)) == name
+        assert args.model == name and model_name_of(model_uri(args.model, args.alias, args.version)) == name
         assert args.alias == "champion" and args.version is None, "serve the champion alias, not a fixed version"
         assert args.watch > 0, "without --watch a promotion is not picked up"
         [port] = container["ports"]
