@@ -1,4 +1,5 @@
-"""Small generated sources for the importers: videos, GIFs, DICOMs, BUSI and POCUS layouts, broken files."""
+"""Shared test fixtures: small generated sources for the importers (videos, GIFs, DICOMs, BUSI and POCUS layouts,
+broken files), and a real S3 API on loopback with a clean AWS environment."""
 
 from __future__ import annotations
 
@@ -119,3 +120,29 @@ def busi_tree(tmp_path: Path, rng) -> Path:
     (root / "benign" / "benign (2).png").write_bytes(truncated[: len(truncated) // 2])
     Image.fromarray(mask((1, 1, 5, 5))).save(root / "benign" / "benign (2)_mask.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> str:
+    """A real S3 API (moto's server) on a free loopback port; its URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch, tmp_path) -> dict[str, str]:
+    """Test credentials in the environment, and nothing of the developer's own AWS set-up (profiles, config
+    files, endpoints) leaking in; the variables set."""
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    values = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+              "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+              "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials")}
+    for var, value in values.items():
+        monkeypatch.setenv(var, value)
+    return values

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -108,33 +107,14 @@ def test_dvc_repro_prepares_trains_evaluates_and_registers_what_passes(project):
         assert im.size == (32, 32)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-def test_push_and_pull_through_s3(project, s3_endpoint):
+def test_push_and_pull_through_s3(project, s3_server, aws_env):
     import boto3
 
-    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    env = _env(**credentials)
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    env = _env()  # the test credentials are in the environment (aws_env)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
     s3.create_bucket(Bucket="sonogen-data")
     dvc("remote", "add", "-d", "s3remote", "s3://sonogen-data/dvc", cwd=project, env=env)
-    dvc("remote", "modify", "s3remote", "endpointurl", s3_endpoint, cwd=project, env=env)
+    dvc("remote", "modify", "s3remote", "endpointurl", s3_server, cwd=project, env=env)
     dvc("repro", "prepare", cwd=project, env=env)
     prepared = project / "data" / "prepared" / "lus"
     before = {r.image: r.sha256 for r in read_manifest(prepared)}

@@ -310,33 +310,20 @@ def test_generate_writes_a_dataset_resumes_and_refuses_other_settings(registry, 
     assert other.exit_code == 1 and "other settings" in other.output
 
 
-def test_generate_to_s3_resumes_from_what_is_there(registry, tmp_path, monkeypatch):
+def test_generate_to_s3_resumes_from_what_is_there(registry, s3_server, aws_env, monkeypatch):
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-            monkeypatch.delenv(var, raising=False)
-        for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-                           "AWS_CONFIG_FILE": str(tmp_path / "none"),
-                           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}.items():
-            monkeypatch.setenv(var, value)
-        s3 = boto3.client("s3")
-        s3.create_bucket(Bucket="synthetic-lus")
-        assert _generate(registry, "s3://synthetic-lus/dcgan/v1", n=6).exit_code == 0
-        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="synthetic-lus")["Contents"]}
-        assert keys == {"dcgan/v1/generate.json", "dcgan/v1/manifest.csv",
-                        *(f"dcgan/v1/images/{i:07d}.png" for i in range(6))}
-        s3.delete_object(Bucket="synthetic-lus", Key="dcgan/v1/images/0000005.png")
-        resumed = _generate(registry, "s3://synthetic-lus/dcgan/v1", n=6)
-        assert resumed.exit_code == 0 and "1 of 2 chunks were already there" in resumed.output
-        assert s3.head_object(Bucket="synthetic-lus", Key="dcgan/v1/images/0000005.png")["ContentLength"] > 0
-    finally:
-        server.stop()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="synthetic-lus")
+    assert _generate(registry, "s3://synthetic-lus/dcgan/v1", n=6).exit_code == 0
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="synthetic-lus")["Contents"]}
+    assert keys == {"dcgan/v1/generate.json", "dcgan/v1/manifest.csv",
+                    *(f"dcgan/v1/images/{i:07d}.png" for i in range(6))}
+    s3.delete_object(Bucket="synthetic-lus", Key="dcgan/v1/images/0000005.png")
+    resumed = _generate(registry, "s3://synthetic-lus/dcgan/v1", n=6)
+    assert resumed.exit_code == 0 and "1 of 2 chunks were already there" in resumed.output
+    assert s3.head_object(Bucket="synthetic-lus", Key="dcgan/v1/images/0000005.png")["ContentLength"] > 0
 
 
 def test_export_command_reports_parity(registry):
