@@ -13,7 +13,7 @@ import json
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -47,6 +47,10 @@ class Generator(ABC):
     config_class: ClassVar[type]
     # the condition keys `sample` accepts, e.g. {"label"}, {"prompt", "mask"}, {"boxes"}
     conditions: ClassVar[frozenset[str]] = frozenset()
+    # families that learn from one or a few chosen images change these, and the training hooks below
+    min_training_images: ClassVar[int] = 2
+    one_model_per_image: ClassVar[bool] = False  # names its models and folders after the training image
+    steps_per_epoch: ClassVar[int | None] = None  # None: an epoch is one pass over the training images
 
     def __init__(self, config):
         if not isinstance(config, self.config_class):
@@ -64,9 +68,33 @@ class Generator(ABC):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The optimisers, created on first use so sampling-only loads need none."""
 
+    def select_training_images(self, image_paths: list[str], patients: list[str]) -> list[int]:
+        """Which of the label's training images (manifest paths, with their patients) to learn from: all."""
+        return list(range(len(image_paths)))
+
+    def begin_training(self, images: torch.Tensor, total_steps: int) -> None:
+        """Called before the first step, and again on resume, with the training images on the device."""
+        size = getattr(self.config, "image_size", None)
+        if size is not None and images.shape[-1] != size:
+            raise ValueError(f"the dataset is {images.shape[-1]} px but the generator is {size} px")
+
+    def training_batches(self, images: torch.Tensor, batch_size: int, steps: int | None,
+                         generator: torch.Generator) -> Iterator[Any]:
+        """One epoch of batches for ``train_step``: a shuffled pass over ``images`` (the last partial batch
+        dropped when there is a full one), or ``steps`` batches drawn with replacement."""
+        if steps is not None:
+            for _ in range(steps):
+                yield images[torch.randint(len(images), (batch_size,), generator=generator)]
+            return
+        order = torch.randperm(len(images), generator=generator)
+        end = len(images) - len(images) % batch_size if len(images) >= batch_size else len(images)
+        for start in range(0, end, batch_size):
+            yield images[order[start : start + batch_size]]
+
     @abstractmethod
-    def train_step(self, images: torch.Tensor) -> dict[str, float]:
-        """One optimisation step on a batch ``(B, 1, H, W)`` in [-1, 1]; returns the losses."""
+    def train_step(self, batch: Any) -> dict[str, float]:
+        """One optimisation step on a batch of ``training_batches`` (by default images ``(B, 1, H, W)`` in
+        [-1, 1]); returns the losses."""
 
     @abstractmethod
     def generate(self, n: int, seed: int, condition: dict[str, Any]) -> torch.Tensor:
@@ -91,6 +119,9 @@ class Generator(ABC):
             raise ValueError(
                 f"{self.family} does not take the condition(s) {unsupported}; it takes {sorted(self.conditions)}"
             )
+        own_label = getattr(self.config, "label", None)
+        if "label" in condition and condition["label"] != own_label:
+            raise ValueError(f"this {self.family} generates {own_label!r} images, not {condition['label']!r}")
         return condition
 
     @torch.no_grad()

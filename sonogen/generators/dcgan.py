@@ -128,12 +128,6 @@ class DCGAN(Generator):
             }
         return self._optimizers
 
-    def check_condition(self, condition: dict[str, Any] | None) -> dict[str, Any]:
-        condition = super().check_condition(condition)
-        if "label" in condition and condition["label"] != self.config.label:
-            raise ValueError(f"this DCGAN generates {self.config.label!r} images, not {condition['label']!r}")
-        return condition
-
     def latents(self, n: int, seed: int) -> torch.Tensor:
         return torch.from_numpy(gaussian_latents(seed, n, self.config.latent_dim))
 

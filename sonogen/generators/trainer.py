@@ -11,11 +11,11 @@ from typing import Protocol
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, TensorDataset
 
 from sonogen.data import UltrasoundDataset
 from sonogen.generators.base import CHECKPOINT, Generator, to_uint8
 from sonogen.metrics import PIXELS_16, kernel_mmd, one_nn_accuracy, pixel_features
+from sonogen.metrics.similarity import nearest_ssim, ssim
 
 GENERATOR_DIR = "generator"
 HISTORY = "history.json"
@@ -27,6 +27,7 @@ EVAL_SEED = 1234  # fixed latents: epoch-to-epoch grids and curves show the same
 class TrainConfig:
     epochs: int = 30
     batch_size: int = 16
+    steps_per_epoch: int | None = None  # None: the family's choice (a pass over the data for dataset families)
     checkpoint_every: int = 1
     eval_every: int = 1
     eval_samples: int = 64
@@ -38,8 +39,8 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.eval_every < 1:
-            raise ValueError("epochs, batch_size, checkpoint_every and eval_every must be at least 1")
+        if min(self.epochs, self.batch_size, self.checkpoint_every, self.eval_every, self.steps_per_epoch or 1) < 1:
+            raise ValueError("epochs, batch_size, steps_per_epoch, checkpoint_every and eval_every must be ≥ 1")
         if self.eval_samples < 2:
             raise ValueError("eval_samples must be at least 2")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -70,18 +71,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def quality(generator: Generator, real_features: torch.Tensor, n: int) -> tuple[dict[str, float], torch.Tensor]:
-    """kMMD and 1-NN accuracy of ``n`` fixed-seed samples against real features, and the samples."""
+FEW_IMAGES = 8  # up to this many training images, samples are also compared with each image (SSIM)
+
+
+def quality(generator: Generator, real: torch.Tensor, n: int) -> tuple[dict[str, float], torch.Tensor]:
+    """``n`` fixed-seed samples and how they compare with the real images: kMMD and 1-NN accuracy (pixels-16)
+    when there are two or more; for a few, the SSIM of each sample to its closest real image (a copy scores 1)
+    and between samples (a collapsed generator scores near 1)."""
     samples = generator.sample(n, seed=EVAL_SEED)
-    fake = pixel_features(samples)
-    mmd, nn_acc = kernel_mmd(real_features, fake), one_nn_accuracy(real_features, fake)
-    return {
-        "kmmd": mmd["biased"],
-        "kmmd_unbiased": mmd["unbiased"],
-        "one_nn_acc": nn_acc["overall"],
-        "one_nn_acc_real": nn_acc["real"],
-        "one_nn_acc_synthetic": nn_acc["synthetic"],
-    }, samples
+    metrics = {}
+    if len(real) >= 2:
+        real_features, fake = pixel_features(real), pixel_features(samples)
+        mmd, nn_acc = kernel_mmd(real_features, fake), one_nn_accuracy(real_features, fake)
+        metrics.update(kmmd=mmd["biased"], kmmd_unbiased=mmd["unbiased"], one_nn_acc=nn_acc["overall"],
+                       one_nn_acc_real=nn_acc["real"], one_nn_acc_synthetic=nn_acc["synthetic"])
+    if len(real) <= FEW_IMAGES:
+        metrics["ssim_to_train"] = float(nearest_ssim(samples, real).mean())
+        metrics["ssim_between_samples"] = float(ssim(samples, samples.roll(1, dims=0)).mean())
+    return metrics, samples
 
 
 def train(
@@ -94,27 +101,37 @@ def train(
     resume: bool = False,
     progress=None,
 ) -> dict:
-    """Trains on the ``train`` split images of ``label``; writes ``out/generator``, checkpoints and history.
+    """Trains on the ``train`` split images of ``label`` (those the family selects); writes ``out/generator``,
+    checkpoints and history.
 
-    Per epoch it logs the losses, a sample grid of fixed latents and kMMD / 1-NN accuracy against the real
-    training images (extractor ``pixels-16``). ``resume`` continues from ``out/checkpoint.safetensors``.
+    Per epoch it logs the losses, a sample grid of fixed latents and ``quality`` against the real training
+    images. ``resume`` continues from ``out/checkpoint.safetensors``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    images = UltrasoundDataset(data, split="train", labels=[label]).images()
-    if len(images) < 2:
-        raise ValueError(f"{data} has {len(images)} training image(s) of label {label!r}; at least 2 are needed")
-    if images.shape[-1] != getattr(generator.config, "image_size", images.shape[-1]):
-        raise ValueError(f"the dataset is {images.shape[-1]} px but the generator is {generator.config.image_size} px")
+    dataset = UltrasoundDataset(data, split="train", labels=[label])
+    chosen = generator.select_training_images([r.image for r in dataset.records],
+                                              [r.patient_id for r in dataset.records])
+    if len(chosen) < generator.min_training_images:
+        raise ValueError(f"{data} has {len(chosen)} training image(s) of label {label!r} for {generator.family}; "
+                         f"at least {generator.min_training_images} are needed")
+    images = torch.stack([dataset[k]["image"] for k in chosen])
     device = resolve_device(config.device)
     generator.to(device)
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     if device.type == "cuda" and config.channels_last:
         for module in generator.networks().values():
             module.to(memory_format=torch.channels_last)
-    step_fn = torch.compile(generator.train_step) if config.compile else generator.train_step
-    real_features = pixel_features(images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-                                          [: config.eval_samples]])
+    if config.compile:
+        for module in generator.networks().values():
+            module.compile()  # in place: the state dict keeps its keys
+    real = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: config.eval_samples]]
+    loader_images = images.to(device)
+    if device.type == "cuda" and config.channels_last:
+        loader_images = loader_images.contiguous(memory_format=torch.channels_last)
+    steps = config.steps_per_epoch or generator.steps_per_epoch
+    batches_per_epoch = steps or max(1, len(images) // config.batch_size)
+    generator.begin_training(loader_images, batches_per_epoch * config.epochs)
 
     history_path, checkpoint = out / HISTORY, out / CHECKPOINT
     history: list[dict] = []
@@ -123,27 +140,19 @@ def train(
         history = [h for h in json.loads(history_path.read_text()) if h["epoch"] <= generator.epoch]
     elif resume:
         raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
-    loader_images = images.to(device)
-    if device.type == "cuda" and config.channels_last:
-        loader_images = loader_images.contiguous(memory_format=torch.channels_last)
 
     epochs = range(generator.epoch, config.epochs)
     for epoch in progress(epochs) if progress else epochs:
         # seeded per epoch so a resumed run draws the same batches and noise as an uninterrupted one
         torch.manual_seed(config.seed * 100_003 + epoch)
-        order = DataLoader(
-            TensorDataset(loader_images),
-            batch_size=config.batch_size,
-            shuffle=True,
-            drop_last=len(images) >= config.batch_size,
-            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
-        )
+        order = generator.training_batches(loader_images, config.batch_size, steps,
+                                           torch.Generator().manual_seed(config.seed * 100_003 + epoch))
         sums: dict[str, float] = {}
         batches = 0
-        for (batch,) in order:
+        for batch in order:
             autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
             with autocast:
-                losses = step_fn(batch)
+                losses = generator.train_step(batch)
             batches += 1
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -152,7 +161,7 @@ def train(
         generator.epoch = epoch + 1
         record = {"epoch": generator.epoch, "step": generator.step, **{k: v / batches for k, v in sums.items()}}
         if generator.epoch % config.eval_every == 0 or generator.epoch == config.epochs:
-            metrics, samples = quality(generator, real_features, config.eval_samples)
+            metrics, samples = quality(generator, real, config.eval_samples)
             record.update(metrics)
             grid = image_grid(samples[:32])
             Image.fromarray(grid).save(out / SAMPLES)

@@ -23,6 +23,15 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return structural_similarity_index_measure(a.float(), b.float(), data_range=2.0, reduction="none")
 
 
+def nearest_ssim(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """For each image, its SSIM with the most similar of ``references`` (resized to the image's size when a
+    retargeted sample differs), shape ``(N,)``."""
+    if references.shape[-2:] != images.shape[-2:]:
+        references = torch.nn.functional.interpolate(references.float(), size=images.shape[-2:], mode="bilinear",
+                                                     align_corners=False)
+    return torch.stack([ssim(images, reference.expand_as(images)) for reference in references]).amax(dim=0)
+
+
 def ms_ssim_scales(size: int) -> int:
     """How many of the five scales an image side allows: every scale must stay wider than the window."""
     scales = 1
