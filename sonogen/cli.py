@@ -205,16 +205,23 @@ def train_command(
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default <dataset>-<family>).")] = None,
     register: Annotated[bool, typer.Option(help="Register the trained model with alias 'candidate'.")] = True,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the output folder.")] = False,
+    image: Annotated[list[str] | None, typer.Option(
+        help="sinddm/fewddm: a training image to learn (manifest path or file stem); repeatable for fewddm.")]
+    = None,
+    max_images: Annotated[int | None, typer.Option(
+        min=1, help="fewddm: how many training images to draw (from different patients) when none is named.")]
+    = None,
 ):
     """Train a generator on one label of a prepared dataset, tracked in MLflow."""
-    from sonogen.jobs import train_generator
+    from sonogen.jobs import generator_name, train_generator
 
-    out = out or Path("models") / f"{family}-{label}"
+    overrides = {k: v for k, v in {"images": tuple(image or ()), "max_images": max_images}.items() if v}
+    out = out or Path("models") / generator_name(family, label, overrides.get("images", ()))
     info = train_generator(family, data, label, out, config, dataset, experiment, register, resume,
-                           progress=_progress(f"training {family} on {label}"))
+                           progress=_progress(f"training {family} on {label}"), model_overrides=overrides)
     final = info.get("final", {})
-    console.print(f"trained {family} on {label}: epoch {final.get('epoch')}, step {final.get('step')}, "
-                  f"kMMD {final.get('kmmd', float('nan')):.4f}, 1-NN acc {final.get('one_nn_acc', float('nan')):.3f}")
+    scores = ", ".join(f"{key} {final[key]:.4g}" for key in ("kmmd", "one_nn_acc", "ssim_to_train") if key in final)
+    console.print(f"trained {family} on {label}: epoch {final.get('epoch')}, step {final.get('step')}, {scores}")
     console.print(f"saved {out / 'generator'}, last sample grid {out / 'samples.png'}; "
                   f"MLflow run {info['run_id']} in {info['tracking_uri']}")
     if "version" in info:

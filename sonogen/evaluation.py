@@ -103,12 +103,19 @@ def evaluate_generator(
     holdout, _, _ = split_images(data, "test", [label])
     if len(train) < 2:
         raise ValueError(f"{data} has {len(train)} training image(s) of {label!r}: nothing to compare with")
+    # single- and few-image families name the images they learned from
+    learned = set(getattr(generator.config, "images", ()))
+    train_records = UltrasoundDataset(data, split="train").records
+    sources_mask = torch.tensor([r.image in learned for r in train_records]) if learned else None
+    sources = train[torch.tensor([r.image in learned for r in train_records if r.label == label])] \
+        if learned else None
     sample = sampler(generator)
-    synthetic = sample(min(config.samples, len(train)), config.seed)
-    metrics, reasons, details = evaluate_images(synthetic, train, holdout, extractor, config)
+    synthetic = sample(config.few_image_samples if learned else min(config.samples, len(train)), config.seed)
+    metrics, reasons, details = evaluate_images(synthetic, train, holdout, extractor, config, sources)
     more, more_reasons, more_details = label_metrics(
         sample, synthetic, label, lambda split: split_images(data, split), extractor.classifier,
-        sampler(negative) if negative else None, config)
+        sampler(negative) if negative else None, config, generator.family, sources_mask,
+        config.few_image_samples if learned else None)
     metrics.update(more)
     reasons.update(more_reasons)
     details.update(more_details)
@@ -172,6 +179,8 @@ def record_in_mlflow(report: dict, report_dir: str | Path, run_id: str | None,
     configure_mlflow()
     numbers = {f"gate.{k}": float(v) for k, v in report["metrics"].items() if v is not None and np.isfinite(v)}
     if run_id:
+        # the run's own experiment: training the us-encoder in this process may have set another one
+        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
         with mlflow.start_run(run_id=run_id):
             mlflow.log_metrics(numbers)
             mlflow.log_artifacts(str(report_dir), "gate_report")

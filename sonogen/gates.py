@@ -19,7 +19,7 @@ from sonogen.metrics.downstream import DownstreamConfig, downstream_usefulness
 from sonogen.metrics.features import Extractor
 from sonogen.metrics.frechet import fid, sifid
 from sonogen.metrics.memorisation import memorisation
-from sonogen.metrics.similarity import mean_pairwise_ms_ssim
+from sonogen.metrics.similarity import mean_pairwise_ms_ssim, nearest_ssim
 
 # gate name → (metric, direction): "max" passes when value ≤ threshold, "min" when value ≥ threshold
 GATES: dict[str, tuple[str, str]] = {
@@ -28,6 +28,8 @@ GATES: dict[str, tuple[str, str]] = {
     "min_1nn_acc": ("one_nn_acc", "min"),
     "max_fid": ("fid", "max"),
     "max_sifid": ("sifid", "max"),
+    "min_ssim_to_train": ("ssim_to_train", "min"),
+    "max_ssim_to_train": ("ssim_to_train", "max"),
     "min_confidence": ("confidence", "min"),
     "max_near_copy_fraction": ("near_copy_fraction", "max"),
     "max_pixel_near_copy_fraction": ("pixel_near_copy_fraction", "max"),
@@ -44,14 +46,15 @@ class EvaluateConfig:
     samples: int = 256  # at most this many synthetic and real images per comparison
     seed: int = 0
     near_copy_ratio: float = 0.5  # distance ratio to the real-to-train baseline under which a sample is a copy
-    sifid_max_train_images: int = 8  # SIFID is for single- and few-image generators
+    sifid_max_train_images: int = 8  # SIFID and SSIM to the source images are for single- and few-image generators
+    few_image_samples: int = 32  # samples of a single- or few-image generator, as in the papers (32 per model)
     downstream: DownstreamConfig | None = field(default_factory=DownstreamConfig)
 
     def __post_init__(self):
         if isinstance(self.downstream, dict):
             self.downstream = DownstreamConfig(**self.downstream)
-        if self.samples < 2 or not 0 < self.near_copy_ratio < 1:
-            raise ValueError("samples must be ≥ 2 and near_copy_ratio in (0, 1)")
+        if self.samples < 2 or self.few_image_samples < 2 or not 0 < self.near_copy_ratio < 1:
+            raise ValueError("samples and few_image_samples must be ≥ 2 and near_copy_ratio in (0, 1)")
 
 
 def check_gates(gates: dict[str, Any]) -> dict[str, Any]:
@@ -110,29 +113,38 @@ def evaluate_images(
     holdout: torch.Tensor | None,
     extractor: Extractor,
     config: EvaluateConfig,
+    sources: torch.Tensor | None = None,
 ) -> tuple[dict[str, float], dict[str, str], dict]:
-    """The label-free metrics of ``synthetic`` against the real ``train`` images it was learned from.
+    """The label-free metrics of ``synthetic`` against the real ``train`` images of its label.
 
     ``holdout`` (real images never trained on) gives the real baseline: the same realism metrics between
     holdout and train, and the real-to-train nearest-neighbour distance memorisation is measured against.
+    ``sources`` are the images a single- or few-image generator learned from (default: ``train``): each sample
+    is compared with its closest source by SIFID and SSIM.
     Returns the metrics, the reasons for metrics not measured, and the details (baseline, memorisation).
     """
+    sources = train if sources is None else sources
     train_subset = _subset(train, config.samples, config.seed)
     metrics = realism(train_subset, synthetic, extractor)
     reasons: dict[str, str] = {}
     details: dict[str, Any] = {}
     if holdout is not None and len(holdout) >= 2:
         details["real_baseline"] = realism(train_subset, _subset(holdout, config.samples, config.seed), extractor)
-    if len(train) <= config.sifid_max_train_images and extractor.feature_map is not None:
-        # each synthetic image against the training image nearest to it in feature space
-        nearest = torch.cdist(extractor(synthetic).double(), extractor(train).double()).argmin(dim=1)
+    few = f"computed for single- and few-image generators (≤ {config.sifid_max_train_images} training " \
+          f"images); this one has {len(sources)}"
+    if len(sources) <= config.sifid_max_train_images:
+        metrics["ssim_to_train"] = float(nearest_ssim(synthetic, sources).mean())
+    else:
+        reasons["ssim_to_train"] = few
+    if len(sources) <= config.sifid_max_train_images and extractor.feature_map is not None:
+        # each synthetic image against the source image nearest to it in feature space
+        nearest = torch.cdist(extractor(synthetic).double(), extractor(sources).double()).argmin(dim=1)
         with torch.no_grad():
-            maps_fake, maps_real = extractor.feature_map(synthetic.float()), extractor.feature_map(train.float())
+            maps_fake, maps_real = extractor.feature_map(synthetic.float()), extractor.feature_map(sources.float())
         metrics["sifid"] = sum(sifid(maps_real[j], maps_fake[i]) for i, j in enumerate(nearest.tolist())) / len(
             synthetic)
     else:
-        reasons["sifid"] = f"computed for single- and few-image generators (≤ {config.sifid_max_train_images} " \
-                           f"training images); this one has {len(train)}"
+        reasons["sifid"] = few if extractor.feature_map is not None else f"{extractor.name} has no feature map"
     held = extractor(holdout) if holdout is not None and len(holdout) else None
     in_features = memorisation(extractor(train), extractor(synthetic), held, config.near_copy_ratio)
     in_pixels = memorisation(train.flatten(1), synthetic.flatten(1),
@@ -149,6 +161,20 @@ def evaluate_images(
     return metrics, reasons, details
 
 
+def keep_positives(is_positive: torch.Tensor, fraction: float, required: torch.Tensor | None,
+                   seed: int) -> torch.Tensor:
+    """A mask keeping every negative and ``fraction`` of the positives (at least one), ``required`` ones first,
+    the rest drawn with ``seed``: the paper's minority-class setting for single- and few-image generators."""
+    positives = torch.nonzero(is_positive).flatten()
+    wanted = max(1, round(fraction * len(positives)))
+    required = torch.zeros_like(is_positive) if required is None else required.bool() & is_positive
+    order = positives[torch.randperm(len(positives), generator=torch.Generator().manual_seed(seed))]
+    ranked = torch.cat([order[required[order]], order[~required[order]]])
+    keep = ~is_positive
+    keep[ranked[: max(wanted, int(required.sum()))]] = True
+    return keep
+
+
 def label_metrics(
     sample: Sampler,
     synthetic: torch.Tensor,
@@ -157,10 +183,16 @@ def label_metrics(
     classifier,
     negative_sample: Sampler | None,
     config: EvaluateConfig,
+    family: str = "",
+    sources: torch.Tensor | None = None,
+    n_synthetic: int | None = None,
 ) -> tuple[dict[str, float], dict[str, str], dict]:
     """Confidence of the real-data classifier on ``synthetic`` and downstream usefulness of ``sample``.
 
-    ``split_images(split)`` gives a split's images, labels and patient ids."""
+    ``split_images(split)`` gives a split's images, labels and patient ids. Where the downstream config cuts
+    the real positives of ``family`` to a fraction (the few-image setting), the ``sources`` mask of training
+    images the generator learned from stays in the kept part. ``n_synthetic`` synthetic positives are added
+    (default: ``synthetic_per_real`` per real positive before any cut)."""
     metrics: dict[str, float] = {}
     reasons: dict[str, str] = {}
     details: dict[str, Any] = {}
@@ -177,7 +209,12 @@ def label_metrics(
     train, train_labels, _ = split_images("train")
     test, test_labels, test_patients = split_images("test")
     is_positive = torch.tensor([name == label for name in train_labels])
-    n_synthetic = max(1, round(int(is_positive.sum()) * config.downstream.synthetic_per_real))
+    n_synthetic = n_synthetic or max(1, round(int(is_positive.sum()) * config.downstream.synthetic_per_real))
+    fraction = config.downstream.real_positive_fraction.get(family, 1.0)
+    if fraction < 1:
+        keep = keep_positives(is_positive, fraction, sources, config.seed)
+        train, is_positive = train[keep], is_positive[keep]
+        details["downstream_real_positive_fraction"] = fraction
     try:
         result = downstream_usefulness(
             train, is_positive, test, torch.tensor([name == label for name in test_labels]), test_patients,

@@ -23,9 +23,11 @@ from sonogen.tracking import MlflowTracker, configure_mlflow, dataset_identity, 
 RUN_INFO = "run.json"
 
 
-def load_family_config(path: str | Path | None, family: str, label: str) -> tuple[Any, TrainConfig]:
+def load_family_config(path: str | Path | None, family: str, label: str,
+                       model_overrides: dict[str, Any] | None = None) -> tuple[Any, TrainConfig]:
     """Model and training configs from a YAML file: either ``train: {<family>: {model, train}}`` (params.yaml)
-    or top-level ``model`` and ``train`` sections. Without a file, the family's defaults."""
+    or top-level ``model`` and ``train`` sections. Without a file, the family's defaults. ``model_overrides``
+    (command-line choices such as the training image) win over the file."""
     sections: dict[str, Any] = {}
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
@@ -35,7 +37,8 @@ def load_family_config(path: str | Path | None, family: str, label: str) -> tupl
         if unknown:
             raise ValueError(f"{path}: unexpected sections {unknown} for {family}; expected 'model' and 'train'")
     family_class = get_generator(family)
-    model = config_from_dict(family_class.config_class, {**(sections.get("model") or {}), "label": label})
+    model = config_from_dict(family_class.config_class,
+                             {**(sections.get("model") or {}), **(model_overrides or {}), "label": label})
     return model, config_from_dict(TrainConfig, sections.get("train") or {})
 
 
@@ -54,12 +57,13 @@ def train_generator(
     register: bool = True,
     resume: bool = False,
     progress=None,
+    model_overrides: dict[str, Any] | None = None,
 ) -> dict:
     """Trains one generator for one label with MLflow tracking; registers it unless ``register`` is False."""
     import mlflow
 
     data, out = Path(data), Path(out)
-    model_config, train_config = load_family_config(config_path, family, label)
+    model_config, train_config = load_family_config(config_path, family, label, model_overrides)
     dataset = dataset or data.name
     tracking_uri = configure_mlflow()
     info_path = out / RUN_INFO
@@ -80,6 +84,9 @@ def train_generator(
         summary = train(generator, data, label, train_config, out, MlflowTracker(), resume=resume, progress=progress)
         mlflow.log_artifact(str(out / "history.json"))
         info["final"] = summary["final"]
+        info["name"] = generator_name(family, label, getattr(generator.config, "images", ()))
+        if getattr(generator.config, "images", ()):
+            info["images"] = list(generator.config.images)
         info["feature_extractor"] = summary["feature_extractor"]
         info_path.write_text(json.dumps(info, indent=2) + "\n")
     if register:
@@ -133,12 +140,20 @@ def prepare_dataset(raw: str, out: str | Path, phantom: dict | None = None, prep
     return {**report, "manifest_sha256": file_sha256(Path(out) / MANIFEST)}
 
 
+def generator_name(family: str, label: str, images: tuple[str, ...] | list[str] = ()) -> str:
+    """``<family>-<label>``, plus the image id for families with one model per image: the default training
+    folder and the name of the gate report folder."""
+    if get_generator(family).one_model_per_image and images:
+        return f"{family}-{label}-{Path(images[0]).stem}"
+    return f"{family}-{label}"
+
+
 def trained_name(folder: str | Path) -> str:
-    """``<family>-<label>`` of a trained folder: the name of its gate report folder."""
+    """The ``generator_name`` of a trained folder."""
     if not (Path(folder) / RUN_INFO).is_file():
         raise FileNotFoundError(f"{Path(folder) / RUN_INFO} not found: train a generator into {folder} first")
     info = json.loads((Path(folder) / RUN_INFO).read_text())
-    return f"{info['family']}-{info['label']}"
+    return info.get("name") or generator_name(info["family"], info["label"])
 
 
 def _target(spec: str) -> dict:
@@ -212,6 +227,7 @@ def register_trained(out: str | Path, alias: str | None = "candidate", gate_repo
         "data_manifest_sha256": run.data.params.get("data_manifest_sha256", "unknown"),
         "code_version": run.data.tags.get("code_version", "unknown"),
         "feature_extractor": info.get("feature_extractor", ""),
+        **({"training_images": ",".join(info["images"])} if info.get("images") else {}),
         **{f"metric.{k}": f"{v:.6g}" if isinstance(v, float) else v for k, v in final.items()},
     }
     name = model_name(info["dataset"], info["family"], info["label"])

@@ -13,7 +13,7 @@ as in the "AUC with vs without synthetic data" comparisons of Yu et al. and Basa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,8 +31,13 @@ class DownstreamConfig:
     epochs: int = 25
     bootstrap: int = 1000
     synthetic_per_real: float = 1.0  # synthetic positives per real training positive
+    # per family, the share of real training positives kept (the rest replaced by synthetic ones): Zhang et al.
+    # cut the minority class to 25 % to measure what SinDDM / FewDDM images add
+    real_positive_fraction: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
+        if not all(0 < v <= 1 for v in self.real_positive_fraction.values()):
+            raise ValueError(f"real_positive_fraction values must be in (0, 1], got {self.real_positive_fraction}")
         if self.seeds < 3:
             raise ValueError(f"downstream usefulness needs at least 3 replicate seeds, got {self.seeds}")
         if self.epochs < 1 or self.bootstrap < 100 or self.synthetic_per_real <= 0:

@@ -1,0 +1,347 @@
+"""SinDDM and FewDDM: multi-scale diffusion learned from one image (Kulikov et al., ICML 2023) or a few
+(FewDDM, Zhang et al., ML4H 2023), single-channel.
+
+A pyramid of the training image runs from a coarsest scale of about 3,100 px (short side 42–55 px) up to the
+image limited to ~50k px, with a scale factor of about 1.411 refitted so the sides divide evenly. One fully
+convolutional denoiser (no down-sampling, receptive field ~35 px, so it learns local structure and can sample any
+size) serves every scale, told the step and the scale through a joint embedding. The schedule, blur included,
+lives in ``MultiScaleScheduler``. FewDDM is the same model fed one randomly chosen image of its set per batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sonogen.generators.base import Generator
+from sonogen.generators.multiscale_scheduler import MultiScaleScheduler
+from sonogen.generators.registry import register_family
+
+MAX_RETARGET = 2.0  # a requested size may reach twice the training size per side (bounds a request's memory)
+
+
+@dataclass
+class MultiScaleDDMConfig:
+    label: str
+    # ids (manifest image path or file stem) of the training images; fewddm picks `max_images` when empty
+    images: tuple[str, ...] = ()
+    max_images: int = 1
+    # measured on the training images when training starts, then saved with the weights
+    image_shape: tuple[int, int] | None = None  # (H, W) of the finest scale
+    blur_gaps: tuple[float, ...] = ()  # per scale ≥ 1, see MultiScaleScheduler
+    max_area: int = 50_000
+    coarsest_area: int = 3110
+    coarsest_side: tuple[int, int] = (42, 55)
+    scale_factor: float = 1.411
+    timesteps: int = 100
+    channels: int = 160
+    lr: float = 1e-3
+    # the reference halves the rate at 20/40/70/80/90/110 k of 120 k steps; shorter runs keep the proportions
+    lr_milestones: tuple[float, ...] = (1 / 6, 1 / 3, 7 / 12, 2 / 3, 3 / 4, 11 / 12)
+    ema_decay: float = 0.995
+    ema_start: float = 1 / 60  # share of the run during which the EMA just copies the weights (2 k of 120 k)
+    gamma_clamp: float = 0.55
+    # multiplies δ_s (the reference's `loss_factor`), so finer scales start noisier and re-create more detail.
+    # At 1 the finer scales of an ultrasound still start almost clean (T_s = 1) and samples stay blurry; 20
+    # gives the step counts the reference reaches (T_s ≈ 22–33 of 100, its gap being a larger quantity)
+    # and samples with speckle and local variation (bench/RESULTS.md)
+    blur_gap_factor: float = 20.0
+
+    def __post_init__(self):
+        self.images, self.coarsest_side = tuple(self.images), tuple(self.coarsest_side)
+        self.lr_milestones, self.blur_gaps = tuple(self.lr_milestones), tuple(self.blur_gaps)
+        self.image_shape = tuple(self.image_shape) if self.image_shape else None
+        if self.max_images < 1 or len(self.images) > self.max_images:
+            raise ValueError(f"max_images must be ≥ 1 and ≥ the {len(self.images)} images named")
+        low, high = self.coarsest_side
+        if not 1 <= low <= high or self.coarsest_area < 1 or self.max_area < self.coarsest_area:
+            raise ValueError("need 1 ≤ coarsest_side[0] ≤ coarsest_side[1] and coarsest_area ≤ max_area")
+        if self.scale_factor <= 1 or self.timesteps < 2 or self.channels < 2 or self.channels % 2:
+            raise ValueError("scale_factor must be > 1, timesteps ≥ 2, channels even and ≥ 2")
+        if self.blur_gap_factor <= 0:
+            raise ValueError(f"blur_gap_factor must be positive, got {self.blur_gap_factor}")
+        if self.image_shape and len(scale_sizes(*self.image_shape, self)) != len(self.blur_gaps) + 1:
+            raise ValueError(f"blur_gaps {list(self.blur_gaps)} do not fit the pyramid of {self.image_shape}")
+
+
+def scale_sizes(height: int, width: int, config: MultiScaleDDMConfig) -> list[tuple[int, int]]:
+    """The pyramid's ``(H, W)`` per scale, coarsest first, for an image of ``height × width``."""
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}×{width}")
+    if height * width > config.max_area:
+        shrink = math.sqrt(height * width / config.max_area)
+        height, width = int(height / shrink), int(width / shrink)
+    short, long = min(height, width), max(height, width)
+    coarse_short = min(max(round(math.sqrt(config.coarsest_area * short / long)), config.coarsest_side[0]),
+                       config.coarsest_side[1])
+    n_scales = max(1, round(math.log(short / coarse_short) / math.log(config.scale_factor)) + 1) \
+        if short > coarse_short else 1
+    if n_scales == 1:
+        return [(height, width)]
+    factor = math.exp(math.log(short / coarse_short) / (n_scales - 1))
+    return [(round(height / factor ** (n_scales - 1 - k)), round(width / factor ** (n_scales - 1 - k)))
+            for k in range(n_scales)]
+
+
+def build_pyramid(image: torch.Tensor, sizes: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``(clean, blurred)`` per scale of one ``(1, H, W)`` image: ``clean`` resized with an antialiased bicubic
+    filter, ``blurred`` the bilinear upsample of the clean scale below (None at scale 0)."""
+    cleans = [F.interpolate(image[None].double(), size=size, mode="bicubic", antialias=True, align_corners=False)
+              .clamp(-1, 1).float()[0] for size in sizes]
+    return [(clean, None if k == 0 else upsample(cleans[k - 1][None], sizes[k])[0]) for k, clean in enumerate(cleans)]
+
+
+def upsample(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+
+def sinusoidal_embedding(values: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10_000) * torch.arange(half, device=values.device) / (half - 1))
+    angles = values.float()[:, None] * frequencies[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class DenoiserBlock(nn.Module):
+    """Depthwise 5×5, plus the step/scale embedding, then 3×3 → GELU → 3×3, with a 1×1 residual."""
+
+    def __init__(self, c_in: int, c_out: int, embedding_dim: int):
+        super().__init__()
+        self.depthwise = nn.Conv2d(c_in, c_in, 5, padding=2, groups=c_in)
+        self.embedding = nn.Sequential(nn.GELU(), nn.Linear(embedding_dim, c_in))
+        self.convs = nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.GELU(), nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.residual = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        h = self.depthwise(x) + self.embedding(embedding)[:, :, None, None]
+        return self.convs(h) + self.residual(x)
+
+
+class MultiScaleDenoiser(nn.Module):
+    """Predicts the noise in ``x`` at step ``t`` of ``scale``: channels in → C/2 → C → C → C/2 → 1×1 → out."""
+
+    EMBEDDING = 32  # each of the step and scale sinusoids; the MLP maps their 64 to 128 to 32
+
+    def __init__(self, channels: int = 160, image_channels: int = 1):
+        super().__init__()
+        half, e = channels // 2, self.EMBEDDING
+        self.mlp = nn.Sequential(nn.Linear(2 * e, 4 * e), nn.GELU(), nn.Linear(4 * e, e))
+        widths = [image_channels, half, channels, channels, half]
+        self.blocks = nn.ModuleList(DenoiserBlock(a, b, e) for a, b in zip(widths, widths[1:]))
+        self.out = nn.Conv2d(half, image_channels, 1)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, scale: int) -> torch.Tensor:
+        scales = torch.full_like(timesteps, scale)
+        embedding = self.mlp(torch.cat([sinusoidal_embedding(timesteps, self.EMBEDDING),
+                                        sinusoidal_embedding(scales, self.EMBEDDING)], dim=1))
+        for block in self.blocks:
+            x = block(x, embedding)
+        return self.out(x)
+
+
+@dataclass
+class ScaleBatch:
+    """One training batch: ``clean`` copies of one image at ``scale``, and their blurred counterparts."""
+
+    scale: int
+    clean: torch.Tensor
+    blurred: torch.Tensor | None
+
+
+def image_id(image_path: str) -> str:
+    return Path(image_path).stem
+
+
+@register_family
+class SinDDM(Generator):
+    family = "sinddm"
+    config_class = MultiScaleDDMConfig
+    conditions = frozenset({"label", "size"})
+    min_training_images = 1
+    one_model_per_image = True
+    steps_per_epoch = 500
+
+    def __init__(self, config: MultiScaleDDMConfig):
+        super().__init__(config)
+        if self.family == "sinddm" and config.max_images != 1:
+            raise ValueError("sinddm learns one image (max_images 1); train fewddm for several")
+        self.denoiser = MultiScaleDenoiser(config.channels)
+        self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
+        self._optimizers: dict[str, torch.optim.Optimizer] | None = None
+        self._pyramids: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = []
+        self.total_steps: int | None = None
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"denoiser": self.denoiser, "ema": self.ema}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        if self._optimizers is None:
+            self._optimizers = {"denoiser": torch.optim.Adam(self.denoiser.parameters(), lr=self.config.lr)}
+        return self._optimizers
+
+    def scheduler(self) -> MultiScaleScheduler:
+        """A fresh scheduler (sampling sets its scale, so concurrent samplers must not share one)."""
+        if self.config.image_shape is None:
+            raise ValueError(f"this {self.family} has not been trained: it has no pyramid yet")
+        return MultiScaleScheduler(self.config.timesteps, [self.config.blur_gap_factor * gap for gap in
+                                                           self.config.blur_gaps], self.config.gamma_clamp)
+
+    # training ----------------------------------------------------------------------------------------------
+
+    def select_training_images(self, image_paths: list[str], patients: list[str]) -> list[int]:
+        if self.config.images:
+            chosen = [_find(wanted, image_paths) for wanted in self.config.images]
+        elif self.family == "sinddm":
+            raise ValueError(f"sinddm learns one image: name it with --image (one of {len(image_paths)} "
+                             f"training images, e.g. {', '.join(image_id(p) for p in image_paths[:3])})")
+        else:
+            chosen = _spread_over_patients(patients, self.config.max_images)
+        self.config.images = tuple(image_paths[k] for k in chosen)
+        return chosen
+
+    def begin_training(self, images: torch.Tensor, total_steps: int) -> None:
+        sizes = scale_sizes(*images.shape[-2:], self.config)
+        pyramids = [build_pyramid(image, sizes) for image in images.cpu()]
+        gaps = [float(np.mean([(p[k][0] - p[k][1]).pow(2).mean().sqrt().item() for p in pyramids]))
+                for k in range(1, len(sizes))]
+        # rounded so that a resumed run, measuring again, finds the config of its checkpoint
+        self.config.image_shape, self.config.blur_gaps = sizes[-1], tuple(float(f"{g:.6g}") for g in gaps)
+        self._pyramids = [[(c.to(self.device), b if b is None else b.to(self.device)) for c, b in p] for p in pyramids]
+        self.total_steps = total_steps
+
+    def training_batches(self, images: torch.Tensor, batch_size: int, steps: int | None,
+                         generator: torch.Generator) -> Iterator[ScaleBatch]:
+        scheduler = self.scheduler()
+        # scales are drawn in proportion to the steps they train, as in the reference
+        weights = torch.tensor([float(scheduler.train_timesteps(s)) for s in range(scheduler.n_scales)])
+        for _ in range(steps or self.steps_per_epoch):
+            scale = int(torch.multinomial(weights, 1, generator=generator))
+            clean, blurred = self._pyramids[int(torch.randint(len(self._pyramids), (1,), generator=generator))][scale]
+            expand = (batch_size, -1, -1, -1)
+            yield ScaleBatch(scale, clean.expand(expand), None if blurred is None else blurred.expand(expand))
+
+    def learning_rate(self) -> float:
+        if not self.total_steps:
+            return self.config.lr
+        halvings = sum(self.step >= m * self.total_steps for m in self.config.lr_milestones)
+        return self.config.lr * 0.5**halvings
+
+    def train_step(self, batch: ScaleBatch) -> dict[str, float]:
+        scheduler = self.scheduler()
+        clean = batch.clean
+        timesteps = torch.randint(0, scheduler.train_timesteps(batch.scale), (len(clean),), device=clean.device)
+        noise = torch.randn_like(clean)
+        target = scheduler.training_target(clean, batch.blurred, timesteps, batch.scale)
+        predicted = self.denoiser(scheduler.add_noise(target, noise, timesteps), timesteps, batch.scale)
+        loss = (predicted.float() - noise).abs().mean()  # L1 on the predicted noise
+        optimizer = self.optimizers()["denoiser"]
+        for group in optimizer.param_groups:
+            group["lr"] = self.learning_rate()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.step += 1
+        self._update_ema()
+        return {"loss": loss.item(), "lr": self.learning_rate()}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        live, averaged = list(self.denoiser.parameters()), list(self.ema.parameters())
+        if self.total_steps is not None and self.step < self.config.ema_start * self.total_steps:
+            torch._foreach_copy_(averaged, live)
+        else:
+            torch._foreach_lerp_(averaged, live, 1 - self.config.ema_decay)
+
+    # sampling ----------------------------------------------------------------------------------------------
+
+    def check_condition(self, condition: dict[str, Any] | None) -> dict[str, Any]:
+        condition = super().check_condition(condition)
+        if "size" in condition:
+            size = condition["size"]
+            height, width = self.config.image_shape or (0, 0)
+            if (not isinstance(size, (list, tuple)) or len(size) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+                raise ValueError(f"size must be [height, width] in pixels, got {size!r}")
+            if not (8 <= size[0] <= MAX_RETARGET * height and 8 <= size[1] <= MAX_RETARGET * width):
+                raise ValueError(f"size {list(size)} is outside 8 px … {MAX_RETARGET:g}× the training size "
+                                 f"{height}×{width}")
+            condition["size"] = (int(size[0]), int(size[1]))
+        return condition
+
+    def sample_sizes(self, size: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+        """Per-scale sizes for an output of ``size`` (default: the training size); a different size stretches
+        every scale by the same factors (retargeting)."""
+        if self.config.image_shape is None:
+            raise ValueError(f"this {self.family} has not been trained: it has no pyramid yet")
+        sizes = scale_sizes(*self.config.image_shape, self.config)
+        if size is None:
+            return sizes
+        fy, fx = size[0] / sizes[-1][0], size[1] / sizes[-1][1]
+        return [*[(max(1, round(h * fy)), max(1, round(w * fx))) for h, w in sizes[:-1]], tuple(size)]
+
+    @torch.no_grad()
+    def scale_samples(self, n: int, seed: int, condition: dict[str, Any] | None = None) -> Iterator[torch.Tensor]:
+        """The batch after each scale, coarsest first; the last is the sample."""
+        scheduler, sizes = self.scheduler(), self.sample_sizes((condition or {}).get("size"))
+        # one stream per image: an image depends on its seed and position only, not on the batch it is in
+        generators = [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
+                      for k in range(n)]
+        x = torch.stack([torch.randn(1, *sizes[0], generator=g) for g in generators]).to(self.device)
+        blurred = None
+        for scale, size in enumerate(sizes):
+            scheduler.set_timesteps(scale)
+            if scale > 0:
+                blurred = upsample(x, size)
+                start = torch.full((n,), int(scheduler.timesteps[0]))
+                noise = torch.stack([torch.randn(1, *size, generator=g) for g in generators]).to(self.device)
+                x = scheduler.add_noise(blurred, noise, start)
+            for t in scheduler.timesteps.tolist():
+                predicted = self.ema(x, torch.full((n,), t, device=self.device), scale).float()
+                x = scheduler.step(predicted, t, x, blurred=blurred, generator=generators).prev_sample
+            yield x
+
+    def generate(self, n: int, seed: int, condition: dict[str, Any]) -> torch.Tensor:
+        *_, images = self.scale_samples(n, seed, condition)
+        return images.clamp(-1, 1)
+
+
+@dataclass
+class FewDDMConfig(MultiScaleDDMConfig):
+    max_images: int = 3  # the paper trains on 2–3 images
+
+
+@register_family
+class FewDDM(SinDDM):
+    family = "fewddm"
+    config_class = FewDDMConfig
+    one_model_per_image = False
+
+
+def _find(wanted: str, image_paths: list[str]) -> int:
+    matches = [k for k, path in enumerate(image_paths) if wanted in (path, image_id(path))]
+    if len(matches) != 1:
+        found = "no" if not matches else f"{len(matches)}"
+        raise ValueError(f"{found} training images of this label match {wanted!r}; use its manifest path "
+                         f"(e.g. {image_paths[0] if image_paths else '-'})")
+    return matches[0]
+
+
+def _spread_over_patients(patients: list[str], count: int) -> list[int]:
+    """``count`` image indices, from as many different patients as possible, chosen reproducibly."""
+    order = np.random.default_rng(0).permutation(len(patients)).tolist()
+    chosen: list[int] = []
+    seen: set[str] = set()
+    for k in order:
+        if patients[k] not in seen and len(chosen) < count:
+            chosen.append(k)
+            seen.add(patients[k])
+    chosen += [k for k in order if k not in chosen][: count - len(chosen)]
+    return sorted(chosen)

@@ -1,0 +1,180 @@
+"""SinDDM / FewDDM: the pyramid rules, the noising process at each scale, training, determinism, the few-image
+draw, and the product path (train command → registry → served by the torch predictor → gated)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from sonogen.cli import app
+from sonogen.data.phantom import generate
+from sonogen.data.prepare import prepare
+from sonogen.generators import load_generator
+from sonogen.generators.multiscale_scheduler import MultiScaleScheduler, cosine_alphas_cumprod
+from sonogen.generators.sinddm import FewDDM, FewDDMConfig, MultiScaleDDMConfig, SinDDM, build_pyramid, scale_sizes
+from sonogen.generators.trainer import TrainConfig, train
+
+TINY = {"coarsest_area": 100, "coarsest_side": (8, 12), "timesteps": 20, "channels": 16}
+
+
+@pytest.fixture(scope="module")
+def lus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sinddm")
+    generate(root / "raw", patients=8, frames_per_patient=3, seed=0)
+    prepare(root / "raw", root / "lus", size=32, split="0.7,0.15,0.15", seed=0, stratify=True)
+    return root / "lus"
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (200, 400), (480, 640), (600, 300), (90, 120)])
+def test_pyramid_sizes_follow_the_sinddm_rules(shape):
+    config = MultiScaleDDMConfig(label="x")
+    sizes = scale_sizes(*shape, config)
+    (h0, w0), (h, w) = sizes[0], sizes[-1]
+    assert h * w <= 50_000 and abs(h / w - shape[0] / shape[1]) < 0.02  # area limit, aspect kept
+    if min(shape) > 55:
+        assert 42 <= min(h0, w0) <= 55 and min(h0, w0) == min(max(round(math.sqrt(3110 * min(h, w) / max(h, w))),
+                                                                   42), 55)
+        ratios = [sizes[k + 1][0] / sizes[k][0] for k in range(len(sizes) - 1)]
+        assert max(ratios) - min(ratios) < 0.05 and all(1.2 < r < 1.7 for r in ratios)  # one refitted factor
+        assert abs(math.log(ratios[0] / 1.411)) < math.log(1.411) / 2
+    assert [len(scale_sizes(*s, config)) for s in [(256, 256), (40, 40)]] == [5, 1]
+    assert scale_sizes(256, 256, config) == [(55, 55), (78, 78), (111, 111), (157, 157), (223, 223)]
+
+
+def test_noising_at_each_scale_matches_its_definition():
+    scheduler = MultiScaleScheduler(100, blur_gaps=[0.3, 0.1])
+    a = torch.tensor(cosine_alphas_cumprod(100))
+    x0 = torch.linspace(-1, 1, 2 * 16).reshape(2, 1, 4, 4)
+    noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 57])
+    expected = a[t].sqrt().float().view(-1, 1, 1, 1) * x0 + (1 - a[t]).sqrt().float().view(-1, 1, 1, 1) * noise
+    assert torch.allclose(scheduler.add_noise(x0, noise, t), expected, atol=1e-6)
+    sigma = np.sqrt(1 - a.numpy()) / np.sqrt(a.numpy())
+    for scale, gap in [(1, 0.3), (2, 0.1)]:
+        steps = scheduler.train_timesteps(scale)
+        assert sigma[steps] > gap and sigma[steps - 1] <= gap  # the first step noisier than the blur gap
+        gammas = scheduler.gammas(scale)
+        assert torch.allclose(gammas, torch.tensor(np.minimum(sigma / gap, 1)))
+        blurred = torch.zeros_like(x0)
+        mixed = scheduler.training_target(x0, blurred, t, scale)
+        assert torch.allclose(mixed, (1 - gammas[t].float()).view(-1, 1, 1, 1) * x0)
+        assert scheduler.gammas(scale, clamp=True).max() <= 0.55
+    assert scheduler.train_timesteps(0) == 100 and scheduler.train_timesteps(2) < scheduler.train_timesteps(1)
+    # the exact noise at t = 0 gives back the clean image, at scale 0 and (with the blur mix undone) above
+    for scale in (0, 1):
+        scheduler.set_timesteps(scale)
+        zero = torch.zeros(2, dtype=torch.long)
+        blurred = torch.zeros_like(x0) if scale else None
+        target = scheduler.training_target(x0, blurred, zero, scale) if scale else x0
+        out = scheduler.step(noise, 0, scheduler.add_noise(target, noise, zero), blurred=blurred)
+        assert torch.allclose(out.prev_sample, x0.clamp(-1, 1), atol=1e-4)
+    with pytest.raises(ValueError, match="blurred"):
+        scheduler.step(noise, 3, x0)
+
+
+def test_training_steps_reduce_the_loss_on_a_fixed_image():
+    torch.manual_seed(0)
+    model = SinDDM(MultiScaleDDMConfig(label="x", images=("a",), **TINY))
+    image = torch.linspace(-1, 1, 32)[None, None, :, None].expand(1, 1, 32, 32) * torch.cos(
+        torch.linspace(0, 6, 32))[None, None, None, :]
+    model.begin_training(image, total_steps=150)
+    scheduler = model.scheduler()
+
+    def fixed_loss() -> float:  # the same noise and steps before and after training
+        generator = torch.Generator().manual_seed(1)
+        losses = []
+        with torch.no_grad():
+            for scale, (clean, blurred) in enumerate(model._pyramids[0]):
+                t = torch.randint(0, scheduler.train_timesteps(scale), (16,), generator=generator)
+                noise = torch.randn(16, *clean.shape, generator=generator)
+                target = scheduler.training_target(clean.expand(16, -1, -1, -1), None if blurred is None else
+                                                   blurred.expand(16, -1, -1, -1), t, scale)
+                losses.append((model.denoiser(scheduler.add_noise(target, noise, t), t, scale) - noise).abs().mean())
+        return float(torch.stack(losses).mean())
+
+    before = fixed_loss()
+    for batch in model.training_batches(image, 8, 150, torch.Generator().manual_seed(0)):
+        model.train_step(batch)
+    assert model.step == 150 and fixed_loss() < 0.8 * before
+    assert model.learning_rate() == pytest.approx(1e-3 * 0.5**6)  # every milestone passed
+
+
+def test_same_seed_same_samples_in_any_batch_and_after_save_load(tmp_path):
+    torch.manual_seed(0)
+    model = SinDDM(MultiScaleDDMConfig(label="x", images=("a",), **TINY))
+    model.begin_training(torch.rand(1, 1, 32, 32) * 2 - 1, total_steps=10)
+    first = model.sample(3, seed=5)
+    assert first.shape == (3, 1, 32, 32) and torch.equal(first[:2], model.sample(2, seed=5))
+    assert not torch.equal(first, model.sample(3, seed=6)) and not torch.equal(first[0], first[1])
+    loaded = load_generator(model.save(tmp_path / "g"))
+    assert torch.equal(loaded.sample(3, seed=5), first) and loaded.config.blur_gaps == model.config.blur_gaps
+    assert loaded.sample(2, 5, {"size": [24, 48], "label": "x"}).shape == (2, 1, 24, 48)  # retargeting
+    for bad in ({"size": [4, 32]}, {"size": [32, 80]}, {"size": "big"}, {"label": "y"}, {"mask": 1}):
+        with pytest.raises(ValueError):
+            loaded.sample(1, 0, bad)
+
+
+def test_fewddm_draws_every_image_of_its_set_from_different_patients(lus):
+    torch.manual_seed(0)
+    model = FewDDM(FewDDMConfig(label="normal", **TINY))
+    summary = train(model, lus, "normal", TrainConfig(epochs=1, batch_size=4, steps_per_epoch=40, eval_samples=4),
+                    lus.parent / "few")
+    assert len(model.config.images) == 3 and summary["train_images"] == 3 and model.step == 40
+    from sonogen.data import UltrasoundDataset
+
+    records = {r.image: r.patient_id for r in UltrasoundDataset(lus, split="train", labels=["normal"]).records}
+    assert len({records[image] for image in model.config.images}) == min(3, len(set(records.values())))
+    seen = set()
+    for batch in model.training_batches(None, 2, 60, torch.Generator().manual_seed(0)):
+        matches = [k for k, pyramid in enumerate(model._pyramids) if torch.equal(pyramid[batch.scale][0],
+                                                                                  batch.clean[0])]
+        assert len(matches) == 1 and torch.equal(batch.clean[0], batch.clean[1])  # one image per batch
+        seen.add(matches[0])
+    assert seen == {0, 1, 2}
+
+
+def test_train_command_registers_serves_and_gates_one_image_model(lus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"train": {"sinddm": {
+        "model": {**TINY, "coarsest_side": [8, 12]},
+        "train": {"epochs": 2, "steps_per_epoch": 10, "batch_size": 4, "eval_samples": 4}}}}))
+    runner = CliRunner()
+    missing = runner.invoke(app, ["train", "sinddm", "--data", str(lus), "--label", "consolidation",
+                                  "--config", "tiny.yaml"])
+    assert missing.exit_code == 1 and "--image" in missing.output
+    from sonogen.data import UltrasoundDataset
+
+    image = UltrasoundDataset(lus, split="train", labels=["consolidation"]).records[0].image
+    stem = image.split("/")[-1][:-4]
+    result = runner.invoke(app, ["train", "sinddm", "--data", str(lus), "--label", "consolidation", "--config",
+                                 "tiny.yaml", "--image", stem, "--dataset", "lus"])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "models" / f"sinddm-consolidation-{stem}"
+    assert (folder / "generator" / "config.json").is_file() and "ssim_to_train" in result.output
+
+    from sonogen.registry import load_sampler, model_version
+    from sonogen.samplers import load_backend
+
+    assert model_version("lus-sinddm-consolidation", "1").tags["training_images"] == image
+    backend = load_backend("models:/lus-sinddm-consolidation@candidate")
+    assert backend.runtime == "torch:cpu" and backend.conditions == {"label", "size"}
+    served = backend.images(2, 9, {"size": (24, 40)})
+    assert served.shape == (2, 24, 40) and served.dtype == np.uint8
+    direct = load_sampler("models:/lus-sinddm-consolidation/1").sample(2, 9, {"size": (24, 40)})
+    assert np.array_equal(served, np.rint((direct[:, 0].numpy() + 1) * 127.5).astype(np.uint8))
+
+    from sonogen.jobs import evaluate_targets
+
+    params = {"evaluate": {"samples": 8, "few_image_samples": 6, "encoder_epochs": 2,
+                           "downstream": {"seeds": 3, "epochs": 2, "bootstrap": 100,
+                                          "real_positive_fraction": {"sinddm": 0.25}}},
+              "gates": {"sinddm": {"extractor": "us-encoder", "max_ssim_to_train": 0.99, "max_sifid": 1e6}}}
+    [report] = evaluate_targets([str(folder)], lus, None, params, tmp_path / "gates", "lus")
+    metrics = report["metrics"]
+    assert report["samples"]["synthetic"] == 6 and {"sifid", "ssim_to_train", "auc_delta"} <= set(metrics)
+    assert report["downstream"]["train_real_positives"] == max(1, round(0.25 * report["samples"]["real_train"]))
+    assert [row["gate"] for row in report["gates"]] == ["max_ssim_to_train", "max_sifid"]
