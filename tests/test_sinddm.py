@@ -178,3 +178,25 @@ def test_train_command_registers_serves_and_gates_one_image_model(lus, tmp_path,
     assert report["samples"]["synthetic"] == 6 and {"sifid", "ssim_to_train", "auc_delta"} <= set(metrics)
     assert report["downstream"]["train_real_positives"] == max(1, round(0.25 * report["samples"]["real_train"]))
     assert [row["gate"] for row in report["gates"]] == ["max_ssim_to_train", "max_sifid"]
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(lus, tmp_path):
+    config = TrainConfig(epochs=2, batch_size=4, steps_per_epoch=5, eval_samples=2, eval_every=2)
+
+    def stop_after_one_epoch(epochs):
+        yield next(iter(epochs))
+        raise KeyboardInterrupt
+
+    def fresh() -> SinDDM:
+        torch.manual_seed(0)
+        return SinDDM(MultiScaleDDMConfig(label="normal", images=("images/phantom-p0000_0.png",), **TINY))
+
+    straight = fresh()
+    train(straight, lus, "normal", config, tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh(), lus, "normal", config, tmp_path / "resumed", progress=stop_after_one_epoch)
+    resumed = fresh()
+    train(resumed, lus, "normal", config, tmp_path / "resumed", resume=True)
+    assert resumed.step == straight.step == 10
+    expected = straight._weights()
+    assert all(torch.equal(expected[k], v) for k, v in resumed._weights().items())
