@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,19 +58,26 @@ def parse_request(body: Any, backend, max_n: int, where: str = "request") -> Sam
 
 
 def parse_v2_request(request: InferRequest, backend, max_n: int) -> SamplingRequest:
-    """v2 inputs: ``n`` and ``seed`` (integer tensors of shape [1]), optional ``label`` (BYTES, shape [1])."""
+    """v2 inputs: ``n`` and ``seed`` (integer tensors of shape [1]), optional ``label`` and ``condition`` (BYTES,
+    shape [1]; the condition as a JSON object)."""
     body: dict[str, Any] = {}
     for tensor in request.inputs:
         name = f"inputs.{tensor.name}"
-        if tensor.name not in ("n", "seed", "label"):
-            raise InvalidInput(f"{name}: unknown input; the inputs are n, seed, label")
+        if tensor.name not in ("n", "seed", "label", "condition"):
+            raise InvalidInput(f"{name}: unknown input; the inputs are n, seed, label, condition")
         if list(tensor.shape) != [1]:
             raise InvalidInput(f"{name}: expected shape [1], got {list(tensor.shape)}")
-        if tensor.name == "label":
+        if tensor.name in ("label", "condition"):
             if tensor.datatype != "BYTES":
                 raise InvalidInput(f"{name}: expected datatype BYTES, got {tensor.datatype}")
             value = tensor.data[0]
-            body["label"] = value.decode() if isinstance(value, bytes) else value
+            value = value.decode() if isinstance(value, bytes) else value
+            if tensor.name == "condition":
+                try:
+                    value = json.loads(value)
+                except (TypeError, ValueError):
+                    raise InvalidInput(f"{name}: expected a JSON object") from None
+            body[tensor.name] = value
         else:
             if not (tensor.datatype.startswith("INT") or tensor.datatype.startswith("UINT")):
                 raise InvalidInput(f"{name}: expected an integer datatype, got {tensor.datatype}")

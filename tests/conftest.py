@@ -3,7 +3,12 @@ broken files), and a real S3 API on loopback with a clean AWS environment."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +151,32 @@ def aws_env(monkeypatch, tmp_path) -> dict[str, str]:
     for var, value in values.items():
         monkeypatch.setenv(var, value)
     return values
+
+
+def start_server(root: Path, tracking_uri: str, model: str, *args: str) -> tuple[subprocess.Popen, str]:
+    """``sonogen serve --model MODEL ARGS`` as a real process on a free loopback port, once it answers."""
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "sonogen.cli", "serve", "--model", model, "--port", str(port),
+                                *args], cwd=root, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited: {process.stdout.read()}")
+        try:
+            if requests.get(f"{url}/v2/health/live", timeout=1).status_code == 200:
+                return process, url
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError("server did not start in 60 s")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(timeout=30)

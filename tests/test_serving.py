@@ -5,7 +5,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 import requests
 import yaml
 from PIL import Image
+from conftest import start_server, stop_server
 from typer.testing import CliRunner
 
 from sonogen.cli import app
@@ -55,35 +55,8 @@ def registry(tmp_path_factory):
         yield {"root": root, "uri": os.environ["MLFLOW_TRACKING_URI"], "export": export}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(registry, *args):
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"]}
-    process = subprocess.Popen([sys.executable, "-m", "sonogen.cli", "serve", "--model", NAME, "--port", str(port),
-                                *args], cwd=registry["root"], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited: {process.stdout.read()}")
-        try:
-            if requests.get(f"{url}/v2/health/live", timeout=1).status_code == 200:
-                return process, url
-        except requests.ConnectionError:
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError("server did not start in 60 s")
-
-
-def _stop(process):
-    process.terminate()
-    process.wait(timeout=30)
+    return start_server(registry["root"], registry["uri"], NAME, *args)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +64,7 @@ def server(registry):
     process, url = _start_server(registry, "--version", "1", "--token", TOKEN, "--max-n", str(MAX_N),
                                  "--max-batch", str(MAX_BATCH), "--max-body-bytes", "2048")
     yield url
-    _stop(process)
+    stop_server(process)
 
 
 def predict(url, body, token=TOKEN, **kwargs):
@@ -195,10 +168,17 @@ def test_bodies_of_other_content_types_are_read_as_json(server, content_type, bo
         assert "request body: not JSON" in response.json()["error"]
 
 
-def test_v2_bad_inputs_are_400(server):
-    body = {"inputs": [{"name": "n", "shape": [1], "datatype": "FP32", "data": [2.0]}]}
-    response = requests.post(f"{server}/v2/models/{NAME}/infer", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
-    assert response.status_code == 400 and "inputs.n" in response.json()["error"]
+@pytest.mark.parametrize(("inputs", "field"), [
+    ([{"name": "n", "shape": [1], "datatype": "FP32", "data": [2.0]}], "inputs.n"),
+    ([{"name": "n", "shape": [1], "datatype": "INT32", "data": [1]},
+      {"name": "condition", "shape": [1], "datatype": "BYTES", "data": ["{not json"]}], "inputs.condition"),
+    ([{"name": "n", "shape": [1], "datatype": "INT32", "data": [1]},
+      {"name": "condition", "shape": [1], "datatype": "BYTES", "data": ['{"size": [8, 8]}']}], "condition.size"),
+])
+def test_v2_bad_inputs_are_400(server, inputs, field):
+    response = requests.post(f"{server}/v2/models/{NAME}/infer", json={"inputs": inputs},
+                             headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 400 and field in response.json()["error"]
 
 
 def test_bearer_token_is_required_except_on_health_probes(server):
@@ -262,7 +242,7 @@ def test_promotion_is_gated_audited_picked_up_by_a_watching_server_and_rolled_ba
         again = runner.invoke(app, ["registry", "rollback", NAME], env=env)
         assert again.exit_code == 1 and "no previous holder" in again.output
     finally:
-        _stop(process)
+        stop_server(process)
 
 
 def test_show_prints_the_model_card(registry):

@@ -1,12 +1,16 @@
 """SinDDM / FewDDM: the pyramid rules, the noising process at each scale, training, determinism, the few-image
 draw, and the product path (train command → registry → served by the torch predictor → gated)."""
 
+import json
 import math
+import os
 
 import numpy as np
 import pytest
+import requests
 import torch
 import yaml
+from conftest import start_server, stop_server
 from typer.testing import CliRunner
 
 from sonogen.cli import app
@@ -166,6 +170,25 @@ def test_train_command_registers_serves_and_gates_one_image_model(lus, tmp_path,
     assert served.shape == (2, 24, 40) and served.dtype == np.uint8
     direct = load_sampler("models:/lus-sinddm-consolidation/1").sample(2, 9, {"size": (24, 40)})
     assert np.array_equal(served, np.rint((direct[:, 0].numpy() + 1) * 127.5).astype(np.uint8))
+
+    process, url = start_server(tmp_path, os.environ["MLFLOW_TRACKING_URI"], "lus-sinddm-consolidation",
+                                "--alias", "candidate")
+    try:
+        endpoint = f"{url}/v2/models/lus-sinddm-consolidation/infer"
+        body = {"inputs": [{"name": "n", "shape": [1], "datatype": "INT32", "data": [2]},
+                           {"name": "seed", "shape": [1], "datatype": "INT64", "data": [9]},
+                           {"name": "condition", "shape": [1], "datatype": "BYTES",
+                            "data": [json.dumps({"size": [24, 40]})]}]}
+        reply = requests.post(endpoint, json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        [tensor] = reply.json()["outputs"]
+        assert tensor["shape"] == [2, 24, 40] and np.array_equal(np.array(tensor["data"], np.uint8).reshape(2, 24, 40),
+                                                                 served)
+        refused = requests.post(f"{url}/v1/models/lus-sinddm-consolidation:predict", timeout=60,
+                                json={"instances": [{"n": 1, "seed": 9, "condition": {"size": [24, 4000]}}]})
+        assert refused.status_code == 400 and "condition" in refused.text and "size" in refused.text
+    finally:
+        stop_server(process)
 
     from sonogen.jobs import evaluate_targets
 
