@@ -144,7 +144,9 @@ def generator_name(family: str, label: str, images: tuple[str, ...] | list[str] 
     """``<family>-<label>``, plus the image id for families with one model per image: the default training
     folder and the name of the gate report folder."""
     if get_generator(family).one_model_per_image and images:
-        return f"{family}-{label}-{Path(images[0]).stem}"
+        from sonogen.generators.sinddm import image_id
+
+        return f"{family}-{label}-{image_id(images[0])}"
     return f"{family}-{label}"
 
 

@@ -140,6 +140,17 @@ def test_fewddm_draws_every_image_of_its_set_from_different_patients(lus):
     assert seen == {0, 1, 2}
 
 
+def test_an_image_is_named_by_its_file_name_even_with_dots_in_it():
+    from sonogen.jobs import generator_name
+
+    paths = ["images/Pneu.JPG_0.png", "images/Pneu.JPG_1.png"]
+    model = SinDDM(MultiScaleDDMConfig(label="pneumonia", images=("Pneu.JPG_1",), **TINY))
+    assert model.select_training_images(paths, ["p0", "p1"]) == [1]
+    assert generator_name("sinddm", "pneumonia", ["Pneu.JPG_1"]) == "sinddm-pneumonia-Pneu.JPG_1"
+    with pytest.raises(ValueError, match="--image"):
+        SinDDM(MultiScaleDDMConfig(label="pneumonia", **TINY)).select_training_images(paths, ["p0", "p1"])
+
+
 def test_train_command_registers_serves_and_gates_one_image_model(lus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

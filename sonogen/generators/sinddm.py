@@ -157,7 +157,8 @@ class ScaleBatch:
 
 
 def image_id(image_path: str) -> str:
-    return Path(image_path).stem
+    """A manifest image's short id: its file name without ``.png`` (names may hold other dots)."""
+    return Path(image_path).name.removesuffix(".png")
 
 
 @register_family
@@ -171,7 +172,7 @@ class SinDDM(Generator):
 
     def __init__(self, config: MultiScaleDDMConfig):
         super().__init__(config)
-        if self.family == "sinddm" and config.max_images != 1:
+        if self.one_model_per_image and config.max_images != 1:
             raise ValueError("sinddm learns one image (max_images 1); train fewddm for several")
         self.denoiser = MultiScaleDenoiser(config.channels)
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
@@ -199,7 +200,7 @@ class SinDDM(Generator):
     def select_training_images(self, image_paths: list[str], patients: list[str]) -> list[int]:
         if self.config.images:
             chosen = [_find(wanted, image_paths) for wanted in self.config.images]
-        elif self.family == "sinddm":
+        elif self.one_model_per_image:
             raise ValueError(f"sinddm learns one image: name it with --image (one of {len(image_paths)} "
                              f"training images, e.g. {', '.join(image_id(p) for p in image_paths[:3])})")
         else:
