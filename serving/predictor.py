@@ -61,7 +61,7 @@ class SamplerModel(Model):
 
     def _echo(self, request: SamplingRequest) -> dict[str, Any]:
         return {"model_name": self.name, "model_version": self.version, "seed": request.seed,
-                "label": self.backend.label, "condition": request.condition}
+                "label": request.condition.get("label", self.backend.label), "condition": request.condition}
 
     async def predict(self, payload, headers: dict[str, str] | None = None):
         if isinstance(payload, InferRequest):

@@ -31,25 +31,26 @@ def _integer(value: Any, name: str, low: int, high: int) -> int:
 
 
 def parse_request(body: Any, backend, max_n: int, where: str = "request") -> SamplingRequest:
-    """``{"n": 8, "seed": 123, "label": "consolidation", "condition": {...}, "format": "png"}``."""
+    """``{"n": 8, "seed": 123, "label": "consolidation", "condition": {...}, "format": "png"}``; the family's
+    condition keys (``prompt``, ``mask``, ``steps`` …) may also be given beside ``n``, as ``label`` is."""
+    fields = [*FIELDS, *sorted(backend.conditions - set(FIELDS))]
     if not isinstance(body, dict):
-        raise InvalidInput(f"{where}: expected an object with {', '.join(FIELDS)}")
-    unknown = sorted(set(body) - set(FIELDS))
+        raise InvalidInput(f"{where}: expected an object with {', '.join(fields)}")
+    unknown = sorted(set(body) - set(fields))
     if unknown:
-        raise InvalidInput(f"{where}.{unknown[0]}: unknown field; the fields are {', '.join(FIELDS)}")
+        raise InvalidInput(f"{where}.{unknown[0]}: unknown field; the fields are {', '.join(fields)}")
     n = _integer(body.get("n", 1), f"{where}.n", 1, max_n)
     seed = _integer(body.get("seed", 0), f"{where}.seed", 0, MAX_SEED)
     condition = body.get("condition") or {}
     if not isinstance(condition, dict):
         raise InvalidInput(f"{where}.condition: expected an object")
-    if "label" in body:
-        condition = {**condition, "label": body["label"]}
+    condition = {**condition, **{key: body[key] for key in {"label", *backend.conditions} if key in body}}
     unsupported = sorted(set(condition) - backend.conditions)
     if unsupported:
         raise InvalidInput(f"{where}.condition.{unsupported[0]}: the {backend.family} family takes no such "
                            f"condition; it takes {sorted(backend.conditions)}")
-    if "label" in condition and condition["label"] != backend.label:
-        raise InvalidInput(f"{where}.label: this model generates {backend.label!r} images, "
+    if "label" in condition and condition["label"] not in backend.labels:
+        raise InvalidInput(f"{where}.label: this model generates {' or '.join(map(repr, backend.labels))} images, "
                            f"not {condition['label']!r}")
     fmt = body.get("format", "png")
     if fmt not in FORMATS:

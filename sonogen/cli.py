@@ -211,11 +211,21 @@ def train_command(
     max_images: Annotated[int | None, typer.Option(
         min=1, help="fewddm: how many training images to draw (from different patients) when none is named.")]
     = None,
+    mode: Annotated[str | None, typer.Option(help="ldm: from-scratch, fine-tune or controlnet.")] = None,
+    base_model: Annotated[str | None, typer.Option(
+        help="ldm fine-tune/controlnet: a diffusers Stable Diffusion folder or s3:// URI, or a trained ldm folder.")]
+    = None,
+    lora_rank: Annotated[int | None, typer.Option(min=0, help="ldm fine-tune: LoRA rank (0: the whole UNet).")]
+    = None,
+    control: Annotated[str | None, typer.Option(help="ldm controlnet: condition on the dataset's mask or boxes.")]
+    = None,
 ):
     """Train a generator on one label of a prepared dataset, tracked in MLflow."""
     from sonogen.jobs import generator_name, train_generator
 
-    overrides = {k: v for k, v in {"images": tuple(image or ()), "max_images": max_images}.items() if v}
+    chosen = {"images": tuple(image or ()), "max_images": max_images, "mode": mode, "base_model": base_model,
+              "lora_rank": lora_rank, "control": control}
+    overrides = {k: v for k, v in chosen.items() if v not in (None, ())}
     out = out or Path("models") / generator_name(family, label, overrides.get("images", ()))
     info = train_generator(family, data, label, out, config, dataset, experiment, register, resume,
                            progress=_progress(f"training {family} on {label}"), model_overrides=overrides)

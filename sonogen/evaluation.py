@@ -119,12 +119,26 @@ def evaluate_generator(
     metrics.update(more)
     reasons.update(more_reasons)
     details.update(more_details)
+    if generator.accepts_condition("mask"):
+        metrics.update(_mask_adherence(generator, data, config.seed))
     report = _report(subject, metrics, reasons, details, gates, extractor, config,
                      {"synthetic": len(synthetic), "real_train": len(train), "real_test": len(holdout)})
     report.update(family=generator.family, label=label, data=str(data),
                   data_manifest_sha256=file_sha256(Path(data) / MANIFEST))
     write_report(report, out, history, closest_pairs(synthetic, train, details["memorisation_pixels"]))
     return report
+
+
+def _mask_adherence(generator: Generator, data: str | Path, seed: int) -> dict[str, float]:
+    from sonogen.metrics.segmentation import mask_adherence
+
+    def pairs(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        dataset = UltrasoundDataset(data, split=split, with_mask=True)
+        items = [dataset[k] for k in range(len(dataset))]
+        return torch.stack([i["image"] for i in items]), torch.stack([i["mask"] for i in items])
+
+    return mask_adherence(lambda mask, k: generator.sample(1, k, {"mask": mask.numpy()}), *pairs("train"),
+                          *pairs("test"), seed=seed)
 
 
 def read_image_folder(folder: str | Path) -> torch.Tensor:

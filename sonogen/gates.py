@@ -35,6 +35,7 @@ GATES: dict[str, tuple[str, str]] = {
     "max_pixel_near_copy_fraction": ("pixel_near_copy_fraction", "max"),
     "max_diversity_ratio": ("ms_ssim_diversity_ratio", "max"),
     "min_auc_delta_lower_ci": ("auc_delta_lower_ci", "min"),
+    "min_mask_dice": ("mask_dice", "min"),
 }
 FEATURE_METRICS = ("kmmd", "kmmd_unbiased", "one_nn_acc", "one_nn_acc_real", "one_nn_acc_synthetic", "fid",
                    "sifid", "near_copy_fraction", "memorisation_median_ratio")

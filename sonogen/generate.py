@@ -69,7 +69,8 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
     if backend is None:
         raise ValueError(f"{model_uri} is not in the registry")
     name = model_name_of(model_uri)
-    plan = {"model_name": name, "model_version": backend.version, "family": backend.family, "label": backend.label,
+    label = (condition or {}).get("label", backend.label)
+    plan = {"model_name": name, "model_version": backend.version, "family": backend.family, "label": label,
             "n": n, "seed": seed, "batch": batch, "condition": condition or {}}
     destination = Destination(out)
     if PLAN in destination.existing:
@@ -92,7 +93,7 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
         for i, (image_name, data) in enumerate(zip(names, pngs)):
             records.append(Record(
                 image=image_name, patient_id=f"synthetic-{name}-v{backend.version}", source=f"{name}@v{backend.version}",
-                label=backend.label, split="train", origin=f"seed={chunk_seed(seed, k)};index={i}",
+                label=label, split="train", origin=f"seed={chunk_seed(seed, k)};index={i}",
                 licence="synthetic: see the model card", sha256=hashlib.sha256(data).hexdigest(),
             ))
     destination.write(MANIFEST, _manifest_bytes(records))

@@ -22,9 +22,9 @@ LIMITATIONS = (
 )
 
 
-def _licences(data: Path, label: str) -> list[str]:
+def _licences(data: Path, labels: list[str]) -> list[str]:
     try:
-        records = [r for r in read_manifest(data) if r.label == label and r.split == "train"]
+        records = [r for r in read_manifest(data) if r.label in labels and r.split == "train"]
     except FileNotFoundError:
         return ["unknown (the training manifest was not available at registration)"]
     counts = Counter(r.licence or "unspecified" for r in records)
@@ -35,6 +35,11 @@ def build_model_card(name: str, version: str, info: dict, tags: dict[str, str], 
                      gate_report: dict | None, train_params: dict[str, str]) -> str:
     """Markdown for ``name`` version ``version``; ``info`` is the training run's record (family, label, data)."""
     described = json.loads((generator_dir / "config.json").read_text())
+    config = described["config"]
+    base = []
+    if config.get("base_model"):
+        base = [f"- base checkpoint: `{config['base_model']}`, licence: {config.get('base_licence') or 'not given'}"
+                " (its terms bind this model and its images too)"]
     lines = [
         f"# {name} v{version}",
         "",
@@ -45,11 +50,12 @@ def build_model_card(name: str, version: str, info: dict, tags: dict[str, str], 
         f"- prepared dataset: `{info['data']}`",
         f"- DVC md5: `{tags.get('data_dvc_md5', 'unknown')}`; manifest sha256: `{tags.get('data_manifest_sha256', 'unknown')}`",
         "- licences:",
-        *[f"  - {line}" for line in _licences(Path(info["data"]), info["label"])],
+        *[f"  - {line}" for line in _licences(Path(info["data"]), config.get("labels") or [info["label"]])],
+        *base,
         "",
         "## Training",
         f"- stopped at epoch {described['epoch']}, step {described['step']}",
-        "- model config: `" + json.dumps(described["config"], sort_keys=True) + "`",
+        "- model config: `" + json.dumps(config, sort_keys=True) + "`",
         "- training config: `" + json.dumps(train_params, sort_keys=True) + "`",
         "",
         "## Gates",

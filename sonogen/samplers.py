@@ -18,7 +18,8 @@ from sonogen.sampling import gaussian_latents, to_uint8
 class Backend:
     version: str
     family: str
-    label: str
+    label: str  # the default; a label condition may name any of `labels`
+    labels: tuple[str, ...]
     conditions: frozenset[str]
     runtime: str
     # ONNX: latents (B, latent_dim) → uint8 images; torch families sample whole requests instead
@@ -44,7 +45,7 @@ def _onnx_backend(path: str, version: str, family: str, label: str) -> Backend:
     def run(batch: np.ndarray) -> np.ndarray:
         return to_uint8(session.run(["images"], {"latents": batch})[0])
 
-    return Backend(version, family, label, frozenset({"label"}), f"onnxruntime:{session.get_providers()[0]}",
+    return Backend(version, family, label, (label,), frozenset({"label"}), f"onnxruntime:{session.get_providers()[0]}",
                    latent_dim=int(latents.shape[1]), run=run)
 
 
@@ -54,8 +55,8 @@ def _torch_backend(generator, version: str) -> Backend:
     def sample(n: int, seed: int, condition: dict[str, Any]) -> np.ndarray:
         return tensor_to_uint8(generator.sample(n, seed, condition))
 
-    return Backend(version, generator.family, generator.config.label, frozenset(generator.conditions),
-                   f"torch:{generator.device}", sample=sample)
+    return Backend(version, generator.family, generator.config.label, generator.sampling_labels(),
+                   frozenset(generator.conditions), f"torch:{generator.device}", sample=sample)
 
 
 def load_backend(model_uri: str) -> Backend | None:

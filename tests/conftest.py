@@ -180,3 +180,15 @@ def start_server(root: Path, tracking_uri: str, model: str, *args: str) -> tuple
 def stop_server(process: subprocess.Popen) -> None:
     process.terminate()
     process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def lus(tmp_path_factory) -> Path:
+    """A prepared 32 px phantom of 8 patients (consolidation masks and boxes included), shared read-only."""
+    from sonogen.data.phantom import generate
+    from sonogen.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("phantom32")
+    generate(root / "raw", patients=8, frames_per_patient=3, seed=0)
+    prepare(root / "raw", root / "lus", size=32, split="0.7,0.15,0.15", seed=0, stratify=True)
+    return root / "lus"

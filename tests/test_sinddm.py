@@ -14,22 +14,12 @@ from conftest import start_server, stop_server
 from typer.testing import CliRunner
 
 from sonogen.cli import app
-from sonogen.data.phantom import generate
-from sonogen.data.prepare import prepare
 from sonogen.generators import load_generator
 from sonogen.generators.multiscale_scheduler import MultiScaleScheduler, cosine_alphas_cumprod
 from sonogen.generators.sinddm import FewDDM, FewDDMConfig, MultiScaleDDMConfig, SinDDM, build_pyramid, scale_sizes
 from sonogen.generators.trainer import TrainConfig, train
 
 TINY = {"coarsest_area": 100, "coarsest_side": (8, 12), "timesteps": 20, "channels": 16}
-
-
-@pytest.fixture(scope="module")
-def lus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sinddm")
-    generate(root / "raw", patients=8, frames_per_patient=3, seed=0)
-    prepare(root / "raw", root / "lus", size=32, split="0.7,0.15,0.15", seed=0, stratify=True)
-    return root / "lus"
 
 
 @pytest.mark.parametrize("shape", [(256, 256), (200, 400), (480, 640), (600, 300), (90, 120)])
@@ -121,11 +111,11 @@ def test_same_seed_same_samples_in_any_batch_and_after_save_load(tmp_path):
             loaded.sample(1, 0, bad)
 
 
-def test_fewddm_draws_every_image_of_its_set_from_different_patients(lus):
+def test_fewddm_draws_every_image_of_its_set_from_different_patients(lus, tmp_path):
     torch.manual_seed(0)
     model = FewDDM(FewDDMConfig(label="normal", **TINY))
     summary = train(model, lus, "normal", TrainConfig(epochs=1, batch_size=4, steps_per_epoch=40, eval_samples=4),
-                    lus.parent / "few")
+                    tmp_path / "few")
     assert len(model.config.images) == 3 and summary["train_images"] == 3 and model.step == 40
     from sonogen.data import UltrasoundDataset
 

@@ -102,6 +102,14 @@ def load_grey(path: str | Path) -> np.ndarray:
         return np.asarray(im).copy()
 
 
+def mask_from_boxes(boxes: list[Box], height: int, width: int) -> np.ndarray:
+    """The filled boxes as a binary ``(height, width)`` uint8 mask (1 inside any box)."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        mask[max(0, int(y0)) : int(y1), max(0, int(x0)) : int(x1)] = 1
+    return mask
+
+
 def boxes_from_mask(mask: np.ndarray, min_pixels: int = 1) -> list[Box]:
     """One box per 8-connected component of a binary mask, components smaller than ``min_pixels`` ignored."""
     from scipy import ndimage

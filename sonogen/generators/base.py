@@ -13,7 +13,7 @@ import json
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,19 @@ def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
     return config_class(**values)
 
 
+def batch_indices(count: int, batch_size: int, steps: int | None, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch of batch indices into ``count`` images: a shuffled pass (the last partial batch dropped when
+    there is a full one), or ``steps`` batches drawn with replacement."""
+    if steps is not None:
+        for _ in range(steps):
+            yield torch.randint(count, (batch_size,), generator=generator)
+        return
+    order = torch.randperm(count, generator=generator)
+    end = count - count % batch_size if count >= batch_size else count
+    for start in range(0, end, batch_size):
+        yield order[start : start + batch_size]
+
+
 class Generator(ABC):
     family: ClassVar[str]
     config_class: ClassVar[type]
@@ -68,28 +81,30 @@ class Generator(ABC):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The optimisers, created on first use so sampling-only loads need none."""
 
+    def training_labels(self, dataset_labels: list[str]) -> list[str]:
+        """The labels whose training images the family learns from: its own (one generator per label)."""
+        return [self.config.label]
+
+    def sampling_labels(self) -> tuple[str, ...]:
+        """The labels a ``label`` condition may name."""
+        return (self.config.label,)
+
     def select_training_images(self, image_paths: list[str], patients: list[str]) -> list[int]:
         """Which of the label's training images (manifest paths, with their patients) to learn from: all."""
         return list(range(len(image_paths)))
 
-    def begin_training(self, images: torch.Tensor, total_steps: int) -> None:
-        """Called before the first step, and again on resume, with the training images on the device."""
+    def begin_training(self, images: torch.Tensor, total_steps: int, items: Sequence[dict] = ()) -> None:
+        """Called before the first step, and again on resume, with the training images on the device and their
+        dataset items (label, boxes, mask)."""
         size = getattr(self.config, "image_size", None)
         if size is not None and images.shape[-1] != size:
             raise ValueError(f"the dataset is {images.shape[-1]} px but the generator is {size} px")
 
     def training_batches(self, images: torch.Tensor, batch_size: int, steps: int | None,
                          generator: torch.Generator) -> Iterator[Any]:
-        """One epoch of batches for ``train_step``: a shuffled pass over ``images`` (the last partial batch
-        dropped when there is a full one), or ``steps`` batches drawn with replacement."""
-        if steps is not None:
-            for _ in range(steps):
-                yield images[torch.randint(len(images), (batch_size,), generator=generator)]
-            return
-        order = torch.randperm(len(images), generator=generator)
-        end = len(images) - len(images) % batch_size if len(images) >= batch_size else len(images)
-        for start in range(0, end, batch_size):
-            yield images[order[start : start + batch_size]]
+        """One epoch of batches for ``train_step``: images ``(B, 1, H, W)`` at ``batch_indices``."""
+        for indices in batch_indices(len(images), batch_size, steps, generator):
+            yield images[indices]
 
     @abstractmethod
     def train_step(self, batch: Any) -> dict[str, float]:
@@ -112,6 +127,10 @@ class Generator(ABC):
             module.to(self.device)
         return self
 
+    def accepts_condition(self, key: str) -> bool:
+        """Whether this generator (not only its family) takes the condition ``key``."""
+        return key in self.conditions
+
     def check_condition(self, condition: dict[str, Any] | None) -> dict[str, Any]:
         condition = dict(condition or {})
         unsupported = sorted(set(condition) - self.conditions)
@@ -119,9 +138,10 @@ class Generator(ABC):
             raise ValueError(
                 f"{self.family} does not take the condition(s) {unsupported}; it takes {sorted(self.conditions)}"
             )
-        own_label = getattr(self.config, "label", None)
-        if "label" in condition and condition["label"] != own_label:
-            raise ValueError(f"this {self.family} generates {own_label!r} images, not {condition['label']!r}")
+        labels = self.sampling_labels()
+        if "label" in condition and condition["label"] not in labels:
+            raise ValueError(f"this {self.family} generates {' or '.join(map(repr, labels))} images, "
+                             f"not {condition['label']!r}")
         return condition
 
     @torch.no_grad()
@@ -142,6 +162,13 @@ class Generator(ABC):
                 module.train(modes[name])
 
     # persistence -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_folder(cls, folder: Path, config) -> Generator:
+        """The generator saved in ``folder`` with ``config`` (read from its ``config.json``)."""
+        generator = cls(config)
+        generator._load_weights(load_file(str(folder / WEIGHTS)))
+        return generator
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -218,8 +245,7 @@ def load_generator(folder: str | Path, device: str | torch.device = "cpu") -> Ge
     if described.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{folder} has format version {described.get('format_version')}, expected {FORMAT_VERSION}")
     family = get_generator(described["family"])
-    generator = family(config_from_dict(family.config_class, described["config"]))
-    generator._load_weights(load_file(str(folder / WEIGHTS)))
+    generator = family.from_folder(folder, config_from_dict(family.config_class, described["config"]))
     generator.step, generator.epoch = described["step"], described["epoch"]
     return generator.to(device)
 

@@ -14,7 +14,7 @@ import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -208,7 +208,7 @@ class SinDDM(Generator):
         self.config.images = tuple(image_paths[k] for k in chosen)
         return chosen
 
-    def begin_training(self, images: torch.Tensor, total_steps: int) -> None:
+    def begin_training(self, images: torch.Tensor, total_steps: int, items: Sequence[dict] = ()) -> None:
         sizes = scale_sizes(*images.shape[-2:], self.config)
         pyramids = [build_pyramid(image, sizes) for image in images.cpu()]
         gaps = [float(np.mean([(p[k][0] - p[k][1]).pow(2).mean().sqrt().item() for p in pyramids]))

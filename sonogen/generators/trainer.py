@@ -101,8 +101,8 @@ def train(
     resume: bool = False,
     progress=None,
 ) -> dict:
-    """Trains on the ``train`` split images of ``label`` (those the family selects); writes ``out/generator``,
-    checkpoints and history.
+    """Trains on the ``train`` split images of ``label`` (or of every label the family learns; those it selects);
+    writes ``out/generator``, checkpoints and history.
 
     Per epoch it logs the losses, a sample grid of fixed latents and ``quality`` against the real training
     images. ``resume`` continues from ``out/checkpoint.safetensors``.
@@ -110,12 +110,15 @@ def train(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dataset = UltrasoundDataset(data, split="train", labels=[label])
+    if (learned := generator.training_labels(dataset.classes)) != [label]:
+        dataset = UltrasoundDataset(data, split="train", labels=learned)
     chosen = generator.select_training_images([r.image for r in dataset.records],
                                               [r.patient_id for r in dataset.records])
     if len(chosen) < generator.min_training_images:
         raise ValueError(f"{data} has {len(chosen)} training image(s) of label {label!r} for {generator.family}; "
                          f"at least {generator.min_training_images} are needed")
-    images = torch.stack([dataset[k]["image"] for k in chosen])
+    items = [dataset[k] for k in chosen]
+    images = torch.stack([item["image"] for item in items])
     device = resolve_device(config.device)
     generator.to(device)
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
@@ -125,13 +128,14 @@ def train(
     if config.compile:
         for module in generator.networks().values():
             module.compile()  # in place: the state dict keeps its keys
-    real = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: config.eval_samples]]
+    own = images[[k for k, item in enumerate(items) if item["label"] == label]]
+    real = own[torch.randperm(len(own), generator=torch.Generator().manual_seed(0))[: config.eval_samples]]
     loader_images = images.to(device)
     if device.type == "cuda" and config.channels_last:
         loader_images = loader_images.contiguous(memory_format=torch.channels_last)
     steps = config.steps_per_epoch or generator.steps_per_epoch
     batches_per_epoch = steps or max(1, len(images) // config.batch_size)
-    generator.begin_training(loader_images, batches_per_epoch * config.epochs)
+    generator.begin_training(loader_images, batches_per_epoch * config.epochs, items)
 
     history_path, checkpoint = out / HISTORY, out / CHECKPOINT
     history: list[dict] = []
