@@ -241,3 +241,28 @@ def test_train_command_fine_tunes_registers_and_serves_prompts_and_masks(lus, ti
     assert report["family"] == "ldm" and report["samples"]["synthetic"] == 6
     assert {"fid", "kmmd", "near_copy_fraction", "auc_delta", "mask_dice", "mask_dice_real"} <= set(report["metrics"])
     assert [row["gate"] for row in report["gates"]] == ["max_near_copy_fraction", "min_mask_dice"]
+
+
+def test_an_interrupted_from_scratch_run_resumes_to_the_same_weights_and_images(lus, tmp_path):
+    config = TrainConfig(epochs=2, batch_size=2, steps_per_epoch=3, eval_samples=2, eval_every=2, precision="fp32")
+
+    def stop_after_one_epoch(epochs):
+        yield next(iter(epochs))
+        raise KeyboardInterrupt
+
+    def fresh() -> LatentDiffusion:
+        torch.manual_seed(0)
+        return LatentDiffusion(LatentDiffusionConfig(label="consolidation", **{**TINY_SCRATCH, "vae_steps": 2}))
+
+    straight = fresh()
+    train(straight, lus, "consolidation", config, tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):  # stopped after the autoencoder and one UNet step
+        train(fresh(), lus, "consolidation", config, tmp_path / "resumed", progress=stop_after_one_epoch)
+    resumed = fresh()
+    train(resumed, lus, "consolidation", config, tmp_path / "resumed", resume=True)
+    assert resumed.step == straight.step == 6
+    expected = straight._weights()
+    assert expected.keys() == resumed._weights().keys() and any(k.startswith("ema.") for k in expected)
+    assert all(torch.equal(expected[k], v) for k, v in resumed._weights().items())
+    assert resumed.vae.config.scaling_factor == straight.vae.config.scaling_factor
+    assert torch.equal(resumed.sample(2, 1), straight.sample(2, 1))

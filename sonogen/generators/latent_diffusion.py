@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,11 +129,12 @@ def decode_mask(value: Any, size: int) -> torch.Tensor:
 
         try:
             image = Image.open(io.BytesIO(base64.b64decode(value, validate=True)))
+            wrong_size = image.size != (size, size)  # read from the header, before any pixels are decoded
+            value = None if wrong_size else np.asarray(image.convert("L"))
         except Exception:  # noqa: BLE001  (every decoding failure is the caller's bad input)
             raise ValueError("mask must be a base64-encoded PNG") from None
-        if image.size != (size, size):  # read from the header, before any pixels are decoded
+        if wrong_size:
             raise ValueError(f"mask is {image.size[0]}×{image.size[1]} px; this model samples {size}×{size}")
-        value = np.asarray(image.convert("L"))
     mask = torch.as_tensor(np.asarray(value), dtype=torch.float32).squeeze()
     if mask.shape != (size, size):
         raise ValueError(f"mask has shape {tuple(mask.shape)}; this model samples {size}×{size}")
@@ -161,6 +163,8 @@ class LatentDiffusion(Generator):
             base = _local(config.base_model)
             if (base / CONFIG).is_file():  # a saved ldm generator: its own pipeline, LoRA merged
                 self._read_pipeline(base / "pipeline", base, merge_lora=True)
+                # its label embedding's rows are its labels, in its order
+                config.labels = config.labels or tuple(json.loads((base / CONFIG).read_text())["config"]["labels"])
             else:
                 self._read_pipeline(base, None)
         if folder is None and config.mode == "fine-tune" and config.lora_rank:
@@ -453,8 +457,6 @@ class LatentDiffusion(Generator):
         return cls(config, folder=folder)
 
     def save(self, folder: str | Path) -> Path:
-        import json
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with self._averaged_weights():
