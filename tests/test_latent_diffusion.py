@@ -110,7 +110,8 @@ def test_from_scratch_trains_autoencoder_then_latent_unet_and_reloads_to_the_sam
 def test_fine_tuning_a_stable_diffusion_checkpoint_in_full_or_with_lora(lus, tiny_sd, tmp_path, lora_rank):
     torch.manual_seed(0)
     config = LatentDiffusionConfig(label="consolidation", mode="fine-tune", base_model=str(tiny_sd), image_size=32,
-                                   lora_rank=lora_rank, prompt_template="lung ultrasound, {label}", steps=3)
+                                   lora_rank=lora_rank, prompt_template="lung ultrasound, {label}", steps=3,
+                                   gradient_checkpointing=bool(lora_rank), snr_gamma=5.0)
     model = LatentDiffusion(config)
     unet, vae, text = _weights(model.unet), _weights(model.vae), _weights(model.text_encoder)
     train(model, lus, "consolidation", TWO_STEPS, tmp_path / "run")
