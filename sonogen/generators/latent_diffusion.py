@@ -152,6 +152,7 @@ class LatentDiffusion(Generator):
         from diffusers import ControlNetModel, DDPMScheduler
 
         self.tokenizer = self.text_encoder = self.label_embedding = self.controlnet = self.ema = None
+        self._label_states: torch.Tensor | None = None
         self._optimizers: dict[str, torch.optim.Optimizer] | None = None
         if folder is not None:  # a saved generator
             self._read_pipeline(folder / "pipeline", folder)
@@ -265,13 +266,22 @@ class LatentDiffusion(Generator):
 
     # conditioning --------------------------------------------------------------------------------------------
 
-    def _embed(self, labels: torch.Tensor | None = None, prompts: list[str] | None = None) -> torch.Tensor:
-        """Cross-attention states: the label embedding (row 0 is unconditional), or the text encoder's."""
+    def _embed(self, labels: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
+        """Cross-attention states: of the prompts when given, else of the labels (0 is unconditional) through
+        the label embedding or the text encoder's reading of each label's prompt."""
         if self.label_embedding is not None:
             return self.label_embedding(labels.to(self.device))[:, None]
-        if prompts is None:
+        if prompts is not None:
+            return self._encode_text(prompts)
+        if self._label_states is None:  # the text encoder never trains: each label's prompt is read once
             names = ("",) + self.sampling_labels()
-            prompts = [names[k] and prompt_for(self.config.prompt_template, names[k]) for k in labels.tolist()]
+            with torch.autocast(self.device.type, enabled=False):
+                self._label_states = self._encode_text(
+                    [name and prompt_for(self.config.prompt_template, name) for name in names])
+        return self._label_states.to(self.device)[labels.to(self.device)]
+
+    @torch.no_grad()
+    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
         return self.text_encoder(tokens.input_ids.to(self.device))[0]
@@ -443,7 +453,7 @@ class LatentDiffusion(Generator):
             pipe = self.pipeline(condition.get("scheduler"), with_controlnet=mask is not None)
             extra = {} if mask is None else {"image": self._control_image(mask[None, None].expand(n, 1, -1, -1))}
             images = pipe(prompt_embeds=self._embed(label, prompts),
-                          negative_prompt_embeds=self._embed(torch.zeros(n, dtype=torch.long), [""] * n),
+                          negative_prompt_embeds=self._embed(torch.zeros(n, dtype=torch.long)),
                           num_inference_steps=condition.get("steps", c.steps),
                           guidance_scale=float(condition.get("guidance_scale", c.guidance_scale)),
                           latents=latents.to(self.device), generator=torch.Generator().manual_seed(seed),
