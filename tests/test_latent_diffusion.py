@@ -16,7 +16,7 @@ from sonogen.generators.latent_diffusion import LatentDiffusion, LatentDiffusion
 from sonogen.generators.trainer import TrainConfig, train
 
 TINY_SCRATCH = {"image_size": 32, "vae_channels": (8, 16), "unet_channels": (16, 32), "embedding_dim": 16,
-                "vae_steps": 2, "steps": 3}
+                "vae_steps": 2, "steps": 3, "train_timesteps": 40}
 TWO_STEPS = TrainConfig(epochs=1, batch_size=2, steps_per_epoch=2, eval_samples=2, precision="fp32")
 
 
@@ -96,6 +96,9 @@ def test_from_scratch_trains_autoencoder_then_latent_unet_and_reloads_to_the_sam
         assert torch.allclose(first, model.sample(2, seed=5, condition=condition), atol=1e-5)
     assert not torch.equal(loaded.sample(1, 5, {"label": "normal"}), loaded.sample(1, 5, {"label": "consolidation"}))
     assert torch.allclose(loaded.sample(2, 5)[1], loaded.sample(3, 5)[1], atol=1e-5)  # depends on seed and position
+    for scheduler in ("ddpm", "ddim", "dpmpp"):  # every sampler can run the whole training schedule
+        full = loaded.sample(1, 0, {"scheduler": scheduler, "steps": loaded.config.train_timesteps})
+        assert torch.isfinite(full).all()
     with pytest.raises(ValueError, match="prompt"):
         loaded.sample(1, 0, {"prompt": "lung ultrasound"})
     with pytest.raises(ValueError, match="steps"):

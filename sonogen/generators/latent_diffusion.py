@@ -119,6 +119,9 @@ def _scheduler(name: str, config) -> Any:
 
     # without diffusers' record of which values were defaults, a schedule built here samples as it does saved
     settings = {key: value for key, value in config.items() if key != "_use_default_values"}
+    # trailing spacing starts every schedule at the last training step (SD's "leading" one never reaches it) and
+    # keeps a full-length schedule inside the table, where "leading" plus steps_offset runs one past its end
+    settings["timestep_spacing"] = "trailing"
     return {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}[name].from_config(settings)
 
 
