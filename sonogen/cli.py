@@ -191,6 +191,30 @@ def prepare_command(
         console.print(f"[yellow]skipped[/yellow] {skip['image']}: {skip['reason']}")
 
 
+@data_app.command("lesion-bank")
+@_user_errors
+def lesion_bank_command(
+    data: Annotated[Path, typer.Argument(help="Prepared dataset folder with lesion boxes.")],
+    out: Annotated[Path, typer.Argument(help="Output folder of the bank (lesions.json + structures.npy).")],
+    label: Annotated[str, typer.Option(help="The lesion label whose boxes go into the bank.")] = "consolidation",
+    split: Annotated[str, typer.Option(help="Split to build from (the real training split by default).")] = "train",
+    structure_size: Annotated[int, typer.Option(min=4, help="Side of the stored structure maps, px.")] = 32,
+    bandwidth: Annotated[float, typer.Option(min=1e-3, help="Kernel bandwidth of the position prior.")] = 0.05,
+    dataset: Annotated[str | None, typer.Option(help="Dataset name for MLflow (default: data folder name).")] = None,
+):
+    """Build DiffUltra's Lesion-anatomy Bank (fan, pleura, lesion structures, position prior) and log it to MLflow."""
+    from sonogen.jobs import build_lesion_bank
+
+    info = build_lesion_bank(data, out, label, split, structure_size, bandwidth, dataset)
+    stats = info["statistics"]
+    console.print(f"lesion bank of {stats['lesions']} {label} boxes from {stats['patients']} patients "
+                  f"({len(info['skipped'])} images without a pleural line skipped): {out}; "
+                  f"{stats['large_fraction']:.0%} large (area ≥ {stats['large_area']:.4f} of the image); "
+                  f"MLflow run {info['run_id']}")
+    for skipped in info["skipped"][:5]:
+        console.print(f"  skipped {skipped['image']}: {skipped['reason']}")
+
+
 @app.command("train")
 @_user_errors
 def train_command(

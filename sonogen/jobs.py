@@ -140,6 +140,36 @@ def prepare_dataset(raw: str, out: str | Path, phantom: dict | None = None, prep
     return {**report, "manifest_sha256": file_sha256(Path(out) / MANIFEST)}
 
 
+def build_lesion_bank(data: str | Path, out: str | Path, label: str = "consolidation", split: str = "train",
+                      structure_size: int = 32, bandwidth: float = 0.05, dataset: str | None = None,
+                      experiment: str | None = None) -> dict:
+    """DiffUltra's Lesion-anatomy Bank of ``label``'s boxes in ``data`` written to ``out`` and logged to MLflow
+    (parameters: the dataset's identity; metrics: the bank's statistics; artifacts: the bank itself)."""
+    import mlflow
+
+    from sonogen.data.lesion_bank import LesionBank
+
+    data, out = Path(data), Path(out)
+    bank = LesionBank.build(data, label, split, structure_size, bandwidth)
+    bank.source.update(dataset_identity(data, label))
+    bank.save(out)
+    tracking_uri = configure_mlflow()
+    mlflow.set_experiment(experiment or f"{dataset or data.name}-lesion-bank")
+    stats = bank.statistics()
+    with mlflow.start_run(run_name=f"lesion-bank-{label}") as run:
+        mlflow.log_params({**dataset_identity(data, label), "split": split, "structure_size": structure_size,
+                           "bandwidth": bandwidth})
+        mlflow.set_tags({"label": label, "dataset": dataset or data.name, "code_version": git_commit()})
+        metrics = {}
+        for name, value in stats.items():
+            metrics.update({f"bank.{name}.{k}": v for k, v in value.items()} if isinstance(value, dict)
+                           else {f"bank.{name}": value})
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifacts(str(out), artifact_path="lesion_bank")
+    return {"out": str(out), "run_id": run.info.run_id, "tracking_uri": tracking_uri, "statistics": stats,
+            "skipped": bank.source["skipped"]}
+
+
 def generator_name(family: str, label: str, images: tuple[str, ...] | list[str] = ()) -> str:
     """``<family>-<label>``, plus the image id for families with one model per image: the default training
     folder and the name of the gate report folder."""

@@ -93,13 +93,15 @@ def _speckle(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
     return envelope / envelope.mean()
 
 
-def render(patient: Patient, seed: int, frame: int) -> tuple[np.ndarray, np.ndarray]:
-    """One scanner screen (uint8, ``CANVAS``) and its consolidation mask (bool) for a patient and frame."""
-    rng = np.random.default_rng([seed, patient.index, frame + 1])
+def _breathing(patient: Patient, frame: int) -> float:
+    return float(np.sin(2 * np.pi * (frame / 7.0 + patient.index / 3.0)))
+
+
+def _polar_frame(patient: Patient):
+    """Per screen pixel: inside the fan, depth ``d``, lateral ``s`` and radius; with the apex row, the deepest
+    radius and the imaging depth in pixels."""
     height, width = CANVAS
-    breathing = np.sin(2 * np.pi * (frame / 7.0 + patient.index / 3.0))
-    top = 26.0
-    apex_y = top - patient.surface_radius
+    apex_y = 26.0 - patient.surface_radius
     radius_max = min(
         patient.surface_radius + patient.depth_px,
         (width / 2 - 6) / np.sin(patient.half_angle),
@@ -107,15 +109,41 @@ def render(patient: Patient, seed: int, frame: int) -> tuple[np.ndarray, np.ndar
     )
     depth_px = radius_max - patient.surface_radius
     y, x = np.mgrid[0:height, 0:width].astype(np.float64)
-    dx, dy = x - width / 2 + 0.5, y - apex_y
-    radius = np.hypot(dx, dy)
-    angle = np.arctan2(dx, dy)
+    radius = np.hypot(x - width / 2 + 0.5, y - apex_y)
+    angle = np.arctan2(x - width / 2 + 0.5, y - apex_y)
     inside = (radius >= patient.surface_radius) & (radius <= radius_max) & (np.abs(angle) <= patient.half_angle)
     d = (radius - patient.surface_radius) / depth_px
-    s = angle / patient.half_angle
+    return inside, d, angle / patient.half_angle, radius, apex_y, radius_max, depth_px
+
+
+def _pleura_depth(patient: Patient, s: np.ndarray, breathing: float) -> np.ndarray:
+    return patient.pleura + 0.006 * np.sin(2.5 * s + patient.index) + 0.003 * breathing
+
+
+def pleura_line(patient: Patient, frame: int) -> np.ndarray:
+    """The true pleural line of a frame: for each screen column, the row of the pleura's centre (float), NaN
+    where the column has no visible pleura (outside the fan, or under a rib, whose shadow hides it)."""
+    inside, d, s, *_ = _polar_frame(patient)
+    distance = np.where(inside, np.abs(d - _pleura_depth(patient, s, _breathing(patient, frame))), np.inf)
+    rows = np.argmin(distance, axis=0).astype(np.float64)
+    column = np.arange(CANVAS[1])
+    lateral = s[rows.astype(int), column]
+    hidden = np.zeros(CANVAS[1], dtype=bool)
+    for centre, half_width in patient.ribs:
+        hidden |= np.abs(lateral - centre) < half_width
+    # a column that only grazes the fan's side edge has no pleura across it
+    visible = np.isfinite(distance[rows.astype(int), column]) & (distance[rows.astype(int), column] < 0.01)
+    return np.where(visible & ~hidden, rows, np.nan)
+
+
+def render(patient: Patient, seed: int, frame: int) -> tuple[np.ndarray, np.ndarray]:
+    """One scanner screen (uint8, ``CANVAS``) and its consolidation mask (bool) for a patient and frame."""
+    rng = np.random.default_rng([seed, patient.index, frame + 1])
+    breathing = _breathing(patient, frame)
+    inside, d, s, radius, apex_y, radius_max, depth_px = _polar_frame(patient)
     px = 1.0 / depth_px  # one pixel in depth units
 
-    pleura = patient.pleura + 0.006 * np.sin(2.5 * s + patient.index) + 0.003 * breathing
+    pleura = _pleura_depth(patient, s, breathing)
     echo = np.full(d.shape, 0.06)
     # chest wall: bright skin, darker fat, striated muscle with fascia lines, curving gently with the probe
     wall = d < pleura

@@ -1,0 +1,146 @@
+"""The Lesion-anatomy Bank on the phantom, whose pleura, lesions and generating distribution are known."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sonogen.data.lesion_bank import (
+    Anatomy, Lesion, LesionBank, detect_anatomy, render_condition, structure_map,
+)
+from sonogen.data.manifest import load_grey, read_manifest
+from sonogen.data.phantom import make_patient, pleura_line, render
+from sonogen.data.prepare import Geometry, scan_region
+
+
+@pytest.fixture(scope="module")
+def phantom128(tmp_path_factory):
+    from sonogen.data.phantom import generate
+    from sonogen.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("phantom128")
+    generate(root / "raw", patients=12, frames_per_patient=2, seed=0)
+    prepare(root / "raw", root / "lus", size=128, split="0.7,0.15,0.15", seed=0, stratify=True)
+    return root / "lus"
+
+
+def _prepared_pleura(patient, frames: int, size: int):
+    """Frames as ``prepare`` writes them, with the true pleura moved into the same pixels."""
+    screens = [render(patient, 0, f)[0] for f in range(frames)]
+    region = scan_region(np.stack(screens))
+    geometry = Geometry.fit(region, size)
+    for f, screen in enumerate(screens):
+        truth = pleura_line(patient, f)
+        columns = np.flatnonzero(np.isfinite(truth))
+        x = (columns + 0.5 - geometry.left) * geometry.scale + geometry.pad_x - 0.5
+        y = (truth[columns] + 0.5 - geometry.top) * geometry.scale + geometry.pad_y - 0.5
+        yield geometry.apply(np.where(region, screen, 0), Image.Resampling.LANCZOS), x, y
+
+
+def test_the_pleural_line_is_found_within_a_pixel_on_the_phantom():
+    errors = []
+    for index in range(8):
+        for image, x, y in _prepared_pleura(make_patient(0, index, consolidation=index % 2 == 0), 2, 128):
+            anatomy = detect_anatomy(image)
+            detected = np.interp(x, np.arange(128), anatomy.pleura)
+            assert np.isfinite(detected).mean() > 0.8  # seen over most of the true line
+            errors.append(np.nanmean(np.abs(detected - y)))
+            assert anatomy.fan[int(anatomy.pleura_at(anatomy.centre)), int(anatomy.centre)]
+    assert np.mean(errors) < 0.5 and np.max(errors) < 1.0, errors
+    with pytest.raises(ValueError, match="fan"):
+        detect_anatomy(np.zeros((128, 128), dtype=np.uint8))
+
+
+def test_bank_statistics_match_the_phantoms_generating_distribution(phantom128, tmp_path):
+    bank = LesionBank.build(phantom128, "consolidation", split="train")
+    records = {r.image: r for r in read_manifest(phantom128)}
+    assert len(bank.lesions) >= 6 and not bank.source["skipped"]
+    for lesion in bank.lesions:
+        patient = make_patient(0, int(records[lesion.image].patient_id.rsplit("-", 1)[1]), consolidation=True)
+        # the phantom's lesions hang from the pleura, centred at `lesion_centre` in fan half-widths
+        assert abs(lesion.depth) < 0.05, lesion
+        assert abs(lesion.lateral - patient.lesion_centre) < 0.15, (lesion, patient.lesion_centre)
+    stats = bank.statistics()
+    assert -0.03 < stats["depth"]["median"] < 0.05 and stats["lateral"]["q05"] > -0.4 and stats["lateral"]["q95"] < 0.4
+    assert stats["large_fraction"] == pytest.approx(0.1, abs=0.1)
+    assert bank.structures.shape == (len(bank.lesions), 32, 32)
+    assert np.abs(bank.structures.astype(np.float32)).max() <= 1
+
+    loaded = LesionBank.load(bank.save(tmp_path / "bank"))
+    assert loaded.lesions == bank.lesions and np.array_equal(loaded.structures, bank.structures)
+    assert loaded.statistics() == stats
+    with pytest.raises(FileNotFoundError, match="lesion bank"):
+        LesionBank.load(tmp_path)
+    with pytest.raises(ValueError, match="no train images of label 'effusion'"):
+        LesionBank.build(phantom128, "effusion")
+
+
+def test_sampled_lesions_lie_below_the_pleura_inside_the_fan_and_large_ones_can_be_favoured(phantom128):
+    bank = LesionBank.build(phantom128, "consolidation", split="train")
+    negatives = [r for r in read_manifest(phantom128) if r.label == "normal"]
+    anatomies = [detect_anatomy(load_grey(phantom128 / r.image)) for r in negatives]
+    rng = np.random.default_rng(0)
+    drawn = {"none": [], "large": []}
+    for bias in drawn:
+        for k in range(300):
+            anatomy = anatomies[k % len(anatomies)]
+            (x0, y0, x1, y1), index = bank.sample(anatomy, rng, bias)
+            assert 0 <= x0 < x1 <= 128 and 0 <= y0 < y1 <= 128
+            assert y0 >= anatomy.pleura_top(x0, x1) - 0.5  # at or below the pleura over the whole box
+            assert anatomy.fan[y0:y1, x0:x1].mean() >= 0.9
+            drawn[bias].append(bank.large[index])
+    assert np.mean(drawn["none"]) < 0.25 and np.mean(drawn["large"]) == pytest.approx(0.5, abs=0.1)
+    # same generator state, same placement
+    assert bank.sample(anatomies[0], np.random.default_rng(5)) == bank.sample(anatomies[0], np.random.default_rng(5))
+    with pytest.raises(ValueError, match="size_bias"):
+        bank.sample(anatomies[0], rng, "huge")
+
+
+def test_the_position_prior_conditions_on_the_anchor():
+    fan = np.ones((64, 64), dtype=bool)
+    lesions = [Lesion("a.png", "p1", [10, 20, 20, 30], (0.5, 0.2), -0.5, 0.0, 0.15, 0.15),
+               Lesion("b.png", "p2", [40, 40, 50, 50], (0.5, 0.6), 0.5, 0.0, 0.15, 0.15)]
+    bank = LesionBank(lesions, np.zeros((2, 8, 8), dtype=np.float16), 64, {}, bandwidth=0.05)
+    high, low = bank.weights((0.5, 0.2)), bank.weights((0.5, 0.6))
+    assert high[0] > 0.99 and low[1] > 0.99  # each anatomy draws the lesion seen on an anatomy like it
+    shallow = Anatomy(fan, np.full(64, 12.8))
+    box, index = bank.sample(shallow, np.random.default_rng(0))
+    assert index == 0 and box[0] + (box[2] - box[0]) / 2 < 32  # left of the centre, like lesion a
+    with pytest.raises(ValueError, match="at least one"):
+        LesionBank([], np.zeros((0, 8, 8)), 64, {})
+
+
+def test_condition_maps_render_structure_or_filled_boxes():
+    image = np.full((32, 32), 100, dtype=np.uint8)
+    image[12:14, 8:24] = 250  # a bright line (an air bronchogram) across the lesion
+    structure = structure_map(image, [8, 8, 24, 24], 16)
+    assert structure.shape == (16, 16) and structure.max() == 1 and structure.min() >= -1
+    assert structure[4:6].mean() > 0.5 and structure[12:].mean() < 0.1  # the line, 4 px into the 16 px box
+    assert np.allclose(structure_map(np.full((32, 32), 90, np.uint8), [0, 0, 32, 32], 16), 0)
+
+    binary = render_condition((32, 32), [[4, 6, 10, 20]], None)
+    assert binary[6:20, 4:10].min() == 1 and binary.sum() == 6 * 14
+    rendered = render_condition((32, 32), [[8, 8, 24, 24]], [structure])
+    assert rendered[:8].max() == 0 and 0 <= rendered.min() and rendered.max() <= 1
+    assert rendered[12:14, 8:24].mean() > 0.8 and rendered[20:24, 8:24].mean() == pytest.approx(0.5, abs=0.1)
+
+
+def test_the_lesion_bank_command_writes_the_bank_and_logs_it_to_mlflow(phantom128, tmp_path, monkeypatch):
+    import mlflow
+    from typer.testing import CliRunner
+
+    from sonogen.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = CliRunner().invoke(app, ["data", "lesion-bank", str(phantom128), "bank", "--dataset", "lus"])
+    assert result.exit_code == 0, result.output
+    assert "lesion bank of" in result.output
+    bank = LesionBank.load(tmp_path / "bank")
+    assert bank.source["data_manifest_sha256"] and bank.source["label"] == "consolidation"
+    [run] = mlflow.search_runs(experiment_names=["lus-lesion-bank"], output_format="list")
+    assert run.data.params["data_manifest_sha256"] == bank.source["data_manifest_sha256"]
+    assert run.data.metrics["bank.lesions"] == len(bank.lesions)
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "lesion_bank")}
+    assert artifacts == {"lesion_bank/lesions.json", "lesion_bank/structures.npy"}
+    missing = CliRunner().invoke(app, ["data", "lesion-bank", str(phantom128), "other", "--label", "effusion"])
+    assert missing.exit_code != 0 and "effusion" in missing.output
