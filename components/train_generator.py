@@ -1,7 +1,11 @@
-"""train_generator: one generator family on one label, tracked in MLflow (registration is a later step)."""
+"""train_generator: one generator family on one label, tracked in MLflow (registration is a later step).
+
+Families built on another model (diffultra on an ldm) take it as ``base``, and a lesion bank as ``bank``."""
+
+from typing import Optional
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 from components import IMAGE
 
@@ -15,6 +19,8 @@ def train_generator(
     label: str,
     params: str,
     dataset_name: str = "lus",
+    base: Optional[Input[Model]] = None,
+    bank: Optional[Input[Artifact]] = None,
 ):
     import tempfile
 
@@ -22,8 +28,10 @@ def train_generator(
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as config:
         config.write(params)  # read as `dvc repro` reads params.yaml: train.<family>.{model,train}
+    overrides = {**({"base_model": f"{base.path}/generator"} if base is not None else {}),
+                 **({"bank": bank.path} if bank is not None else {})}
     info = run_training(family, prepared.path, label, model.path, config.name, dataset=dataset_name,
-                        register=False)
+                        register=False, model_overrides=overrides)
     model.metadata.update({"family": family, "label": label, "run_id": info["run_id"]})
     for key, value in info["final"].items():
         if isinstance(value, float):

@@ -1,4 +1,5 @@
-"""The training pipeline: prepare → us-encoder → for each (family, label): train → evaluate → if passed: register.
+"""The training pipeline: prepare → us-encoder → for each (family, label): train → evaluate → if passed: register;
+with DiffUltra: lesion bank → its base ldm → diffultra on both → evaluate → if passed: register.
 
 The same definition runs on a Kubeflow cluster (GPU training tasks, credentials from Kubernetes) and on a laptop
 through ``kfp.local`` with no cluster. Its arguments come from ``params.yaml``, so ``dvc repro`` and a pipeline
@@ -12,6 +13,7 @@ from pathlib import Path
 import yaml
 from kfp import compiler, dsl, kubernetes
 
+from components.build_lesion_bank import build_lesion_bank
 from components.evaluate_gates import evaluate_gates
 from components.prepare_data import prepare_data
 from components.register_model import register_model
@@ -30,6 +32,18 @@ def _cluster_environment(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
+def _gpu_training(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+    return _cluster_environment(task.set_cpu_request("4").set_memory_request("16G").set_retry(2))
+
+
+def _register_if_passed(trained: dsl.PipelineTask, gated: dsl.PipelineTask) -> None:
+    with dsl.If(gated.outputs["Output"] == True, name="gates-passed"):  # noqa: E712  (a KFP condition)
+        _cluster_environment(
+            register_model(model=trained.outputs["model"], report=gated.outputs["report"])
+        ).set_caching_options(False)  # registering twice must make a new version, never be skipped
+
+
 @dsl.pipeline(name=PIPELINE_NAME, description="Train, gate and register ultrasound image generators.")
 def training_pipeline(
     params: str,
@@ -38,9 +52,11 @@ def training_pipeline(
     dvc_repo: str = "",
     dvc_rev: str = "",
     dataset_name: str = "lus",
+    diffultra_label: str = "",
 ):
     """``params`` is the text of a params.yaml: KFP passes dict parameters as protobuf Structs, which turn every
-    integer into a float, so the sections travel as YAML and each step reads them as ``dvc repro`` does."""
+    integer into a float, so the sections travel as YAML and each step reads them as ``dvc repro`` does.
+    ``diffultra_label`` (empty: none) trains DiffUltra for that lesion label on an ldm of the same data."""
     prepared = _cluster_environment(
         prepare_data(params=params, raw=raw, dvc_repo=dvc_repo, dvc_rev=dvc_rev)
     ).set_cpu_request("2").set_memory_request("8G")
@@ -48,20 +64,32 @@ def training_pipeline(
         train_encoder(prepared=prepared.outputs["prepared"], params=params, dataset_name=dataset_name)
     ).set_cpu_request("4").set_memory_request("8G")
     with dsl.ParallelFor(items=runs, name="family-label") as run:
-        trained = _cluster_environment(train_generator(
+        trained = _gpu_training(train_generator(
             prepared=prepared.outputs["prepared"], family=run.family, label=run.label, params=params,
             dataset_name=dataset_name,
         ))
-        trained.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
-        trained.set_cpu_request("4").set_memory_request("16G").set_retry(2)
         gated = _cluster_environment(evaluate_gates(
             prepared=prepared.outputs["prepared"], model=trained.outputs["model"], encoder=encoder.outputs["encoder"],
             params=params,
         )).set_cpu_request("4").set_memory_request("8G")
-        with dsl.If(gated.outputs["Output"] == True, name="gates-passed"):  # noqa: E712  (a KFP condition)
-            _cluster_environment(
-                register_model(model=trained.outputs["model"], report=gated.outputs["report"])
-            ).set_caching_options(False)  # registering twice must make a new version, never be skipped
+        _register_if_passed(trained, gated)
+    with dsl.If(diffultra_label != "", name="diffultra"):
+        bank = _cluster_environment(build_lesion_bank(
+            prepared=prepared.outputs["prepared"], params=params, dataset_name=dataset_name,
+        )).set_cpu_request("2").set_memory_request("4G")
+        anatomy = _gpu_training(train_generator(
+            prepared=prepared.outputs["prepared"], family="ldm", label=diffultra_label, params=params,
+            dataset_name=dataset_name,
+        ))
+        lesions = _gpu_training(train_generator(
+            prepared=prepared.outputs["prepared"], family="diffultra", label=diffultra_label, params=params,
+            dataset_name=dataset_name, base=anatomy.outputs["model"], bank=bank.outputs["bank"],
+        ))
+        gated = _cluster_environment(evaluate_gates(
+            prepared=prepared.outputs["prepared"], model=lesions.outputs["model"], encoder=encoder.outputs["encoder"],
+            params=params,
+        )).set_cpu_request("4").set_memory_request("8G")
+        _register_if_passed(lesions, gated)
 
 
 def arguments_from_params(params_text: str) -> dict:
@@ -70,10 +98,14 @@ def arguments_from_params(params_text: str) -> dict:
     dataset = params.get("dataset") or {}
     train = params.get("train") or {}
     raw = dataset.get("raw", "data/raw/phantom")
+    families = train.get("families", [])
     return {
         "params": params_text,
-        "runs": [{"family": f, "label": lb} for f, lb in itertools.product(train.get("families", []),
+        # diffultra trains once, for the lesion bank's label, on its own branch
+        "runs": [{"family": f, "label": lb} for f, lb in itertools.product([f for f in families if f != "diffultra"],
                                                                            train.get("labels", []))],
+        "diffultra_label": ((params.get("lesion_bank") or {}).get("label", "consolidation")
+                            if "diffultra" in families else ""),
         # the DVC phantom stage's output is simulated inside the pipeline from the same parameters
         "raw": "phantom" if raw == "data/raw/phantom" else raw,
         "dataset_name": dataset.get("name", "lus"),

@@ -48,7 +48,8 @@ class SamplerModel(Model):
             self.ready = True
         return True
 
-    async def _sample(self, request: SamplingRequest) -> np.ndarray:
+    async def _sample(self, request: SamplingRequest) -> tuple[np.ndarray, list | None]:
+        """The request's images, with each image's lesion boxes from families that place lesions."""
         backend, batcher = self.backend, self.batcher
         if batcher is None:  # torch families sample whole requests
             try:
@@ -57,7 +58,7 @@ class SamplerModel(Model):
                 raise InvalidInput(f"condition: {err}") from err
         chunks = [gaussian_latents(request.seed, min(self.max_batch, request.n - start), backend.latent_dim, start)
                   for start in range(0, request.n, self.max_batch)]
-        return np.concatenate(await asyncio.gather(*(batcher.run(chunk) for chunk in chunks)))
+        return np.concatenate(await asyncio.gather(*(batcher.run(chunk) for chunk in chunks))), None
 
     def _echo(self, request: SamplingRequest) -> dict[str, Any]:
         return {"model_name": self.name, "model_version": self.version, "seed": request.seed,
@@ -66,11 +67,18 @@ class SamplerModel(Model):
     async def predict(self, payload, headers: dict[str, str] | None = None):
         if isinstance(payload, InferRequest):
             request = parse_v2_request(payload, self.backend, self.max_n)
-            images = await self._sample(request)
+            images, boxes = await self._sample(request)
             output = InferOutput(name="images", shape=list(images.shape), datatype="UINT8")
             output.set_data_from_numpy(images, binary_data=False)
+            outputs = [output]
+            if boxes is not None:  # (n, most boxes of an image, 4), rows of -1 where an image has fewer
+                table = np.full((len(boxes), max(map(len, boxes), default=0), 4), -1, dtype=np.int32)
+                for k, image_boxes in enumerate(boxes):
+                    table[k, :len(image_boxes)] = np.asarray(image_boxes, dtype=np.int32).reshape(-1, 4)
+                outputs.append(InferOutput(name="boxes", shape=list(table.shape), datatype="INT32"))
+                outputs[-1].set_data_from_numpy(table, binary_data=False)
             return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
-                                 infer_outputs=[output], model_version=self.version,
+                                 infer_outputs=outputs, model_version=self.version,
                                  parameters={k: v for k, v in self._echo(request).items()
                                              if k in ("model_version", "seed", "label")})
         if isinstance(payload, (bytes, str)):  # kserve leaves bodies of other content types (curl -d) undecoded
@@ -85,10 +93,11 @@ class SamplerModel(Model):
         if sum(r.n for r in requests) > self.max_n:
             raise InvalidInput(f"instances: {sum(r.n for r in requests)} images in one call; at most {self.max_n}")
         predictions = []
-        for request, images in zip(requests, await asyncio.gather(*(self._sample(r) for r in requests))):
+        for request, (images, boxes) in zip(requests, await asyncio.gather(*(self._sample(r) for r in requests))):
             encode = lambda: [base64.b64encode(png_bytes(image)).decode() for image in images]  # noqa: E731
             # a few images are cheaper to encode here than the thread hop; many go off the event loop (zlib
             # releases the GIL, so they overlap with other requests' sampling)
             encoded = encode() if len(images) <= INLINE_ENCODE else await asyncio.to_thread(encode)
-            predictions.append({**self._echo(request), "format": request.format, "images": encoded})
+            predictions.append({**self._echo(request), "format": request.format, "images": encoded,
+                                **({} if boxes is None else {"boxes": boxes})})
         return {"predictions": predictions}

@@ -243,12 +243,21 @@ def train_command(
     = None,
     control: Annotated[str | None, typer.Option(help="ldm controlnet: condition on the dataset's mask or boxes.")]
     = None,
+    condition: Annotated[str | None, typer.Option(
+        help="diffultra: structure (the bank's structure maps) or binary (filled boxes, the paper's baseline).")]
+    = None,
+    bank: Annotated[str | None, typer.Option(
+        help="diffultra: a lesion bank folder (sonogen data lesion-bank); default: built from the training data.")]
+    = None,
+    size_bias: Annotated[str | None, typer.Option(help="diffultra: none, or large to over-sample large lesions.")]
+    = None,
 ):
     """Train a generator on one label of a prepared dataset, tracked in MLflow."""
     from sonogen.jobs import generator_name, train_generator
 
     chosen = {"images": tuple(image or ()), "max_images": max_images, "mode": mode, "base_model": base_model,
-              "lora_rank": lora_rank, "control": control}
+              "lora_rank": lora_rank, "control": control, "condition": condition, "bank": bank,
+              "size_bias": size_bias}
     overrides = {k: v for k, v in chosen.items() if v not in (None, ())}
     out = out or Path("models") / generator_name(family, label, overrides.get("images", ()))
     info = train_generator(family, data, label, out, config, dataset, experiment, register, resume,

@@ -36,6 +36,7 @@ GATES: dict[str, tuple[str, str]] = {
     "max_diversity_ratio": ("ms_ssim_diversity_ratio", "max"),
     "min_auc_delta_lower_ci": ("auc_delta_lower_ci", "min"),
     "min_mask_dice": ("mask_dice", "min"),
+    "min_detection_ap50_delta": ("detection_ap50_delta", "min"),
 }
 FEATURE_METRICS = ("kmmd", "kmmd_unbiased", "one_nn_acc", "one_nn_acc_real", "one_nn_acc_synthetic", "fid",
                    "sifid", "near_copy_fraction", "memorisation_median_ratio")
@@ -50,12 +51,17 @@ class EvaluateConfig:
     sifid_max_train_images: int = 8  # SIFID and SSIM to the source images are for single- and few-image generators
     few_image_samples: int = 32  # samples of a single- or few-image generator, as in the papers (32 per model)
     downstream: DownstreamConfig | None = field(default_factory=DownstreamConfig)
+    # lesion-placing families: detectors trained on real boxes vs real + as many synthetic ones, one per seed
+    detection_seeds: int = 3
+    detection_steps: int = 600
 
     def __post_init__(self):
         if isinstance(self.downstream, dict):
             self.downstream = DownstreamConfig(**self.downstream)
         if self.samples < 2 or self.few_image_samples < 2 or not 0 < self.near_copy_ratio < 1:
             raise ValueError("samples and few_image_samples must be ≥ 2 and near_copy_ratio in (0, 1)")
+        if self.detection_seeds < 2 or self.detection_steps < 1:
+            raise ValueError("detection_seeds must be ≥ 2 (for an interval) and detection_steps ≥ 1")
 
 
 def check_gates(gates: dict[str, Any]) -> dict[str, Any]:

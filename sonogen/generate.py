@@ -1,5 +1,5 @@
 """Large synthetic datasets from a registered generator, written as a sonogen dataset (``images/`` +
-``manifest.csv``) to a folder or an ``s3://`` prefix.
+``manifest.csv``, with each image's lesion boxes from families that place lesions) to a folder or an ``s3://`` prefix.
 
 Work goes in chunks of ``batch`` images; chunk ``k`` is drawn with ``chunk_seed(seed, k)``, so every image is
 reproducible from its manifest row. A rerun of the same command skips the chunks already written, and a rerun
@@ -83,17 +83,25 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
     records, skipped = [], 0
     for k, start, size in (progress or iter)(chunks):
         names = [f"images/{start + i:07d}.png" for i in range(size)]
-        if all(image_name in destination.existing for image_name in names):
+        # families that place lesions keep each chunk's boxes beside its images, written last: a chunk counts as
+        # done only once its boxes are there too
+        boxes_name = [f"boxes/{start:07d}.json"] if backend.places_lesions else []
+        if all(done in destination.existing for done in names + boxes_name):
             skipped += 1
             pngs = [destination.read(image_name) for image_name in names]
+            boxes = json.loads(destination.read(boxes_name[0])) if boxes_name else None
         else:
-            pngs = [png_bytes(image) for image in backend.images(size, chunk_seed(seed, k), condition)]
+            images, boxes = backend.draw(size, chunk_seed(seed, k), condition)
+            pngs = [png_bytes(image) for image in images]
             for image_name, data in zip(names, pngs):
                 destination.write(image_name, data)
+            if boxes_name:
+                destination.write(boxes_name[0], json.dumps(boxes).encode())
         for i, (image_name, data) in enumerate(zip(names, pngs)):
             records.append(Record(
                 image=image_name, patient_id=f"synthetic-{name}-v{backend.version}", source=f"{name}@v{backend.version}",
-                label=label, split="train", origin=f"seed={chunk_seed(seed, k)};index={i}",
+                label=label, split="train", boxes=boxes[i] if boxes else [],
+                origin=f"seed={chunk_seed(seed, k)};index={i}",
                 licence="synthetic: see the model card", sha256=hashlib.sha256(data).hexdigest(),
             ))
     destination.write(MANIFEST, _manifest_bytes(records))

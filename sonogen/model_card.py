@@ -22,6 +22,18 @@ LIMITATIONS = (
 )
 
 
+def detection_lines(detection: dict) -> list[str]:
+    """The detection comparison as a Markdown table: AP per training set, mean [95% interval] over seeds."""
+    metrics = list(next(iter(detection.values())))
+    lines = ["| trained on | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for arm, scores in detection.items():
+        cells = [f"{s['mean']:.3f} [{s['low']:.3f}, {s['high']:.3f}]" for s in (scores[m] for m in metrics)]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    seeds = next(iter(next(iter(detection.values())).values()))["seeds"]
+    return lines + ["", f"AP on the real test boxes (pycocotools; ap over IoU 0.5:0.95, ap50 at 0.5; large: the top "
+                        f"10% of training box areas), {seeds} detector seeds per row, 95% t-intervals."]
+
+
 def _licences(data: Path, labels: list[str]) -> list[str]:
     try:
         records = [r for r in read_manifest(data) if r.label in labels and r.split == "train"]
@@ -68,5 +80,7 @@ def build_model_card(name: str, version: str, info: dict, tags: dict[str, str], 
         for row in gate_report["gates"]:
             value = "n/a" if row["value"] is None else f"{row['value']:.4g}"
             lines.append(f"| {row['gate']} | {value} | {row.get('threshold', '')} | {'yes' if row['passed'] else 'no'} |")
+        if gate_report.get("detection"):
+            lines += ["", "### Lesion detection", ""] + detection_lines(gate_report["detection"])
     lines += ["", "## Intended use", INTENDED_USE, "", "## Limitations", LIMITATIONS, ""]
     return "\n".join(lines)

@@ -22,16 +22,22 @@ class Backend:
     labels: tuple[str, ...]
     conditions: frozenset[str]
     runtime: str
+    places_lesions: bool = False  # draw() returns each image's lesion boxes
     # ONNX: latents (B, latent_dim) → uint8 images; torch families sample whole requests instead
     latent_dim: int | None = None
     run: Callable[[np.ndarray], np.ndarray] | None = None
-    sample: Callable[[int, int, dict[str, Any]], np.ndarray] | None = None
+    # torch: (n, seed, condition) → (images, each image's lesion boxes or None)
+    sample: Callable[[int, int, dict[str, Any]], tuple[np.ndarray, list | None]] | None = None
+
+    def draw(self, n: int, seed: int, condition: dict[str, Any] | None = None) -> tuple[np.ndarray, list | None]:
+        """Images ``(n, H, W)`` uint8 for ``seed``, whichever runtime holds the generator, with the lesion boxes
+        of each image from families that place lesions (else None)."""
+        if self.run is not None:
+            return self.run(gaussian_latents(seed, n, self.latent_dim)), None
+        return self.sample(n, seed, condition or {})
 
     def images(self, n: int, seed: int, condition: dict[str, Any] | None = None) -> np.ndarray:
-        """Images ``(n, H, W)`` uint8 for ``seed``, whichever runtime holds the generator."""
-        if self.run is not None:
-            return self.run(gaussian_latents(seed, n, self.latent_dim))
-        return self.sample(n, seed, condition or {})
+        return self.draw(n, seed, condition)[0]
 
 
 def _onnx_backend(path: str, version: str, family: str, label: str) -> Backend:
@@ -52,11 +58,13 @@ def _onnx_backend(path: str, version: str, family: str, label: str) -> Backend:
 def _torch_backend(generator, version: str) -> Backend:
     from sonogen.generators import to_uint8 as tensor_to_uint8
 
-    def sample(n: int, seed: int, condition: dict[str, Any]) -> np.ndarray:
-        return tensor_to_uint8(generator.sample(n, seed, condition))
+    def sample(n: int, seed: int, condition: dict[str, Any]) -> tuple[np.ndarray, list | None]:
+        images, boxes = generator.sample_with_boxes(n, seed, condition)
+        return tensor_to_uint8(images), boxes
 
     return Backend(version, generator.family, generator.config.label, generator.sampling_labels(),
-                   frozenset(generator.conditions), f"torch:{generator.device}", sample=sample)
+                   frozenset(generator.conditions), f"torch:{generator.device}", generator.places_lesions,
+                   sample=sample)
 
 
 def load_backend(model_uri: str) -> Backend | None:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from sonogen.data.lesion_bank import LesionBank
 from sonogen.data.manifest import file_sha256, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +82,7 @@ def test_dvc_repro_prepares_trains_evaluates_and_registers_what_passes(project):
     tags = _version_tags(project, "lus-dcgan-normal", "1")
     assert tags["gate"] == "passed" and tags["gate.extractor"] == "lus-us-encoder@1"
     assert (project / "models" / "dcgan-normal" / "samples.png").exists()
+    assert LesionBank.load(project / "banks" / "consolidation").lesions  # the lesion_bank stage
     assert "up to date" in dvc("status", cwd=project)
 
     # an impossible threshold: evaluate and register run again, nothing new is registered, the runs keep reports

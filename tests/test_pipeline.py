@@ -12,6 +12,7 @@ import mlflow
 import pytest
 import yaml
 
+from pipelines.training import arguments_from_params
 from sonogen.data.manifest import MANIFEST, file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,8 +58,10 @@ def test_training_requests_a_gpu_and_every_task_gets_cluster_credentials(compile
     executors = spec["deploymentSpec"]["executors"]
     gpu = {name: e["container"]["resources"].get("accelerator") for name, e in executors.items()
            if "accelerator" in e["container"].get("resources", {})}
-    assert gpu == {"exec-train-generator": {"count": "1", "resourceCount": "1", "resourceType": "nvidia.com/gpu",
-                                            "type": "nvidia.com/gpu"}}
+    one_gpu = {"count": "1", "resourceCount": "1", "resourceType": "nvidia.com/gpu", "type": "nvidia.com/gpu"}
+    # the family × label loop, and DiffUltra's base ldm and its ControlNet
+    assert gpu == {name: one_gpu for name in ("exec-train-generator", "exec-train-generator-2",
+                                              "exec-train-generator-3")}
     assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
     kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(kubernetes) == set(executors)
@@ -70,6 +73,27 @@ def test_training_requests_a_gpu_and_every_task_gets_cluster_credentials(compile
     body = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
     assert body["condition-2"]["triggerPolicy"]["condition"].endswith("== true")
     assert body["train-generator"]["retryPolicy"]["maxRetryCount"] == 2
+
+
+def test_diffultra_runs_on_its_own_branch_after_its_bank_and_base_ldm(compiled):
+    spec, _ = yaml.safe_load_all(compiled.read_text())
+    [branch] = [name for name, task in spec["root"]["dag"]["tasks"].items()
+                if "diffultra_label" in task.get("triggerPolicy", {}).get("condition", "")]
+    tasks = spec["components"][f"comp-{branch}"]["dag"]["tasks"]
+    families = {name: task["inputs"]["parameters"]["family"]["runtimeValue"]["constant"]
+                for name, task in tasks.items() if name.startswith("train-generator")}
+    assert sorted(families.values()) == ["diffultra", "ldm"]
+    diffultra = next(name for name, family in families.items() if family == "diffultra")
+    assert set(tasks[diffultra]["dependentTasks"]) == {"build-lesion-bank",
+                                                       next(n for n, f in families.items() if f == "ldm")}
+    assert set(tasks[diffultra]["inputs"]["artifacts"]) == {"prepared", "base", "bank"}
+
+    params = {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "families": ["dcgan", "diffultra"]},
+              "lesion_bank": {"label": "consolidation"}}
+    arguments = arguments_from_params(yaml.safe_dump(params))
+    assert arguments["diffultra_label"] == "consolidation"
+    assert {run["family"] for run in arguments["runs"]} == {"dcgan"}
+    assert arguments_from_params(yaml.safe_dump(TINY_PARAMS))["diffultra_label"] == ""
 
 
 def test_the_component_image_is_the_one_the_dockerfile_builds(compiled, tmp_path):
@@ -104,3 +128,25 @@ def test_local_run_trains_gates_and_registers_like_dvc(tmp_path):
             "--stratify", cwd=tmp_path)
     [pipeline_manifest] = (tmp_path / ".kfp").rglob(f"prepare-data/prepared/{MANIFEST}")
     assert file_sha256(pipeline_manifest) == file_sha256(tmp_path / "prepared" / MANIFEST)
+
+
+def test_local_run_of_the_diffultra_branch_builds_the_bank_trains_gates_and_registers(tmp_path):
+    tiny_train = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "eval_samples": 2, "precision": "fp32"}
+    params = {**TINY_PARAMS,
+              "train": {"families": ["diffultra"], "labels": ["consolidation"],
+                        "ldm": {"model": {"image_size": 32, "vae_channels": [8, 16], "unet_channels": [16, 32],
+                                          "embedding_dim": 16, "vae_steps": 1, "steps": 2}, "train": tiny_train},
+                        "diffultra": {"model": {"image_size": 32, "steps": 2}, "train": tiny_train}},
+              "lesion_bank": {"label": "consolidation"},
+              "evaluate": {"samples": 4, "encoder_epochs": 1, "downstream": None, "detection_seeds": 2,
+                           "detection_steps": 2},
+              "gates": {"diffultra": {"min_detection_ap50_delta": -1.0}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = sonogen("pipeline", "run", "--params", "params.yaml", cwd=tmp_path)
+    assert "registered lus-diffultra-consolidation version 1 @candidate (gate passed)" in out
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_registered_model("lus-diffultra-consolidation").aliases == {"candidate": 1}
+    [bank_run] = client.search_runs([client.get_experiment_by_name("lus-lesion-bank").experiment_id])
+    assert bank_run.data.metrics["bank.lesions"] >= 1
+    [report] = (tmp_path / ".kfp").rglob("gate_report.md")
+    assert "## Lesion detection" in report.read_text()

@@ -1,6 +1,6 @@
 """Generator families behind one contract (see ``base.Generator``) and their named registry."""
 
-from sonogen.generators import dcgan, latent_diffusion, sinddm  # noqa: F401  (registers the families)
+from sonogen.generators import dcgan, diffultra, latent_diffusion, sinddm  # noqa: F401  (registers the families)
 from sonogen.generators.base import Generator, config_from_dict, load_generator, to_uint8
 from sonogen.generators.registry import families, get_generator, register_family
 

@@ -64,6 +64,7 @@ class Generator(ABC):
     min_training_images: ClassVar[int] = 2
     one_model_per_image: ClassVar[bool] = False  # names its models and folders after the training image
     steps_per_epoch: ClassVar[int | None] = None  # None: an epoch is one pass over the training images
+    places_lesions: ClassVar[bool] = False  # samples come with lesion boxes (``generate_with_boxes``)
 
     def __init__(self, config):
         if not isinstance(config, self.config_class):
@@ -116,6 +117,11 @@ class Generator(ABC):
         """``n`` images ``(n, 1, H, W)`` in [-1, 1], drawing all randomness from ``seed`` on the CPU (so that
         devices and runtimes agree)."""
 
+    def generate_with_boxes(self, n: int, seed: int, condition: dict[str, Any]) -> tuple[torch.Tensor, list | None]:
+        """``generate``, with the lesion boxes ``[x0, y0, x1, y1]`` of each image for families that place lesions
+        (None for the others)."""
+        return self.generate(n, seed, condition), None
+
     def sampling_network(self) -> tuple[nn.Module, torch.Tensor]:
         """The network that turns seeded latents into images, with example latents, for ONNX export; a family
         whose sampling is more than one network call (a diffusion loop) raises ``NotImplementedError``."""
@@ -144,9 +150,14 @@ class Generator(ABC):
                              f"not {condition['label']!r}")
         return condition
 
-    @torch.no_grad()
     def sample(self, n: int, seed: int, condition: dict[str, Any] | None = None) -> torch.Tensor:
         """``n`` images for ``seed``: the same seed, weights and condition always give the same images."""
+        return self.sample_with_boxes(n, seed, condition)[0]
+
+    @torch.no_grad()
+    def sample_with_boxes(self, n: int, seed: int, condition: dict[str, Any] | None = None
+                          ) -> tuple[torch.Tensor, list | None]:
+        """``sample`` and, from families that place lesions, each image's list of lesion boxes."""
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
         if seed < 0:
@@ -156,7 +167,8 @@ class Generator(ABC):
         for module in self.networks().values():
             module.eval()
         try:
-            return self.generate(n, seed, condition).float().cpu()
+            images, boxes = self.generate_with_boxes(n, seed, condition)
+            return images.float().cpu(), boxes
         finally:
             for name, module in self.networks().items():
                 module.train(modes[name])

@@ -314,12 +314,7 @@ class LatentDiffusion(Generator):
         if c.mode == "from-scratch" and c.vae_steps >= total_steps:
             raise ValueError(f"vae_steps {c.vae_steps} leaves none of the {total_steps} steps to the latent UNet")
         self._labels = torch.tensor([c.labels.index(item["label"]) + 1 for item in items])
-        self._maps = None
-        if c.mode == "controlnet":
-            height, width = images.shape[-2:]
-            self._maps = torch.stack([item["mask"] if c.control == "mask" else torch.from_numpy(
-                mask_from_boxes(item["boxes"].int().tolist(), height, width)).float()[None] for item in items])
-            self._maps = self._maps.to(self.device)
+        self._maps = self._control_maps(images, items).to(self.device) if c.mode == "controlnet" else None
         self._scale_images = images[:64]
         if c.gradient_checkpointing:
             for module in self._trained_modules():
@@ -329,6 +324,12 @@ class LatentDiffusion(Generator):
             self.ema = EMAModel(self._trained_parameters(), decay=c.ema_decay)
             self.ema.to(self.device)
         self._set_latent_scale()
+
+    def _control_maps(self, images: torch.Tensor, items: Sequence[dict]) -> torch.Tensor:
+        """The ControlNet condition of each training image, ``(N, 1, H, W)`` in [0, 1]."""
+        height, width = images.shape[-2:]
+        return torch.stack([item["mask"] if self.config.control == "mask" else torch.from_numpy(
+            mask_from_boxes(item["boxes"].int().tolist(), height, width)).float()[None] for item in items])
 
     def training_batches(self, images: torch.Tensor, batch_size: int, steps: int | None,
                          generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
@@ -430,13 +431,17 @@ class LatentDiffusion(Generator):
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {condition['scheduler']!r}")
         return condition
 
+    def pipeline_parts(self, scheduler: str | None = None) -> dict[str, Any]:
+        """The components of a Stable Diffusion pipeline over these networks, with the named sampling scheduler."""
+        return dict(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                    scheduler=_scheduler(scheduler or self.config.scheduler, self.scheduler_config),
+                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
     def pipeline(self, scheduler: str | None = None, with_controlnet: bool = True):
         """The diffusers pipeline over these networks with the named sampling scheduler."""
         from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
-        parts = dict(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-                     scheduler=_scheduler(scheduler or self.config.scheduler, self.scheduler_config),
-                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        parts = self.pipeline_parts(scheduler)
         if self.controlnet is not None and with_controlnet:
             pipe = StableDiffusionControlNetPipeline(controlnet=self.controlnet, **parts)
         else:
