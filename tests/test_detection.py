@@ -48,7 +48,7 @@ def _toy(count: int, seed: int) -> tuple[torch.Tensor, list]:
 def test_the_detector_learns_toy_lesions_and_the_comparison_reports_intervals():
     train_images, train_boxes = _toy(64, seed=0)
     test_images, test_boxes = _toy(24, seed=1)
-    config = DetectorConfig(steps=150, batch_size=16, width=16)
+    config = DetectorConfig(steps=200, batch_size=16, width=16)
     model = train_detector(train_images, train_boxes, config)
     scores = average_precision(detect(model, test_images), test_boxes)
     assert scores["ap50"] > 0.8 and scores["ap"] > 0.3

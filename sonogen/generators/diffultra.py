@@ -10,8 +10,6 @@ where its box says. Every image comes with its box. The choices are argued in ``
 
 from __future__ import annotations
 
-import base64
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,10 +17,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from sonogen.data.lesion_bank import CONDITIONS, SIZE_BIASES, Anatomy, LesionBank, detect_anatomy, render_condition
+from sonogen.data.lesion_bank import (
+    CONDITIONS, SIZE_BIASES, Anatomy, LesionBank, detect_anatomy, render_condition, structure_map,
+)
 from sonogen.data.prepare import scan_region
 from sonogen.generators.base import to_uint8
-from sonogen.generators.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, _local
+from sonogen.generators.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, _local, decode_png
 from sonogen.generators.registry import register_family
 
 BANK = "bank"
@@ -50,25 +50,6 @@ class DiffUltraConfig(LatentDiffusionConfig):
             raise ValueError(f"size_bias must be one of {SIZE_BIASES}, got {self.size_bias!r}")
         if not 0 < self.strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
-
-
-def decode_image(value: Any, size: int) -> np.ndarray:
-    """A background condition, a base64 PNG (or an array), as a ``(size, size)`` uint8 frame."""
-    if isinstance(value, str):
-        from PIL import Image
-
-        try:
-            image = Image.open(io.BytesIO(base64.b64decode(value, validate=True)))
-            wrong_size = image.size != (size, size)  # from the header, before any pixels are decoded
-            value = None if wrong_size else np.asarray(image.convert("L"))
-        except Exception:  # noqa: BLE001  (every decoding failure is the caller's bad input)
-            raise ValueError("image must be a base64-encoded PNG") from None
-        if wrong_size:
-            raise ValueError(f"image is {image.size[0]}×{image.size[1]} px; this model samples {size}×{size}")
-    image = np.asarray(value)
-    if image.shape != (size, size):
-        raise ValueError(f"image has shape {image.shape}; this model samples {size}×{size}")
-    return image.astype(np.uint8)
 
 
 @register_family
@@ -107,8 +88,6 @@ class DiffUltra(LatentDiffusion):
 
     def _control_maps(self, images: torch.Tensor, items: Sequence[dict]) -> torch.Tensor:
         """Each positive's own lesions as the condition: its structure maps in its boxes (or the boxes filled)."""
-        from sonogen.data.lesion_bank import structure_map
-
         maps = []
         for item in items:
             image, boxes = to_uint8(item["image"][None])[0], item["boxes"].int().tolist()
@@ -119,15 +98,12 @@ class DiffUltra(LatentDiffusion):
 
     # sampling ------------------------------------------------------------------------------------------------
 
-    def accepts_condition(self, key: str) -> bool:
-        return key in self.conditions
-
     def check_condition(self, condition: dict[str, Any] | None) -> dict[str, Any]:
         condition = dict(condition or {})
         extra = {key: condition.pop(key) for key in ("image", "size_bias", "strength") if key in condition}
         checked = super().check_condition(condition)  # the ldm's own keys: label, steps, guidance_scale, scheduler
         if "image" in extra:
-            checked["image"] = decode_image(extra["image"], self.config.image_size)
+            checked["image"] = decode_png(extra["image"], self.config.image_size, "image").astype(np.uint8)
         if "size_bias" in extra:
             if extra["size_bias"] not in SIZE_BIASES:
                 raise ValueError(f"size_bias must be one of {SIZE_BIASES}, got {extra['size_bias']!r}")

@@ -125,8 +125,8 @@ def _scheduler(name: str, config) -> Any:
     return {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}[name].from_config(settings)
 
 
-def decode_mask(value: Any, size: int) -> torch.Tensor:
-    """A mask condition, a base64 PNG or an array, as ``(size, size)`` float {0, 1} (nonzero is inside)."""
+def decode_png(value: Any, size: int, field: str) -> np.ndarray:
+    """A picture condition, a base64 PNG or an array, as a ``(size, size)`` array; errors name ``field``."""
     if isinstance(value, str):
         from PIL import Image
 
@@ -135,13 +135,18 @@ def decode_mask(value: Any, size: int) -> torch.Tensor:
             wrong_size = image.size != (size, size)  # read from the header, before any pixels are decoded
             value = None if wrong_size else np.asarray(image.convert("L"))
         except Exception:  # noqa: BLE001  (every decoding failure is the caller's bad input)
-            raise ValueError("mask must be a base64-encoded PNG") from None
+            raise ValueError(f"{field} must be a base64-encoded PNG") from None
         if wrong_size:
-            raise ValueError(f"mask is {image.size[0]}×{image.size[1]} px; this model samples {size}×{size}")
-    mask = torch.as_tensor(np.asarray(value), dtype=torch.float32).squeeze()
-    if mask.shape != (size, size):
-        raise ValueError(f"mask has shape {tuple(mask.shape)}; this model samples {size}×{size}")
-    return (mask > 0).float()
+            raise ValueError(f"{field} is {image.size[0]}×{image.size[1]} px; this model samples {size}×{size}")
+    array = np.asarray(value).squeeze()
+    if array.shape != (size, size):
+        raise ValueError(f"{field} has shape {array.shape}; this model samples {size}×{size}")
+    return array
+
+
+def decode_mask(value: Any, size: int) -> torch.Tensor:
+    """A mask condition as ``(size, size)`` float {0, 1} (nonzero is inside)."""
+    return (torch.as_tensor(decode_png(value, size, "mask"), dtype=torch.float32) > 0).float()
 
 
 @register_family

@@ -97,7 +97,9 @@ def train_detector(images: torch.Tensor, boxes: list[Boxes], config: DetectorCon
     torch.manual_seed(config.seed)
     model = CenterNet(config.width).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.steps, pct_start=0.1)
+    warm_up = max(1, config.steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warm_up)
+                                                 * 0.5 * (1 + np.cos(np.pi * min(step, config.steps) / config.steps)))
     side = images.shape[-1]
     flipped = [[[side - x1, y0, side - x0, y1] for x0, y0, x1, y1 in b] for b in boxes]
     targets = [torch.cat(pair) for pair in zip(_targets(boxes, side), _targets(flipped, side))]
