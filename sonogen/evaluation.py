@@ -147,6 +147,13 @@ def _mask_adherence(generator: Generator, data: str | Path, seed: int) -> dict[s
                           *pairs("test"), seed=seed)
 
 
+def boxed_images(data: str | Path, split: str) -> tuple[torch.Tensor, list]:
+    """A split's images ``(N, 1, H, W)`` and each image's boxes (none on images without lesions)."""
+    dataset = UltrasoundDataset(data, split=split)
+    items = [dataset[k] for k in range(len(dataset))]
+    return torch.stack([i["image"] for i in items]), [i["boxes"].tolist() for i in items]
+
+
 def _detection_gain(generator: Generator, data: str | Path, config: EvaluateConfig) -> dict:
     """The DiffUltra claim on this dataset: AP on the real test boxes of detectors trained on the real training
     images (boxes on the lesion label, none on the others) against the same plus one synthetic image with its
@@ -154,17 +161,12 @@ def _detection_gain(generator: Generator, data: str | Path, config: EvaluateConf
     from sonogen.metrics.detection import DetectorConfig, detection_comparison
     from sonogen.sampling import chunk_seed
 
-    def boxed(split: str) -> tuple[torch.Tensor, list]:
-        dataset = UltrasoundDataset(data, split=split)
-        items = [dataset[k] for k in range(len(dataset))]
-        return torch.stack([i["image"] for i in items]), [i["boxes"].tolist() for i in items]
-
-    train = boxed("train")
+    train = boxed_images(data, "train")
     wanted = min(config.samples, max(1, sum(1 for boxes in train[1] if boxes)))
     chunks = [generator.sample_with_boxes(min(32, wanted - start), chunk_seed(config.seed, start // 32))
               for start in range(0, wanted, 32)]
     synthetic = (torch.cat([images for images, _ in chunks]), [b for _, boxes in chunks for b in boxes])
-    return detection_comparison(train, boxed("test"), {generator.family: synthetic},
+    return detection_comparison(train, boxed_images(data, "test"), {generator.family: synthetic},
                                 DetectorConfig(steps=config.detection_steps, seed=config.seed),
                                 seeds=config.detection_seeds)
 

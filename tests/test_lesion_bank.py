@@ -2,14 +2,12 @@
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from sonogen.data.lesion_bank import (
     Anatomy, Lesion, LesionBank, detect_anatomy, render_condition, structure_map,
 )
 from sonogen.data.manifest import load_grey, read_manifest
-from sonogen.data.phantom import make_patient, pleura_line, render
-from sonogen.data.prepare import Geometry, scan_region
+from sonogen.data.phantom import make_patient, prepared_pleura
 
 
 @pytest.fixture(scope="module")
@@ -23,23 +21,10 @@ def phantom128(tmp_path_factory):
     return root / "lus"
 
 
-def _prepared_pleura(patient, frames: int, size: int):
-    """Frames as ``prepare`` writes them, with the true pleura moved into the same pixels."""
-    screens = [render(patient, 0, f)[0] for f in range(frames)]
-    region = scan_region(np.stack(screens))
-    geometry = Geometry.fit(region, size)
-    for f, screen in enumerate(screens):
-        truth = pleura_line(patient, f)
-        columns = np.flatnonzero(np.isfinite(truth))
-        x = (columns + 0.5 - geometry.left) * geometry.scale + geometry.pad_x - 0.5
-        y = (truth[columns] + 0.5 - geometry.top) * geometry.scale + geometry.pad_y - 0.5
-        yield geometry.apply(np.where(region, screen, 0), Image.Resampling.LANCZOS), x, y
-
-
 def test_the_pleural_line_is_found_within_a_pixel_on_the_phantom():
     errors = []
     for index in range(8):
-        for image, x, y in _prepared_pleura(make_patient(0, index, consolidation=index % 2 == 0), 2, 128):
+        for image, x, y in prepared_pleura(make_patient(0, index, consolidation=index % 2 == 0), 0, 2, 128):
             anatomy = detect_anatomy(image)
             detected = np.interp(x, np.arange(128), anatomy.pleura)
             assert np.isfinite(detected).mean() > 0.8  # seen over most of the true line

@@ -136,6 +136,22 @@ def pleura_line(patient: Patient, frame: int) -> np.ndarray:
     return np.where(visible & ~hidden, rows, np.nan)
 
 
+def prepared_pleura(patient: Patient, seed: int, frames: int, size: int):
+    """Each frame as ``prepare`` writes it at ``size`` px, with the true pleural line moved into the same pixels:
+    ``(image, x, y)``, the line's sub-pixel points where it is visible."""
+    from sonogen.data.prepare import Geometry, scan_region
+
+    screens = [render(patient, seed, f)[0] for f in range(frames)]
+    region = scan_region(np.stack(screens))
+    geometry = Geometry.fit(region, size)
+    for f, screen in enumerate(screens):
+        truth = pleura_line(patient, f)
+        columns = np.flatnonzero(np.isfinite(truth))
+        x = (columns + 0.5 - geometry.left) * geometry.scale + geometry.pad_x - 0.5
+        y = (truth[columns] + 0.5 - geometry.top) * geometry.scale + geometry.pad_y - 0.5
+        yield geometry.apply(np.where(region, screen, 0), Image.Resampling.LANCZOS), x, y
+
+
 def render(patient: Patient, seed: int, frame: int) -> tuple[np.ndarray, np.ndarray]:
     """One scanner screen (uint8, ``CANVAS``) and its consolidation mask (bool) for a patient and frame."""
     rng = np.random.default_rng([seed, patient.index, frame + 1])
