@@ -30,10 +30,11 @@ from sonogen.generators.trainer import GENERATOR_DIR, TrainConfig, image_grid, t
 from sonogen.metrics.classifier import embed, load_classifier
 from sonogen.metrics.frechet import fid
 
-# (scheduler, steps, bf16, first seed): the second DPM-Solver++ row draws other images, so the FID difference
-# between the two is the noise of the FID at this sample count
+# (scheduler, steps, bf16, first seed): the second row of a 20-step DPM-Solver++ draws other images, so the FID
+# difference between the two is the noise of the FID at this sample count
 ROWS = [("ddpm", 1000, False, 0), ("ddim", 50, False, 0), ("ddim", 20, False, 0), ("dpmpp", 20, False, 0),
-        ("dpmpp", 20, False, 1_000_000), ("dpmpp", 10, False, 0), ("dpmpp", 20, True, 0)]
+        ("dpmpp", 20, False, 1_000_000), ("dpmpp", 10, False, 0), ("dpmpp-sde", 20, False, 0),
+        ("dpmpp-sde", 20, False, 1_000_000), ("dpmpp-sde", 10, False, 0), ("dpmpp-sde", 20, True, 0)]
 
 
 def trained_model(args, device: torch.device) -> LatentDiffusion:
@@ -100,13 +101,13 @@ def main() -> None:
         row["fid_vs_ddpm1000"] = row["fid"] / baseline["fid"]
         rows.append(row)
         print(json.dumps(row))
-        if (scheduler, steps, bf16, first_seed) == ("dpmpp", 20, False, 0):
-            Image.fromarray(image_grid(samples[:32])).save(args.out / "dpmpp20.png")
+        if (steps, bf16, first_seed) == (20, False, 0):
+            Image.fromarray(image_grid(samples[:32])).save(args.out / f"{scheduler}20.png")
     (args.out / "sampling.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"{'sampler':<8}{'steps':>6}{'precision':>10}{'seeds from':>11}{'ms/image':>10}{'×faster':>9}{'FID':>9}"
+    print(f"{'sampler':<10}{'steps':>6}{'precision':>10}{'seeds from':>11}{'ms/image':>10}{'×faster':>9}{'FID':>9}"
           f"{'FID ratio':>11}")
     for r in rows:
-        print(f"{r['scheduler']:<8}{r['steps']:>6}{r['precision']:>10}{r['first_seed']:>11}{r['ms_per_image']:>10.2f}"
+        print(f"{r['scheduler']:<10}{r['steps']:>6}{r['precision']:>10}{r['first_seed']:>11}{r['ms_per_image']:>10.2f}"
               f"{r['speedup_vs_ddpm1000']:>9.1f}{r['fid']:>9.3f}{r['fid_vs_ddpm1000']:>11.3f}")
 
 

@@ -95,8 +95,12 @@ def test_from_scratch_trains_autoencoder_then_latent_unet_and_reloads_to_the_sam
         assert torch.equal(first, loaded.sample(2, seed=5, condition=condition))
         assert torch.allclose(first, model.sample(2, seed=5, condition=condition), atol=1e-5)
     assert not torch.equal(loaded.sample(1, 5, {"label": "normal"}), loaded.sample(1, 5, {"label": "consolidation"}))
-    assert torch.allclose(loaded.sample(2, 5)[1], loaded.sample(3, 5)[1], atol=1e-5)  # depends on seed and position
-    for scheduler in ("ddpm", "ddim", "dpmpp"):  # every sampler can run the whole training schedule
+    for scheduler in ("dpmpp", "dpmpp-sde", "ddpm"):  # an image depends on seed and position, its noise too
+        condition = {"scheduler": scheduler, "steps": 3}
+        assert torch.allclose(loaded.sample(2, 5, condition)[1], loaded.sample(3, 5, condition)[1], atol=1e-5)
+    stochastic = {"scheduler": "dpmpp-sde", "steps": 3}
+    assert not torch.allclose(loaded.sample(1, 5, stochastic), loaded.sample(1, 5, {"scheduler": "dpmpp", "steps": 3}))
+    for scheduler in ("ddpm", "ddim", "dpmpp", "dpmpp-sde"):  # every sampler can run the whole training schedule
         full = loaded.sample(1, 0, {"scheduler": scheduler, "steps": loaded.config.train_timesteps})
         assert torch.isfinite(full).all()
     with pytest.raises(ValueError, match="prompt"):

@@ -22,7 +22,9 @@ from sonogen.data.lesion_bank import (
 )
 from sonogen.data.prepare import scan_region
 from sonogen.generators.base import to_uint8
-from sonogen.generators.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, _local, decode_png
+from sonogen.generators.latent_diffusion import (
+    LatentDiffusion, LatentDiffusionConfig, _local, decode_png, image_generators,
+)
 from sonogen.generators.registry import register_family
 
 BANK = "bank"
@@ -161,9 +163,7 @@ class DiffUltra(LatentDiffusion):
                           strength=condition.get("strength", c.strength),
                           num_inference_steps=condition.get("steps", c.steps),
                           guidance_scale=float(condition.get("guidance_scale", c.guidance_scale)),
-                          generator=[torch.Generator().manual_seed(int(np.random.SeedSequence([seed, k, 2])
-                                                                          .generate_state(1, np.uint64)[0]))
-                                     for k in range(n)],
+                          generator=image_generators(seed, n, stream=2),
                           height=c.image_size, width=c.image_size, output_type="pt").images
         return images.mean(dim=1, keepdim=True) * 2 - 1, boxes
 

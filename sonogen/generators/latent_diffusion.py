@@ -35,7 +35,7 @@ from sonogen.generators.registry import register_family
 from sonogen.sampling import gaussian_latents
 
 MODES = ("from-scratch", "fine-tune", "controlnet")
-SCHEDULERS = ("ddim", "dpmpp", "ddpm")
+SCHEDULERS = ("ddim", "dpmpp", "dpmpp-sde", "ddpm")
 CONTROL_SOURCES = ("mask", "boxes")
 MAX_GUIDANCE = 20.0
 MAX_PROMPT = 500
@@ -122,7 +122,17 @@ def _scheduler(name: str, config) -> Any:
     # trailing spacing starts every schedule at the last training step (SD's "leading" one never reaches it) and
     # keeps a full-length schedule inside the table, where "leading" plus steps_offset runs one past its end
     settings["timestep_spacing"] = "trailing"
+    if name == "dpmpp-sde":
+        # the stochastic DPM-Solver++(2M): fresh noise each step, as DDPM draws, which ODE solvers go without
+        return DPMSolverMultistepScheduler.from_config(settings, algorithm_type="sde-dpmsolver++")
     return {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}[name].from_config(settings)
+
+
+def image_generators(seed: int, n: int, stream: int = 1) -> list[torch.Generator]:
+    """One torch generator per image for the noise stochastic samplers draw along the way, so image ``k`` of a
+    seed gets the same noise however many are drawn with it; ``stream`` keeps uses of one seed apart."""
+    states = (np.random.SeedSequence([seed, k, stream]).generate_state(1, np.uint64)[0] for k in range(n))
+    return [torch.Generator().manual_seed(int(state)) for state in states]
 
 
 def decode_png(value: Any, size: int, field: str) -> np.ndarray:
@@ -469,7 +479,7 @@ class LatentDiffusion(Generator):
                           negative_prompt_embeds=self._embed(torch.zeros(n, dtype=torch.long)),
                           num_inference_steps=condition.get("steps", c.steps),
                           guidance_scale=float(condition.get("guidance_scale", c.guidance_scale)),
-                          latents=latents.to(self.device), generator=torch.Generator().manual_seed(seed),
+                          latents=latents.to(self.device), generator=image_generators(seed, n),
                           height=c.image_size, width=c.image_size, output_type="pt", **extra).images
         return images.mean(dim=1, keepdim=True) * 2 - 1
 
