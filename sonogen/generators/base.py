@@ -33,6 +33,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return sampling.to_uint8(images.detach().float().cpu().numpy())
 
 
+def image_generators(seed: int, n: int, stream: int = 1) -> list[torch.Generator]:
+    """One torch generator per image for the noise a sampler draws, so image ``k`` of a seed gets the same noise
+    however many are drawn with it; ``stream`` keeps uses of one seed apart."""
+    states = (np.random.SeedSequence([seed, k, stream]).generate_state(1, np.uint64)[0] for k in range(n))
+    return [torch.Generator().manual_seed(int(state)) for state in states]
+
+
 def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
     """Builds a config dataclass, rejecting unknown keys by name (typos must not pass silently)."""
     names = {f.name for f in dataclasses.fields(config_class)}

@@ -21,10 +21,8 @@ from sonogen.data.lesion_bank import (
     CONDITIONS, SIZE_BIASES, Anatomy, LesionBank, detect_anatomy, render_condition, structure_map,
 )
 from sonogen.data.prepare import scan_region
-from sonogen.generators.base import to_uint8
-from sonogen.generators.latent_diffusion import (
-    LatentDiffusion, LatentDiffusionConfig, _local, decode_png, image_generators,
-)
+from sonogen.generators.base import image_generators, to_uint8
+from sonogen.generators.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, _local, decode_png
 from sonogen.generators.registry import register_family
 
 BANK = "bank"

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sonogen.data.manifest import mask_from_boxes
-from sonogen.generators.base import CONFIG, Generator, batch_indices
+from sonogen.generators.base import CONFIG, Generator, batch_indices, image_generators
 from sonogen.generators.registry import register_family
 from sonogen.sampling import gaussian_latents
 
@@ -126,13 +126,6 @@ def _scheduler(name: str, config) -> Any:
         # the stochastic DPM-Solver++(2M): fresh noise each step, as DDPM draws, which ODE solvers go without
         return DPMSolverMultistepScheduler.from_config(settings, algorithm_type="sde-dpmsolver++")
     return {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}[name].from_config(settings)
-
-
-def image_generators(seed: int, n: int, stream: int = 1) -> list[torch.Generator]:
-    """One torch generator per image for the noise stochastic samplers draw along the way, so image ``k`` of a
-    seed gets the same noise however many are drawn with it; ``stream`` keeps uses of one seed apart."""
-    states = (np.random.SeedSequence([seed, k, stream]).generate_state(1, np.uint64)[0] for k in range(n))
-    return [torch.Generator().manual_seed(int(state)) for state in states]
 
 
 def decode_png(value: Any, size: int, field: str) -> np.ndarray:

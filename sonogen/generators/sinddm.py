@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sonogen.generators.base import Generator
+from sonogen.generators.base import Generator, image_generators
 from sonogen.generators.multiscale_scheduler import MultiScaleScheduler
 from sonogen.generators.registry import register_family
 
@@ -292,9 +292,7 @@ class SinDDM(Generator):
     def scale_samples(self, n: int, seed: int, condition: dict[str, Any] | None = None) -> Iterator[torch.Tensor]:
         """The batch after each scale, coarsest first; the last is the sample."""
         scheduler, sizes = self.scheduler(), self.sample_sizes((condition or {}).get("size"))
-        # one stream per image: an image depends on its seed and position only, not on the batch it is in
-        generators = [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
-                      for k in range(n)]
+        generators = image_generators(seed, n)
         x = torch.stack([torch.randn(1, *sizes[0], generator=g) for g in generators]).to(self.device)
         blurred = None
         for scale, size in enumerate(sizes):
