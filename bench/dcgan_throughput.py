@@ -56,14 +56,16 @@ def training_rate(config: DCGANConfig, batch: int, device: torch.device, steps: 
             module.to(memory_format=torch.channels_last)
     images = torch.rand(batch, 1, config.image_size, config.image_size, device=device) * 2 - 1
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    # one autocast region per step, as the trainer does: autocast caches the bf16 copies of the weights until its
+    # region ends, so a region around many steps would skip their casts and train on stale ones
     with autocast():
         model.train_step(images)  # warm-up: allocator, kernels selection
-        with FlopCounterMode(display=False) as counter:
-            model.train_step(images)
+    with autocast(), FlopCounterMode(display=False) as counter:
+        model.train_step(images)
     synchronize(device)
     start = time.perf_counter()
-    with autocast():
-        for _ in range(steps):
+    for _ in range(steps):
+        with autocast():
             model.train_step(images)
     synchronize(device)
     elapsed = time.perf_counter() - start

@@ -44,15 +44,20 @@ def sync(device: torch.device) -> None:
 def train_rate(model: SinDDM, image: torch.Tensor, steps: int, batch: int, bf16: bool, device) -> float:
     draws = list(model.training_batches(image, batch, 2000, torch.Generator().manual_seed(0)))
     warm = list({b.scale: b for b in reversed(draws)}.values())  # every scale once: kernels, compilation
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with autocast:
-        for b in warm:
-            model.train_step(b)
-        sync(device)
-        start = time.perf_counter()
-        for b in draws[:steps]:
-            model.train_step(b)
-        sync(device)
+
+    def step(draw):
+        # one autocast region per step, as the trainer does: autocast caches the bf16 copies of the weights
+        # until its region ends, so a region around many steps would skip their casts and train on stale ones
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            model.train_step(draw)
+
+    for b in warm:
+        step(b)
+    sync(device)
+    start = time.perf_counter()
+    for b in draws[:steps]:
+        step(b)
+    sync(device)
     return steps / (time.perf_counter() - start)
 
 
