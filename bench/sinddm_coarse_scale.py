@@ -1,0 +1,82 @@
+"""Does SinDDM's coarsest scale learn the image's layout? The coarsest scale alone decides where the fan, the
+pleura and the bright echoes go (finer scales only refine), and its steps are cheap, so settings for a short
+CPU run can be compared on it: channels, batch, and the learning-rate schedule (the reference's halvings
+squeezed into the run, or a constant rate).
+
+    python bench/sinddm_coarse_scale.py --data DATASET --image ID [--steps 1500] [--variants 64:8:paper ...]
+
+Prints per variant the time per step (and its ratio to the first variant), the mean L1 noise loss of the last
+200 steps, and for 16 samples their SSIM to the coarsest scale of the source and between samples; a grid of
+the source and 15 samples per variant goes to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from sonogen.data import UltrasoundDataset
+from sonogen.generators.sinddm import MultiScaleDDMConfig, ScaleBatch, SinDDM, build_pyramid, scale_sizes
+from sonogen.generators.trainer import image_grid
+from sonogen.metrics.similarity import nearest_ssim, ssim
+
+SCHEDULES = {"paper": MultiScaleDDMConfig.lr_milestones, "constant": ()}
+
+
+def run(image: torch.Tensor, channels: int, batch: int, schedule: str, steps: int, bf16: bool):
+    torch.manual_seed(0)
+    config = MultiScaleDDMConfig(label="x", images=("x",), channels=channels, lr_milestones=SCHEDULES[schedule])
+    model = SinDDM(config)
+    model.begin_training(image[None], total_steps=steps)
+    coarsest, _ = build_pyramid(image, scale_sizes(*image.shape[-2:], config))[0]
+    losses, start = [], time.perf_counter()
+    for _ in range(steps):
+        # one autocast region per step, as the trainer does: autocast caches the bf16 copies of the weights
+        # until its region ends, so a region around many steps trains on the weights of the first
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            losses.append(model.train_step(ScaleBatch(0, coarsest.expand(batch, -1, -1, -1), None))["loss"])
+    seconds = (time.perf_counter() - start) / steps
+    samples = next(model.scale_samples(16, seed=0))
+    source = coarsest[None]
+    return seconds, {"loss_last_200": sum(losses[-200:]) / len(losses[-200:]),
+                     "ssim_to_source": float(nearest_ssim(samples, source).mean()),
+                     "ssim_between_samples": float(ssim(samples, samples.roll(1, dims=0)).mean())}, \
+        torch.cat([source, samples[:15]])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--image", required=True, help="the dataset image id (its file stem)")
+    parser.add_argument("--label", default="pneumonia")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--variants", nargs="+", default=["64:8:paper", "64:32:paper", "64:8:constant"],
+                        help="CHANNELS:BATCH:SCHEDULE, schedule one of " + ", ".join(SCHEDULES))
+    parser.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 autocast)")
+    parser.add_argument("--out", type=Path, default=Path("sinddm-coarse"))
+    args = parser.parse_args()
+    dataset = UltrasoundDataset(args.data, labels=[args.label])
+    [index] = [k for k, r in enumerate(dataset.records) if Path(r.image).stem == args.image]
+    image = dataset[index]["image"]
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; coarsest scale {scale_sizes(*image.shape[-2:], MultiScaleDDMConfig('x'))[0]}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    baseline = None
+    for variant in args.variants:
+        channels, batch, schedule = variant.split(":")
+        seconds, result, grid = run(image, int(channels), int(batch), schedule, args.steps, not args.fp32)
+        baseline = baseline or seconds
+        print(json.dumps({"variant": variant, "steps": args.steps, "s_per_step": round(seconds, 3),
+                          "time_ratio": round(seconds / baseline, 2), **{k: round(v, 3) for k, v in result.items()}}))
+        Image.fromarray(image_grid(grid)).save(args.out / f"{variant.replace(':', '-')}.png")
+
+
+if __name__ == "__main__":
+    main()
