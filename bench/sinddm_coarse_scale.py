@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--image", required=True, help="the dataset image id (its file stem)")
     parser.add_argument("--label", default="pneumonia")
     parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--variants", nargs="+", default=["64:8:paper", "64:32:paper", "64:8:constant"],
+    parser.add_argument("--variants", nargs="+", default=["64:8:paper", "64:8:constant", "160:8:constant"],
                         help="CHANNELS:BATCH:SCHEDULE, schedule one of " + ", ".join(SCHEDULES))
     parser.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 autocast)")
     parser.add_argument("--out", type=Path, default=Path("sinddm-coarse"))
