@@ -28,6 +28,7 @@ GATES: dict[str, tuple[str, str]] = {
     "min_1nn_acc": ("one_nn_acc", "min"),
     "max_fid": ("fid", "max"),
     "max_sifid": ("sifid", "max"),
+    "max_sifid_ratio": ("sifid_ratio", "max"),
     "min_ssim_to_train": ("ssim_to_train", "min"),
     "max_ssim_to_train": ("ssim_to_train", "max"),
     "min_confidence": ("confidence", "min"),
@@ -39,7 +40,7 @@ GATES: dict[str, tuple[str, str]] = {
     "min_detection_ap50_delta": ("detection_ap50_delta", "min"),
 }
 FEATURE_METRICS = ("kmmd", "kmmd_unbiased", "one_nn_acc", "one_nn_acc_real", "one_nn_acc_synthetic", "fid",
-                   "sifid", "near_copy_fraction", "memorisation_median_ratio")
+                   "sifid", "sifid_real", "sifid_ratio", "near_copy_fraction", "memorisation_median_ratio")
 Sampler = Callable[[int, int], torch.Tensor]  # (n, seed) → images (n, 1, H, W) in [-1, 1]
 
 
@@ -114,6 +115,14 @@ def _subset(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]]
 
 
+def nearest_source_sifid(images: torch.Tensor, sources: torch.Tensor, extractor: Extractor) -> float:
+    """Mean SIFID of each image against the source nearest to it in the extractor's feature space."""
+    nearest = torch.cdist(extractor(images).double(), extractor(sources).double()).argmin(dim=1)
+    with torch.no_grad():
+        maps, source_maps = extractor.feature_map(images.float()), extractor.feature_map(sources.float())
+    return sum(sifid(source_maps[j], maps[i]) for i, j in enumerate(nearest.tolist())) / len(images)
+
+
 def evaluate_images(
     synthetic: torch.Tensor,
     train: torch.Tensor,
@@ -127,7 +136,8 @@ def evaluate_images(
     ``holdout`` (real images never trained on) gives the real baseline: the same realism metrics between
     holdout and train, and the real-to-train nearest-neighbour distance memorisation is measured against.
     ``sources`` are the images a single- or few-image generator learned from (default: ``train``): each sample
-    is compared with its closest source by SIFID and SSIM.
+    is compared with its closest source by SIFID and SSIM; held-out real images compared the same way give
+    SIFID's baseline, ``sifid_ratio`` (below 1: samples are closer to their source than another patient's image).
     Returns the metrics, the reasons for metrics not measured, and the details (baseline, memorisation).
     """
     sources = train if sources is None else sources
@@ -144,14 +154,16 @@ def evaluate_images(
     else:
         reasons["ssim_to_train"] = few
     if len(sources) <= config.sifid_max_train_images and extractor.feature_map is not None:
-        # each synthetic image against the source image nearest to it in feature space
-        nearest = torch.cdist(extractor(synthetic).double(), extractor(sources).double()).argmin(dim=1)
-        with torch.no_grad():
-            maps_fake, maps_real = extractor.feature_map(synthetic.float()), extractor.feature_map(sources.float())
-        metrics["sifid"] = sum(sifid(maps_real[j], maps_fake[i]) for i, j in enumerate(nearest.tolist())) / len(
-            synthetic)
+        metrics["sifid"] = nearest_source_sifid(synthetic, sources, extractor)
+        if holdout is not None and len(holdout):
+            metrics["sifid_real"] = nearest_source_sifid(_subset(holdout, len(synthetic), config.seed), sources,
+                                                         extractor)
+            metrics["sifid_ratio"] = metrics["sifid"] / max(metrics["sifid_real"], 1e-12)
+        else:
+            reasons["sifid_ratio"] = "no held-out real images to compare with the sources"
     else:
         reasons["sifid"] = few if extractor.feature_map is not None else f"{extractor.name} has no feature map"
+        reasons["sifid_ratio"] = reasons["sifid"]
     held = extractor(holdout) if holdout is not None and len(holdout) else None
     in_features = memorisation(extractor(train), extractor(synthetic), held, config.near_copy_ratio)
     in_pixels = memorisation(train.flatten(1), synthetic.flatten(1),

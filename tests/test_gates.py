@@ -13,7 +13,7 @@ from sonogen.cli import app
 from sonogen.data.phantom import generate
 from sonogen.data.prepare import prepare
 from sonogen.evaluation import evaluate_folders, split_images
-from sonogen.gates import EvaluateConfig, apply_gates, check_gates
+from sonogen.gates import EvaluateConfig, apply_gates, check_gates, evaluate_images
 from sonogen.generators import to_uint8
 from sonogen.metrics.classifier import (
     ClassifierConfig, load_classifier, predict_proba, save_classifier, train_classifier,
@@ -145,6 +145,26 @@ def test_real_holdout_passes_and_memorising_or_noise_generators_fail(lus, tmp_pa
     assert "**FAIL**" in (tmp_path / "report-noise" / "gate_report.md").read_text()
     sheet = np.asarray(Image.open(tmp_path / "report-copies" / "closest_pairs.png"))
     assert np.abs(sheet[2:34, 2:34].astype(int) - sheet[36:68, 2:34].astype(int)).max() <= 1  # copy over original
+
+
+def test_sifid_ratio_passes_variants_of_the_source_and_fails_noise(lus):
+    train, _, _ = split_images(lus, "train")
+    holdout, _, _ = split_images(lus, "test")
+    source, extractor, config = train[:1], pixel_extractor(), EvaluateConfig(downstream=None)
+    g = torch.Generator().manual_seed(0)
+    variants = (source + 0.05 * torch.randn(8, 1, 32, 32, generator=g)).clamp(-1, 1)
+    noise = torch.rand(8, 1, 32, 32, generator=g) * 2 - 1
+    gates = {"extractor": "pixels-16", "max_sifid_ratio": 1.0}
+    ratios = []
+    for images, should_pass in [(variants, True), (noise, False)]:
+        metrics, reasons, _ = evaluate_images(images, train, holdout, extractor, config, source)
+        passed, [row] = apply_gates(metrics, reasons, gates, extractor)
+        assert passed == should_pass and row["extractor"] == extractor.id, row
+        assert metrics["sifid_ratio"] == pytest.approx(metrics["sifid"] / metrics["sifid_real"])
+        ratios.append(metrics["sifid_ratio"])
+    assert ratios[0] < 0.5 < 2 < ratios[1], ratios
+    metrics, reasons, _ = evaluate_images(variants, train, None, extractor, config, source)
+    assert "sifid" in metrics and "sifid_ratio" not in metrics and "held-out" in reasons["sifid_ratio"]
 
 
 def test_cli_gates_two_folders_and_exits_non_zero_with_check(lus, tmp_path):

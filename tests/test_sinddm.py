@@ -196,12 +196,14 @@ def test_train_command_registers_serves_and_gates_one_image_model(lus, tmp_path,
     params = {"evaluate": {"samples": 8, "few_image_samples": 6, "encoder_epochs": 2,
                            "downstream": {"seeds": 3, "epochs": 2, "bootstrap": 100,
                                           "real_positive_fraction": {"sinddm": 0.25}}},
-              "gates": {"sinddm": {"extractor": "us-encoder", "max_ssim_to_train": 0.99, "max_sifid": 1e6}}}
+              "gates": {"sinddm": {"extractor": "us-encoder", "max_ssim_to_train": 0.99, "max_sifid": 1e6,
+                                   "max_sifid_ratio": 1e6}}}
     [report] = evaluate_targets([str(folder)], lus, None, params, tmp_path / "gates", "lus")
     metrics = report["metrics"]
-    assert report["samples"]["synthetic"] == 6 and {"sifid", "ssim_to_train", "auc_delta"} <= set(metrics)
+    assert report["samples"]["synthetic"] == 6
+    assert {"sifid", "sifid_ratio", "ssim_to_train", "auc_delta"} <= set(metrics)
     assert report["downstream"]["train_real_positives"] == max(1, round(0.25 * report["samples"]["real_train"]))
-    assert [row["gate"] for row in report["gates"]] == ["max_ssim_to_train", "max_sifid"]
+    assert [row["gate"] for row in report["gates"]] == ["max_ssim_to_train", "max_sifid", "max_sifid_ratio"]
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(lus, tmp_path):
