@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sonogen.data import UltrasoundDataset
 from sonogen.data.manifest import MANIFEST, file_sha256, load_grey
@@ -38,6 +39,12 @@ def sampler(generator: Generator) -> Sampler:
         return torch.cat([generator.sample(min(SAMPLE_BATCH, n - start), seed * 100_003 + start)
                           for start in range(0, n, SAMPLE_BATCH)])
     return sample
+
+
+def resized(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(images.shape[-2:]) == size or not len(images):
+        return images
+    return F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 def train_encoder(data: str | Path, out: str | Path, dataset: str, epochs: int = 25, seed: int = 0) -> dict:
@@ -111,10 +118,21 @@ def evaluate_generator(
         if learned else None
     sample = sampler(generator)
     synthetic = sample(config.few_image_samples if learned else min(config.samples, len(train)), config.seed)
+    # a generator may draw another size than the data's (SinDDM's finest scale is the image limited to ~50k px):
+    # real images meet its samples at the samples' size, the size it learned them at
+    size = tuple(synthetic.shape[-2:])
+    train, holdout = resized(train, size), resized(holdout, size)
+    sources = None if sources is None else resized(sources, size)
     metrics, reasons, details = evaluate_images(synthetic, train, holdout, extractor, config, sources)
+
+    def load_split(split: str):
+        images, labels, patients = split_images(data, split)
+        return resized(images, size), labels, patients
+
     more, more_reasons, more_details = label_metrics(
-        sample, synthetic, label, lambda split: split_images(data, split), extractor.classifier,
-        sampler(negative) if negative else None, config, generator.family, sources_mask,
+        sample, synthetic, label, load_split, extractor.classifier,
+        (lambda n, seed: resized(sampler(negative)(n, seed), size)) if negative else None, config,
+        generator.family, sources_mask,
         config.few_image_samples if learned else None)
     metrics.update(more)
     reasons.update(more_reasons)

@@ -145,7 +145,8 @@ def test_train_command_registers_serves_and_gates_one_image_model(lus, tmp_path,
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"train": {"sinddm": {
-        "model": {**TINY, "coarsest_side": [8, 12]},
+        # max_area below the 32 px images: samples come out smaller than the data, as at 256 px on real data
+        "model": {**TINY, "coarsest_side": [8, 12], "max_area": 600},
         "train": {"epochs": 2, "steps_per_epoch": 10, "batch_size": 4, "eval_samples": 4}}}}))
     runner = CliRunner()
     missing = runner.invoke(app, ["train", "sinddm", "--data", str(lus), "--label", "consolidation",
