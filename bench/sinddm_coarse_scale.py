@@ -1,9 +1,11 @@
 """Does SinDDM's coarsest scale learn the image's layout? The coarsest scale alone decides where the fan, the
 pleura and the bright echoes go (finer scales only refine), and its steps are cheap, so settings for a short
-CPU run can be compared on it: channels, batch, and the learning-rate schedule (the reference's halvings
-squeezed into the run, or a constant rate).
+CPU run can be compared on it: channels, batch, the learning-rate schedule (the reference's halvings squeezed
+into the run, or a constant rate) and, optionally, the coarsest scale's side in pixels (default: the
+reference's rule, 55 px for a square image).
 
-    python bench/sinddm_coarse_scale.py --data DATASET --image ID [--steps 1500] [--variants 64:8:paper ...]
+    python bench/sinddm_coarse_scale.py --data DATASET --image ID [--steps 1500] \
+        [--variants 64:8:paper 64:8:constant:36 ...]
 
 Prints per variant the time per step (and its ratio to the first variant), the mean L1 noise loss of the last
 200 steps, and for 16 samples their SSIM to the coarsest scale of the source and between samples; a grid of
@@ -17,6 +19,7 @@ import contextlib
 import json
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,9 +33,8 @@ from sonogen.metrics.similarity import nearest_ssim, ssim
 SCHEDULES = {"paper": MultiScaleDDMConfig.lr_milestones, "constant": ()}
 
 
-def run(image: torch.Tensor, channels: int, batch: int, schedule: str, steps: int, bf16: bool):
+def run(image: torch.Tensor, config: MultiScaleDDMConfig, batch: int, steps: int, bf16: bool):
     torch.manual_seed(0)
-    config = MultiScaleDDMConfig(label="x", images=("x",), channels=channels, lr_milestones=SCHEDULES[schedule])
     model = SinDDM(config)
     model.begin_training(image[None], total_steps=steps)
     coarsest, _ = build_pyramid(image, scale_sizes(*image.shape[-2:], config))[0]
@@ -57,23 +59,32 @@ def main() -> None:
     parser.add_argument("--image", required=True, help="the dataset image id (its file stem)")
     parser.add_argument("--label", default="pneumonia")
     parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--variants", nargs="+", default=["64:8:paper", "64:8:constant", "160:8:constant"],
-                        help="CHANNELS:BATCH:SCHEDULE, schedule one of " + ", ".join(SCHEDULES))
+    coarsest_sides = [f"64:8:constant:{side}" for side in (48, 42, 39, 36, 32, 24)]
+    parser.add_argument("--variants", nargs="+",
+                        default=["64:8:paper", "64:8:constant", "160:8:constant", *coarsest_sides],
+                        help="CHANNELS:BATCH:SCHEDULE[:COARSEST_SIDE], schedule one of " + ", ".join(SCHEDULES))
     parser.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 autocast)")
     parser.add_argument("--out", type=Path, default=Path("sinddm-coarse"))
     args = parser.parse_args()
     dataset = UltrasoundDataset(args.data, labels=[args.label])
-    [index] = [k for k, r in enumerate(dataset.records) if Path(r.image).stem == args.image]
-    image = dataset[index]["image"]
+    matches = [k for k, r in enumerate(dataset.records) if Path(r.image).stem == args.image]
+    if len(matches) != 1:
+        parser.error(f"--image {args.image!r} matches {len(matches)} {args.label} images of {args.data}, need one")
+    image = dataset[matches[0]]["image"]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; coarsest scale {scale_sizes(*image.shape[-2:], MultiScaleDDMConfig('x'))[0]}")
     args.out.mkdir(parents=True, exist_ok=True)
     baseline = None
     for variant in args.variants:
-        channels, batch, schedule = variant.split(":")
-        seconds, result, grid = run(image, int(channels), int(batch), schedule, args.steps, not args.fp32)
+        channels, batch, schedule, *coarsest = variant.split(":")
+        config = MultiScaleDDMConfig(label="x", images=("x",), channels=int(channels),
+                                     lr_milestones=SCHEDULES[schedule])
+        if coarsest:
+            config = replace(config, coarsest_side=(int(coarsest[0]),) * 2)
+        seconds, result, grid = run(image, config, int(batch), args.steps, not args.fp32)
         baseline = baseline or seconds
-        print(json.dumps({"variant": variant, "steps": args.steps, "s_per_step": round(seconds, 3),
+        print(json.dumps({"variant": variant, "coarsest": scale_sizes(*image.shape[-2:], config)[0],
+                          "steps": args.steps, "s_per_step": round(seconds, 3),
                           "time_ratio": round(seconds / baseline, 2), **{k: round(v, 3) for k, v in result.items()}}))
         Image.fromarray(image_grid(grid)).save(args.out / f"{variant.replace(':', '-')}.png")
 
