@@ -4,6 +4,7 @@ draw, and the product path (train command → registry → served by the torch p
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +16,10 @@ from typer.testing import CliRunner
 
 from sonogen.cli import app
 from sonogen.generators import load_generator
+from sonogen.generators.base import config_from_dict
 from sonogen.generators.multiscale_scheduler import MultiScaleScheduler, cosine_alphas_cumprod
-from sonogen.generators.sinddm import FewDDM, FewDDMConfig, MultiScaleDDMConfig, SinDDM, build_pyramid, scale_sizes
+from sonogen.generators.sinddm import (FewDDM, FewDDMConfig, MultiScaleDDMConfig, MultiScaleDenoiser, SinDDM,
+                                      build_pyramid, scale_sizes)
 from sonogen.generators.trainer import TrainConfig, train
 
 TINY = {"coarsest_area": 100, "coarsest_side": (8, 12), "timesteps": 20, "channels": 16}
@@ -36,6 +39,19 @@ def test_pyramid_sizes_follow_the_sinddm_rules(shape):
         assert abs(math.log(ratios[0] / 1.411)) < math.log(1.411) / 2
     assert [len(scale_sizes(*s, config)) for s in [(256, 256), (40, 40)]] == [5, 1]
     assert scale_sizes(256, 256, config) == [(55, 55), (78, 78), (111, 111), (157, 157), (223, 223)]
+
+
+def test_the_cpu_recipe_starts_at_about_the_denoisers_receptive_field():
+    x = torch.randn(1, 1, 80, 80, requires_grad=True)
+    MultiScaleDenoiser(channels=16)(x, torch.tensor([5]), 0)[0, 0, 40, 40].backward()
+    rows, cols = (x.grad[0, 0] != 0).nonzero().T
+    receptive_field = int(rows.max() - rows.min() + 1)
+    assert receptive_field == int(cols.max() - cols.min() + 1) == 33
+    # the coarsest scale decides the layout; near the receptive field it keeps one whole fan (bench/RESULTS.md)
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    config = config_from_dict(MultiScaleDDMConfig, {"label": "x", **params["train"]["sinddm"]["model"]})
+    coarsest_sides = [min(scale_sizes(*shape, config)[0]) for shape in [(256, 256), (480, 640), (600, 300)]]
+    assert all(abs(side - receptive_field) <= 4 for side in coarsest_sides), coarsest_sides
 
 
 def test_noising_at_each_scale_matches_its_definition():

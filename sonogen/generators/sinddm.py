@@ -3,7 +3,7 @@
 
 A pyramid of the training image runs from a coarsest scale of about 3,100 px (short side 42–55 px) up to the
 image limited to ~50k px, with a scale factor of about 1.411 refitted so the sides divide evenly. One fully
-convolutional denoiser (no down-sampling, receptive field ~35 px, so it learns local structure and can sample any
+convolutional denoiser (no down-sampling, receptive field 33 px, so it learns local structure and can sample any
 size) serves every scale, told the step and the scale through a joint embedding. The schedule, blur included,
 lives in ``MultiScaleScheduler``. FewDDM is the same model fed one randomly chosen image of its set per batch.
 """
@@ -38,6 +38,9 @@ class MultiScaleDDMConfig:
     image_shape: tuple[int, int] | None = None  # (H, W) of the finest scale
     blur_gaps: tuple[float, ...] = ()  # per scale ≥ 1, see MultiScaleScheduler
     max_area: int = 50_000
+    # the coarsest scale alone decides the layout: at the reference's ~55 px a small, briefly trained denoiser
+    # (receptive field 33 px) tiles the fan from pieces; about its receptive field it keeps one whole fan
+    # (params.yaml's CPU recipe; bench/RESULTS.md)
     coarsest_area: int = 3110
     coarsest_side: tuple[int, int] = (42, 55)
     scale_factor: float = 1.411
