@@ -188,11 +188,26 @@ def trained_name(folder: str | Path) -> str:
     return info.get("name") or generator_name(info["family"], info["label"])
 
 
+def _check_run_is_tracked(folder: Path, info: dict) -> None:
+    """The results of a trained folder go to its training run: fail before any work when this store lacks it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = configure_mlflow()
+    try:
+        mlflow.MlflowClient().get_run(info["run_id"])
+    except MlflowException:
+        raise ValueError(f"{folder} was trained in MLflow run {info['run_id']} of {info.get('tracking_uri')}, "
+                         f"which the tracking store {uri} does not have: set MLFLOW_TRACKING_URI to the store it "
+                         f"was trained with") from None
+
+
 def _target(spec: str) -> dict:
     """A trained folder (``models/dcgan-normal``) or a registry URI, as generator + where to record results."""
     folder = Path(spec)
     if (folder / RUN_INFO).is_file():
         info = json.loads((folder / RUN_INFO).read_text())
+        _check_run_is_tracked(folder, info)
         history = folder / "history.json"
         return {"generator": load_generator(folder / GENERATOR_DIR), "run_id": info["run_id"], "version": None,
                 "name": trained_name(folder),
@@ -214,6 +229,7 @@ def evaluate_targets(targets: list[str], data: str | Path, extractor_spec: str |
     to ``out/<family>-<label>/`` (``out/<model>-v<version>/`` for registry URIs) and to MLflow."""
     config, gates, encoder_epochs = evaluation_config(params)
     data = Path(data)
+    loaded = [_target(spec) for spec in targets]
     if extractor_spec in (None, "us-encoder"):
         dataset = dataset or data.name
         uri = find_encoder(data, dataset)
@@ -221,7 +237,6 @@ def evaluate_targets(targets: list[str], data: str | Path, extractor_spec: str |
             uri = train_encoder(data, Path("encoders") / f"{dataset}-us-encoder", dataset, encoder_epochs)["folder"]
         extractor_spec = f"us-encoder:{uri}"
     extractor = get_extractor(extractor_spec)
-    loaded = [_target(spec) for spec in targets]
     results = []
     for target in progress(loaded) if progress else loaded:
         generator = target["generator"]

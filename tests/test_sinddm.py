@@ -215,6 +215,10 @@ def test_train_command_registers_serves_and_gates_one_image_model(lus, tmp_path,
                                           "real_positive_fraction": {"sinddm": 0.25}}},
               "gates": {"sinddm": {"extractor": "us-encoder", "max_ssim_to_train": 0.99, "max_sifid": 1e6,
                                    "max_sifid_ratio": 1e6}}}
+    with monkeypatch.context() as elsewhere:
+        elsewhere.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+        with pytest.raises(ValueError, match="set MLFLOW_TRACKING_URI to the store it was trained with"):
+            evaluate_targets([str(folder)], lus, None, params, tmp_path / "gates", "lus")
     [report] = evaluate_targets([str(folder)], lus, None, params, tmp_path / "gates", "lus")
     metrics = report["metrics"]
     assert report["samples"]["synthetic"] == 6
