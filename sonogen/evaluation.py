@@ -114,15 +114,14 @@ def evaluate_generator(
     learned = set(getattr(generator.config, "images", ()))
     train_records = UltrasoundDataset(data, split="train").records
     sources_mask = torch.tensor([r.image in learned for r in train_records]) if learned else None
-    sources = train[torch.tensor([r.image in learned for r in train_records if r.label == label])] \
-        if learned else None
     sample = sampler(generator)
     synthetic = sample(config.few_image_samples if learned else min(config.samples, len(train)), config.seed)
     # a generator may draw another size than the data's (SinDDM's finest scale is the image limited to ~50k px):
     # real images meet its samples at the samples' size, the size it learned them at
     size = tuple(synthetic.shape[-2:])
     train, holdout = resized(train, size), resized(holdout, size)
-    sources = None if sources is None else resized(sources, size)
+    sources = train[torch.tensor([r.image in learned for r in train_records if r.label == label])] \
+        if learned else None
     metrics, reasons, details = evaluate_images(synthetic, train, holdout, extractor, config, sources)
 
     def load_split(split: str):
