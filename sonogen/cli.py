@@ -263,7 +263,8 @@ def train_command(
     info = train_generator(family, data, label, out, config, dataset, experiment, register, resume,
                            progress=_progress(f"training {family} on {label}"), model_overrides=overrides)
     final = info.get("final", {})
-    scores = ", ".join(f"{key} {final[key]:.4g}" for key in ("kmmd", "one_nn_acc", "ssim_to_train") if key in final)
+    scores = ", ".join(f"{key} {final[key]:.4g}" for key in ("kmmd", "one_nn_acc", "ssim_to_train", "scan_iou_to_train")
+                       if key in final)
     console.print(f"trained {family} on {label}: epoch {final.get('epoch')}, step {final.get('step')}, {scores}")
     console.print(f"saved {out / 'generator'}, last sample grid {out / 'samples.png'}; "
                   f"MLflow run {info['run_id']} in {info['tracking_uri']}")

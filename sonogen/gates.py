@@ -18,6 +18,7 @@ from sonogen.metrics.classifier import predict_proba
 from sonogen.metrics.downstream import DownstreamConfig, downstream_usefulness
 from sonogen.metrics.features import Extractor
 from sonogen.metrics.frechet import fid, sifid
+from sonogen.metrics.layout import nearest_scan_iou
 from sonogen.metrics.memorisation import memorisation
 from sonogen.metrics.similarity import mean_pairwise_ms_ssim, nearest_ssim
 
@@ -31,6 +32,7 @@ GATES: dict[str, tuple[str, str]] = {
     "max_sifid_ratio": ("sifid_ratio", "max"),
     "min_ssim_to_train": ("ssim_to_train", "min"),
     "max_ssim_to_train": ("ssim_to_train", "max"),
+    "min_scan_iou_to_train": ("scan_iou_to_train", "min"),
     "min_confidence": ("confidence", "min"),
     "max_near_copy_fraction": ("near_copy_fraction", "max"),
     "max_pixel_near_copy_fraction": ("pixel_near_copy_fraction", "max"),
@@ -136,8 +138,9 @@ def evaluate_images(
     ``holdout`` (real images never trained on) gives the real baseline: the same realism metrics between
     holdout and train, and the real-to-train nearest-neighbour distance memorisation is measured against.
     ``sources`` are the images a single- or few-image generator learned from (default: ``train``): each sample
-    is compared with its closest source by SIFID and SSIM; held-out real images compared the same way give
-    SIFID's baseline, ``sifid_ratio`` (below 1: samples are closer to their source than another patient's image).
+    is compared with its closest source by SIFID, SSIM and the overlap of their scan areas (whether the fan was
+    kept whole); held-out real images compared the same way give SIFID's baseline, ``sifid_ratio`` (below 1:
+    samples are closer to their source than another patient's image).
     Returns the metrics, the reasons for metrics not measured, and the details (baseline, memorisation).
     """
     sources = train if sources is None else sources
@@ -151,8 +154,9 @@ def evaluate_images(
           f"images); this one has {len(sources)}"
     if len(sources) <= config.sifid_max_train_images:
         metrics["ssim_to_train"] = float(nearest_ssim(synthetic, sources).mean())
+        metrics["scan_iou_to_train"] = float(nearest_scan_iou(synthetic, sources).mean())
     else:
-        reasons["ssim_to_train"] = few
+        reasons["ssim_to_train"] = reasons["scan_iou_to_train"] = few
     if len(sources) <= config.sifid_max_train_images and extractor.feature_map is not None:
         metrics["sifid"] = nearest_source_sifid(synthetic, sources, extractor)
         if holdout is not None and len(holdout):

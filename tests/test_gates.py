@@ -167,6 +167,29 @@ def test_sifid_ratio_passes_variants_of_the_source_and_fails_noise(lus):
     assert "sifid" in metrics and "sifid_ratio" not in metrics and "held-out" in reasons["sifid_ratio"]
 
 
+def test_scan_iou_passes_samples_that_keep_the_sources_fan_and_fails_shifted_cut_or_dark_ones(lus):
+    train, _, _ = split_images(lus, "train")
+    holdout, _, _ = split_images(lus, "test")
+    source, extractor, config = train[:1], pixel_extractor(), EvaluateConfig(downstream=None)
+    kept = (source + 0.05 * torch.randn(8, 1, 32, 32, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    pair = source.repeat(2, 1, 1, 1)  # the realism metrics need two samples
+    shifted = torch.full_like(pair, -1)
+    shifted[..., 10:] = pair[..., :-10]
+    cut = pair.clone()
+    cut[..., :16] = -1
+    dark = torch.full_like(pair, -0.95)
+    gates = {"min_scan_iou_to_train": 0.65}
+    for images, should_pass in [(kept, True), (shifted, False), (cut, False), (dark, False)]:
+        metrics, reasons, _ = evaluate_images(images, train, holdout, extractor, config, source)
+        passed, [row] = apply_gates(metrics, reasons, gates, extractor)
+        assert passed == should_pass, row
+    assert metrics["scan_iou_to_train"] == 0.0
+    metrics, _, _ = evaluate_images(kept, train, holdout, extractor, config, source)
+    assert metrics["scan_iou_to_train"] > 0.95
+    metrics, reasons, _ = evaluate_images(kept, train, holdout, extractor, config, train.repeat(9, 1, 1, 1))
+    assert "scan_iou_to_train" not in metrics and "few-image" in reasons["scan_iou_to_train"]
+
+
 def test_cli_gates_two_folders_and_exits_non_zero_with_check(lus, tmp_path):
     import yaml
 

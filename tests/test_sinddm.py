@@ -214,7 +214,7 @@ def test_train_command_registers_serves_and_gates_one_image_model(lus, tmp_path,
                            "downstream": {"seeds": 3, "epochs": 2, "bootstrap": 100,
                                           "real_positive_fraction": {"sinddm": 0.25}}},
               "gates": {"sinddm": {"extractor": "us-encoder", "max_ssim_to_train": 0.99, "max_sifid": 1e6,
-                                   "max_sifid_ratio": 1e6}}}
+                                   "max_sifid_ratio": 1e6, "min_scan_iou_to_train": 0.0}}}
     with monkeypatch.context() as elsewhere:
         elsewhere.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
         with pytest.raises(ValueError, match="set MLFLOW_TRACKING_URI to the store it was trained with"):
@@ -222,9 +222,10 @@ def test_train_command_registers_serves_and_gates_one_image_model(lus, tmp_path,
     [report] = evaluate_targets([str(folder)], lus, None, params, tmp_path / "gates", "lus")
     metrics = report["metrics"]
     assert report["samples"]["synthetic"] == 6
-    assert {"sifid", "sifid_ratio", "ssim_to_train", "auc_delta"} <= set(metrics)
+    assert {"sifid", "sifid_ratio", "ssim_to_train", "scan_iou_to_train", "auc_delta"} <= set(metrics)
     assert report["downstream"]["train_real_positives"] == max(1, round(0.25 * report["samples"]["real_train"]))
-    assert [row["gate"] for row in report["gates"]] == ["max_ssim_to_train", "max_sifid", "max_sifid_ratio"]
+    assert [row["gate"] for row in report["gates"]] == ["max_ssim_to_train", "max_sifid", "max_sifid_ratio",
+                                                           "min_scan_iou_to_train"]
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(lus, tmp_path):

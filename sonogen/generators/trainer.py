@@ -15,6 +15,7 @@ from PIL import Image
 from sonogen.data import UltrasoundDataset
 from sonogen.generators.base import CHECKPOINT, Generator, to_uint8
 from sonogen.metrics import PIXELS_16, kernel_mmd, one_nn_accuracy, pixel_features
+from sonogen.metrics.layout import nearest_scan_iou
 from sonogen.metrics.similarity import nearest_ssim, ssim
 
 GENERATOR_DIR = "generator"
@@ -76,8 +77,9 @@ FEW_IMAGES = 8  # up to this many training images, samples are also compared wit
 
 def quality(generator: Generator, real: torch.Tensor, n: int) -> tuple[dict[str, float], torch.Tensor]:
     """``n`` fixed-seed samples and how they compare with the real images: kMMD and 1-NN accuracy (pixels-16)
-    when there are two or more; for a few, the SSIM of each sample to its closest real image (a copy scores 1)
-    and between samples (a collapsed generator scores near 1)."""
+    when there are two or more; for a few, the SSIM of each sample to its closest real image (a copy scores 1),
+    the overlap of their scan areas (a lost fan scores low) and SSIM between samples (a collapsed generator
+    scores near 1)."""
     samples = generator.sample(n, seed=EVAL_SEED)
     metrics = {}
     if len(real) >= 2:
@@ -87,6 +89,7 @@ def quality(generator: Generator, real: torch.Tensor, n: int) -> tuple[dict[str,
                        one_nn_acc_real=nn_acc["real"], one_nn_acc_synthetic=nn_acc["synthetic"])
     if len(real) <= FEW_IMAGES:
         metrics["ssim_to_train"] = float(nearest_ssim(samples, real).mean())
+        metrics["scan_iou_to_train"] = float(nearest_scan_iou(samples, real).mean())
         metrics["ssim_between_samples"] = float(ssim(samples, samples.roll(1, dims=0)).mean())
     return metrics, samples
 
