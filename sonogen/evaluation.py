@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sonogen.data import UltrasoundDataset
 from sonogen.data.manifest import MANIFEST, file_sha256, load_grey
@@ -22,6 +21,7 @@ from sonogen.generators import Generator
 from sonogen.metrics.classifier import ClassifierConfig, predict_proba, save_classifier, train_classifier
 from sonogen.metrics.features import Extractor
 from sonogen.metrics.memorisation import closest_pairs
+from sonogen.metrics.similarity import resized
 from sonogen.tracking import configure_mlflow, dataset_identity, git_commit
 
 SAMPLE_BATCH = 64  # bounds the memory one sampling call takes, whatever `samples` is
@@ -39,12 +39,6 @@ def sampler(generator: Generator) -> Sampler:
         return torch.cat([generator.sample(min(SAMPLE_BATCH, n - start), seed * 100_003 + start)
                           for start in range(0, n, SAMPLE_BATCH)])
     return sample
-
-
-def resized(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if tuple(images.shape[-2:]) == size or not len(images):
-        return images
-    return F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 def train_encoder(data: str | Path, out: str | Path, dataset: str, epochs: int = 25, seed: int = 0) -> dict:

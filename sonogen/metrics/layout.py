@@ -12,6 +12,7 @@ import torch
 
 from sonogen.data.prepare import scan_region
 from sonogen.generators.base import to_uint8
+from sonogen.metrics.similarity import resized
 
 
 def scan_regions(images: torch.Tensor) -> np.ndarray:
@@ -22,9 +23,8 @@ def scan_regions(images: torch.Tensor) -> np.ndarray:
 def nearest_scan_iou(images: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
     """For each image, the intersection over union of its scan area with the best-matching source's, ``(N,)``;
     the sources are resized to the images' size first (a retargeted or pyramid-limited sample)."""
-    if sources.shape[-2:] != images.shape[-2:]:
-        sources = torch.nn.functional.interpolate(sources.float(), size=images.shape[-2:], mode="area")
-    masks, source_masks = scan_regions(images)[:, None], scan_regions(sources)[None]
+    masks = scan_regions(images)[:, None]
+    source_masks = scan_regions(resized(sources, images.shape[-2:]))[None]
     union = (masks | source_masks).sum(axis=(2, 3))
     iou = (masks & source_masks).sum(axis=(2, 3)) / np.maximum(union, 1)
     return torch.from_numpy(iou.max(axis=1)).float()

@@ -18,6 +18,14 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 KERNEL = 11  # Gaussian window, sigma 1.5, as in both papers
 
 
+def resized(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(N, 1, H, W)`` images at ``size`` (antialiased bilinear), unchanged when already there."""
+    if tuple(images.shape[-2:]) == tuple(size) or not len(images):
+        return images
+    return torch.nn.functional.interpolate(images.float(), size=size, mode="bilinear", antialias=True,
+                                           align_corners=False)
+
+
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """SSIM of each pair of images ``(N, 1, H, W)`` in [-1, 1], shape ``(N,)``."""
     return structural_similarity_index_measure(a.float(), b.float(), data_range=2.0, reduction="none")
