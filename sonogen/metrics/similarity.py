@@ -34,9 +34,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def nearest_ssim(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
     """For each image, its SSIM with the most similar of ``references`` (resized to the image's size when a
     retargeted sample differs), shape ``(N,)``."""
-    if references.shape[-2:] != images.shape[-2:]:
-        references = torch.nn.functional.interpolate(references.float(), size=images.shape[-2:], mode="bilinear",
-                                                     align_corners=False)
+    references = resized(references, images.shape[-2:])
     return torch.stack([ssim(images, reference.expand_as(images)) for reference in references]).amax(dim=0)
 
 
