@@ -7,7 +7,8 @@ were drawn with it or in which batch, and torch is not needed to reproduce it.
 
 from __future__ import annotations
 
-import io
+import struct
+import zlib
 
 import numpy as np
 
@@ -38,11 +39,19 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    """One uint8 ``(H, W)`` image as PNG; the same pixels always give the same bytes."""
-    from PIL import Image
+    """One uint8 ``(H, W)`` image as a greyscale PNG; the same pixels always give the same bytes."""
+    # written here rather than by Pillow, which tries all five row filters on every row: that search costs more
+    # than compressing. One filter for every row (Sub: each byte minus its left neighbour) at zlib level 1 encodes
+    # a 256 px ultrasound frame ~2× faster into a file no larger, and encoding is most of the endpoint's own cost.
+    height, width = image.shape
+    rows = np.empty((height, width + 1), np.uint8)
+    rows[:, 0] = 1  # the Sub filter type byte that starts each row
+    rows[:, 1] = image[:, 0]
+    np.subtract(image[:, 1:], image[:, :-1], out=rows[:, 2:])  # uint8 arithmetic wraps modulo 256, as PNG wants
 
-    buffer = io.BytesIO()
-    # zlib level 1: on low-contrast frames the default level 6 takes ~5× longer (9 ms for a 256 px image) for
-    # files only ~20 % smaller, and encoding is most of the endpoint's own cost
-    Image.fromarray(image, mode="L").save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale, deflate, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1))
+            + chunk(b"IEND", b""))

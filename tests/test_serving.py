@@ -26,6 +26,7 @@ from sonogen.export import export_registered
 from sonogen.generators import to_uint8
 from sonogen.jobs import register_trained, train_generator
 from sonogen.registry import load_sampler
+from sonogen.sampling import png_bytes
 
 NAME = "lus-dcgan-consolidation"
 TOKEN = "s3cret"
@@ -75,6 +76,18 @@ def predict(url, body, token=TOKEN, **kwargs):
 
 def decode(encoded: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 1), (3, 7), (64, 48), (256, 256)])
+def test_png_encoding_reads_back_as_the_same_pixels_and_bytes_depend_on_pixels_only(shape):
+    rng = np.random.default_rng(shape[0])
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    image[0] = np.arange(shape[1]) % 2 * 255  # left-neighbour differences that wrap around 256
+    encoded = png_bytes(image)
+    decoded = Image.open(io.BytesIO(encoded))
+    assert (decoded.mode, decoded.size) == ("L", shape[::-1])
+    assert np.array_equal(np.asarray(decoded), image)
+    assert png_bytes(np.asfortranarray(image)) == encoded  # the same pixels laid out otherwise: the same file
 
 
 def test_export_matches_torch_and_is_logged_on_the_version(registry):
