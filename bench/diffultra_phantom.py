@@ -3,6 +3,7 @@ generating distribution, where sampled lesions land, whether the output boxes co
 detection AP of real vs real + DiffUltra vs real + binary-condition boxes.
 
     python bench/diffultra_phantom.py --out DIR [--size 64 --patients 60 --ldm-steps 3000 --controlnet-steps 1500]
+                                      [--strength 0.8]
 
 Everything goes through the library's product paths (phantom → prepare → bank → trainer → sample_with_boxes →
 detection gate); results are printed and written to ``DIR/results.json`` with sample grids.
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--controlnet-steps", type=int, default=1500)
     parser.add_argument("--detector-steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--strength", type=float, help="how far backgrounds are re-noised (default: the model's)")
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -120,9 +122,11 @@ def main() -> None:
     real_train, real_test = boxed_images(data, "train"), boxed_images(data, "test")
     positives = sum(1 for b in real_train[1] if b)
     synthetic = {}
+    results["strength"] = args.strength or models["structure"].config.strength
     for condition, model in models.items():
         started = time.perf_counter()
-        chunks = [model.sample_with_boxes(min(32, positives - s), seed=s) for s in range(0, positives, 32)]
+        chunks = [model.sample_with_boxes(min(32, positives - s), seed=s, condition={"strength": results["strength"]})
+                  for s in range(0, positives, 32)]
         images = torch.cat([c[0] for c in chunks])
         boxes = [b for c in chunks for b in c[1]]
         results[f"sampling_{condition}_s_per_image"] = (time.perf_counter() - started) / positives
