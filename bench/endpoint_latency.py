@@ -11,12 +11,14 @@ process of its own) and in-process throughput at the server's batch size, before
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -91,7 +93,7 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-m", "sonogen.cli", "serve", "--model", NAME, "--version", version,
                                "--port", str(port), "--max-batch", str(MAX_BATCH)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1/models/{NAME}:predict"
+    path = f"/v1/models/{NAME}:predict"
     try:
         for _ in range(600):
             try:
@@ -99,15 +101,21 @@ def main() -> None:
                     break
             except requests.ConnectionError:
                 time.sleep(0.1)
-        sessions: dict[int, requests.Session] = {}
+        # each client thread keeps one http.client connection: a requests.Session adds ~2.5 ms to every call
+        # here (p50 4.2 ms against 1.7 ms for the same 32 px request), which is the caller's cost, not the
+        # endpoint's, and on 2 shared cores its CPU is taken from the server
+        connections: dict[int, http.client.HTTPConnection] = {}
 
         def call(seed: int) -> float:
-            import threading
-
-            session = sessions.setdefault(threading.get_ident(), requests.Session())
+            connection = connections.setdefault(threading.get_ident(),
+                                                http.client.HTTPConnection("127.0.0.1", port, timeout=120))
+            body = json.dumps({"instances": [{"n": 1, "seed": seed}]})
             start = time.perf_counter()
-            response = session.post(url, json={"instances": [{"n": 1, "seed": seed}]}, timeout=120)
-            response.raise_for_status()
+            connection.request("POST", path, body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"{path}: HTTP {response.status}")
             return time.perf_counter() - start
 
         call(0)
