@@ -122,7 +122,7 @@ def main() -> None:
     real_train, real_test = boxed_images(data, "train"), boxed_images(data, "test")
     positives = sum(1 for b in real_train[1] if b)
     synthetic = {}
-    results["strength"] = args.strength or models["structure"].config.strength
+    results["strength"] = models["structure"].config.strength if args.strength is None else args.strength
     for condition, model in models.items():
         started = time.perf_counter()
         chunks = [model.sample_with_boxes(min(32, positives - s), seed=s, condition={"strength": results["strength"]})
