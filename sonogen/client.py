@@ -26,27 +26,29 @@ def sample(url: str, model: str, n: int, seed: int = 0, label: str | None = None
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     endpoint = f"{url.rstrip('/')}/v1/models/{model}:predict"
     images = []
-    for chunk, start in enumerate(range(0, n, per_request)):
-        instance = {"n": min(per_request, n - start), "seed": chunk_seed(seed, chunk), "format": "png"}
-        if label is not None:
-            instance["label"] = label
-        if condition:
-            instance["condition"] = condition
-        try:
-            response = requests.post(endpoint, json={"instances": [instance]}, headers=headers, timeout=timeout_s)
-        except requests.ConnectionError as err:
-            raise ConnectionError(f"cannot reach the sampling endpoint {url}: {err}") from err
-        if response.status_code >= 400:
+    # one keep-alive connection, so one TLS handshake through an ingress, for all the requests of a draw
+    with requests.Session() as session:
+        for chunk, start in enumerate(range(0, n, per_request)):
+            instance = {"n": min(per_request, n - start), "seed": chunk_seed(seed, chunk), "format": "png"}
+            if label is not None:
+                instance["label"] = label
+            if condition:
+                instance["condition"] = condition
             try:
-                message = response.json().get("error", response.text)
-            except ValueError:
-                message = response.text
-            raise ValueError(f"{endpoint} answered HTTP {response.status_code}: {message}")
-        [prediction] = response.json()["predictions"]
-        for index, encoded in enumerate(prediction["images"]):
-            images.append({"png": base64.b64decode(encoded), "seed": prediction["seed"], "index": index,
-                           "model_name": prediction["model_name"], "model_version": prediction["model_version"],
-                           "label": prediction["label"]})
+                response = session.post(endpoint, json={"instances": [instance]}, headers=headers, timeout=timeout_s)
+            except requests.ConnectionError as err:
+                raise ConnectionError(f"cannot reach the sampling endpoint {url}: {err}") from err
+            if response.status_code >= 400:
+                try:
+                    message = response.json().get("error", response.text)
+                except ValueError:
+                    message = response.text
+                raise ValueError(f"{endpoint} answered HTTP {response.status_code}: {message}")
+            [prediction] = response.json()["predictions"]
+            for index, encoded in enumerate(prediction["images"]):
+                images.append({"png": base64.b64decode(encoded), "seed": prediction["seed"], "index": index,
+                               "model_name": prediction["model_name"], "model_version": prediction["model_version"],
+                               "label": prediction["label"]})
     return images
 
 

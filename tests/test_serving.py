@@ -200,11 +200,18 @@ def test_bearer_token_is_required_except_on_health_probes(server):
     assert requests.get(f"{server}/v2/health/ready").status_code == 200
 
 
-def test_sample_command_writes_pngs_and_a_manifest(server, tmp_path):
+def test_sample_command_writes_pngs_and_a_manifest_over_one_connection(server, tmp_path, monkeypatch):
+    import urllib3.util.connection
+
+    connections = []
+    connect = urllib3.util.connection.create_connection
+    monkeypatch.setattr(urllib3.util.connection, "create_connection",
+                        lambda *args, **kwargs: connections.append(args[0]) or connect(*args, **kwargs))
     out = tmp_path / "samples"
     result = CliRunner().invoke(app, ["sample", "--url", server, "--model", NAME, "-n", "10", "--seed", "1",
                                       "--per-request", "4", "--out", str(out)], env={"SONOGEN_SERVE_TOKEN": TOKEN})
     assert result.exit_code == 0, result.output
+    assert len(connections) == 1  # three requests, one keep-alive connection
     rows = list(__import__("csv").DictReader((out / "manifest.csv").open()))
     assert len(rows) == 10 and len(list(out.glob("*.png"))) == 10
     assert {r["model_version"] for r in rows} == {"1"} and {r["label"] for r in rows} == {"consolidation"}
