@@ -28,6 +28,7 @@ SIZE_BIASES = ("none", "large")
 CONDITIONS = ("structure", "binary")
 LARGE_QUANTILE = 0.9  # lesions with a box area in the top 10% are "large" (the paper's rare large consolidations)
 PLACEMENT_TRIES = 64
+PLEURA_STRENGTH = 0.8  # a chest-wall line this close to the strongest one in its column may hide the pleura
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,9 @@ class Anatomy:
 
 
 def detect_pleura(image: np.ndarray, fan: np.ndarray) -> np.ndarray:
-    """The pleural line of a uint8 frame: per column, the strongest horizontal ridge in the upper half of the fan,
-    in columns where it casts no shadow (a rib's bright arc does), then a robust quadratic through those rows (a
-    convex probe draws the pleura as an arc). NaN outside the columns where it is seen."""
+    """The pleural line of a uint8 frame: per column, the deepest of the strongest horizontal ridges in the upper
+    half of the fan, in columns where it casts no shadow (a rib's bright arc does), then a robust quadratic through
+    those rows (a convex probe draws the pleura as an arc). NaN outside the columns where it is seen."""
     height, width = image.shape
     rows_in_fan = np.flatnonzero(fan.any(axis=1))
     if len(rows_in_fan) < 8:
@@ -84,15 +85,19 @@ def detect_pleura(image: np.ndarray, fan: np.ndarray) -> np.ndarray:
     window = np.zeros_like(fan)
     window[top + round(0.04 * depth): top + round(0.55 * depth)] = True
     # a ridge over an anechoic shadow is a rib (or the fan's own edge), not the pleura
-    lit = np.clip(below / (0.35 * smooth + 1e-3), 0, 1)
-    score = np.where(window & fan, ridge * smooth, -np.inf)  # the pleura is the brightest line, not only a sharp one
-    rows = np.argmax(score, axis=0)
-    columns = np.flatnonzero(np.isfinite(score.max(axis=0)) & (score.max(axis=0) > 0)
-                             & (lit[rows, np.arange(width)] > 0.6))
+    lit = below > 0.6 * (0.35 * smooth + 1e-3)
+    # only crests in depth count: the window's first rows, on the flank of the bright skin line, are not a line
+    crest = np.zeros_like(fan)
+    crest[1:-1] = (ridge[1:-1] >= ridge[:-2]) & (ridge[1:-1] >= ridge[2:])
+    score = np.where(window & fan & crest, ridge * smooth, -np.inf)  # the pleura is bright, not only sharp
+    # of the lines nearly as strong as the strongest, the pleura is the deepest: skin and fascia lie above it
+    strong = (score >= PLEURA_STRENGTH * score.max(axis=0)) & (score > 0) & lit
+    columns = np.flatnonzero(strong.any(axis=0))
     if len(columns) < max(4, width // 16):
         raise ValueError("no pleural line found")
-    rows = rows[columns].astype(np.float64)
-    weights = score[rows.astype(int), columns]
+    rows = (height - 1 - np.argmax(strong[::-1], axis=0))[columns]
+    weights = score[rows, columns]
+    rows = rows.astype(np.float64)
     # start from the rows near the weighted median: fascia, A-lines and bronchograms are a minority
     order = np.argsort(rows)
     median = rows[order][np.searchsorted(np.cumsum(weights[order]), weights.sum() / 2)]
