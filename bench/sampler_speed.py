@@ -2,10 +2,11 @@
 and torch bf16 (channels_last, oneDNN), each as a fraction of this machine's GEMM rate in the same precision,
 measured in the same run; plus how far bf16 samples are from fp32 ones.
 
-    python bench/sampler_speed.py [--device cpu|cuda] [--repeats 3]
+    python bench/sampler_speed.py [--device cpu|cuda] [--repeats 3] [--generator FOLDER]
 
-The generator has random weights (N(0, 0.02) as at initialisation): speed does not depend on them, and the
-fidelity numbers compare two runtimes of the same weights.
+Speed does not depend on the weights, so by default the generator has random ones (N(0, 0.02) as at
+initialisation). Those make nearly flat images, so compare bf16 with fp32 on a trained 256 px generator: give
+the folder `sonogen train dcgan --out FOLDER` wrote as ``--generator``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from dcgan_throughput import gemm_rate
 
 from sonogen.export import export_to_onnx
+from sonogen.generators.base import load_generator
 from sonogen.generators.dcgan import DCGAN, DCGANConfig, generator_flops
 from sonogen.metrics import kernel_mmd
 from sonogen.sampling import gaussian_latents, to_uint8
@@ -47,11 +49,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--generator", type=Path, help="a saved 256 px DCGAN (default: random weights)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    config = DCGANConfig(label="x", image_size=256)
-    generator = DCGAN(config)
+    if args.generator:
+        generator = load_generator(args.generator)
+        config = generator.config
+        if generator.family != "dcgan" or config.image_size != 256:
+            raise ValueError(f"{args.generator} is not a 256 px DCGAN")
+    else:
+        config = DCGANConfig(label="x", image_size=256)
+        generator = DCGAN(config)
     network = generator.generator.eval().to(device)
     flops = generator_flops(config)
 
