@@ -29,7 +29,7 @@ from PIL import Image
 from sonogen.data import UltrasoundDataset
 from sonogen.generators.sinddm import MultiScaleDDMConfig, ScaleBatch, SinDDM, build_pyramid, scale_sizes
 from sonogen.generators.trainer import image_grid
-from sonogen.metrics.similarity import ssim
+from sonogen.metrics.similarity import ssim, ssim_to_references
 
 SCHEDULES = {"paper": MultiScaleDDMConfig.lr_milestones, "constant": ()}
 
@@ -49,7 +49,7 @@ def run(images: torch.Tensor, config: MultiScaleDDMConfig, batch: int, steps: in
             losses.append(model.train_step(ScaleBatch(0, sources[draw].expand(batch, -1, -1, -1), None))["loss"])
     seconds = (time.perf_counter() - start) / steps
     samples = next(model.scale_samples(16, seed=0))
-    to_sources = torch.stack([ssim(samples, source.expand_as(samples)) for source in sources])
+    to_sources = ssim_to_references(samples, sources)
     nearest = torch.bincount(to_sources.argmax(dim=0), minlength=len(sources))
     return seconds, {"loss_last_200": sum(losses[-200:]) / len(losses[-200:]),
                      "ssim_to_source": float(to_sources.amax(dim=0).mean()),

@@ -31,11 +31,16 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return structural_similarity_index_measure(a.float(), b.float(), data_range=2.0, reduction="none")
 
 
-def nearest_ssim(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """For each image, its SSIM with the most similar of ``references`` (resized to the image's size when a
-    retargeted sample differs), shape ``(N,)``."""
+def ssim_to_references(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """SSIM of every image with every one of ``references`` (resized to the image's size when a retargeted
+    sample differs), shape ``(R, N)``."""
     references = resized(references, images.shape[-2:])
-    return torch.stack([ssim(images, reference.expand_as(images)) for reference in references]).amax(dim=0)
+    return torch.stack([ssim(images, reference.expand_as(images)) for reference in references])
+
+
+def nearest_ssim(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """For each image, its SSIM with the most similar of ``references``, shape ``(N,)``."""
+    return ssim_to_references(images, references).amax(dim=0)
 
 
 def ms_ssim_scales(size: int) -> int:
