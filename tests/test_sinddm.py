@@ -144,6 +144,35 @@ def test_fewddm_draws_every_image_of_its_set_from_different_patients(lus, tmp_pa
         assert len(matches) == 1 and torch.equal(batch.clean[0], batch.clean[1])  # one image per batch
         seen.add(matches[0])
     assert seen == {0, 1, 2}
+    with pytest.raises(ValueError, match="layout_per_source"):  # the paper's model is not told its sources
+        model.sample(1, 0, {"source": 0})
+
+
+def test_fewddm_told_the_source_gives_each_sample_the_layout_it_drew(tmp_path):
+    torch.manual_seed(0)
+    config = FewDDMConfig(label="x", images=("left", "right"), max_images=2, layout_per_source=True,
+                          **{**TINY, "coarsest_area": 144, "coarsest_side": (12, 12)})
+    model = FewDDM(config)
+    left = torch.linspace(1, -1, 12)[None, None, None, :].expand(1, 1, 12, 12)  # bright on the left
+    images = torch.cat([left, left.flip(-1)])
+    model.begin_training(images, total_steps=400)
+    assert len(model.sample_sizes()) == 1  # one scale: the layout is all there is
+    for batch in model.training_batches(images, 8, 400, torch.Generator().manual_seed(0)):
+        model.train_step(batch)
+    samples, drawn = model.sample(16, seed=3), model.layout_sources(16, seed=3)
+    nearest = torch.stack([(samples - image).abs().mean(dim=(1, 2, 3)) for image in images]).argmin(dim=0)
+    assert sorted(set(drawn.tolist())) == [0, 1] and torch.equal(nearest, drawn)
+    assert torch.equal(model.layout_sources(5, seed=3), drawn[:5])  # a sample's draw depends on its position only
+    loaded = load_generator(model.save(tmp_path / "g"))
+    assert torch.equal(loaded.sample(16, seed=3), samples)
+    for source in (1, "right"):  # a request may ask for one source's layout, by index or id
+        told = loaded.sample(4, seed=3, condition={"source": source})
+        assert ((told - images[1]).abs().mean(dim=(1, 2, 3)) < (told - images[0]).abs().mean(dim=(1, 2, 3))).all()
+    for bad in (2, -1, True, "up", 1.0):
+        with pytest.raises(ValueError):
+            loaded.sample(1, 0, {"source": bad})
+    with pytest.raises(ValueError, match="several images"):
+        FewDDM(FewDDMConfig(label="x", max_images=1, layout_per_source=True, **TINY))
 
 
 def test_an_image_is_named_by_its_file_name_even_with_dots_in_it():

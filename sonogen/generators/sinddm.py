@@ -5,7 +5,8 @@ A pyramid of the training image runs from a coarsest scale of about 3,100 px (sh
 image limited to ~50k px, with a scale factor of about 1.411 refitted so the sides divide evenly. One fully
 convolutional denoiser (no down-sampling, receptive field 33 px, so it learns local structure and can sample any
 size) serves every scale, told the step and the scale through a joint embedding. The schedule, blur included,
-lives in ``MultiScaleScheduler``. FewDDM is the same model fed one randomly chosen image of its set per batch.
+lives in ``MultiScaleScheduler``. FewDDM is the same model fed one randomly chosen image of its set per batch;
+with ``layout_per_source`` its coarsest scale is also told which image it learns, and each sample draws one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sonogen.generators.multiscale_scheduler import MultiScaleScheduler
 from sonogen.generators.registry import register_family
 
 MAX_RETARGET = 2.0  # a requested size may reach twice the training size per side (bounds a request's memory)
+LAYOUT_STREAM = 2  # keeps a sample's source draw apart from its noise (image_generators' stream 1)
 
 
 @dataclass
@@ -57,6 +59,10 @@ class MultiScaleDDMConfig:
     # gives the step counts the reference reaches (T_s ≈ 22–33 of 100, its gap being a larger quantity)
     # and samples with speckle and local variation (bench/RESULTS.md)
     blur_gap_factor: float = 20.0
+    # FewDDM only. Unconditioned, the coarsest scale gives most samples one source's layout (bench/RESULTS.md);
+    # told the source there (a learned vector per image), every sample draws one source's layout uniformly,
+    # while the finer scales stay shared by all sources and mix their texture
+    layout_per_source: bool = False
 
     def __post_init__(self):
         self.images, self.coarsest_side = tuple(self.images), tuple(self.coarsest_side)
@@ -133,18 +139,24 @@ class MultiScaleDenoiser(nn.Module):
 
     EMBEDDING = 32  # each of the step and scale sinusoids; the MLP maps their 64 to 128 to 32
 
-    def __init__(self, channels: int = 160, image_channels: int = 1):
+    def __init__(self, channels: int = 160, image_channels: int = 1, sources: int = 0):
         super().__init__()
         half, e = channels // 2, self.EMBEDDING
         self.mlp = nn.Sequential(nn.Linear(2 * e, 4 * e), nn.GELU(), nn.Linear(4 * e, e))
+        # one vector per training image, added to the step/scale embedding; nn.Embedding's N(0, 1) start is large
+        # beside the MLP's output, so it is used at once (from zero, a toy run needed several times the steps)
+        self.source_embedding = nn.Embedding(sources, e) if sources else None
         widths = [image_channels, half, channels, channels, half]
         self.blocks = nn.ModuleList(DenoiserBlock(a, b, e) for a, b in zip(widths, widths[1:]))
         self.out = nn.Conv2d(half, image_channels, 1)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, scale: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, scale: int,
+                sources: torch.Tensor | None = None) -> torch.Tensor:
         scales = torch.full_like(timesteps, scale)
         embedding = self.mlp(torch.cat([sinusoidal_embedding(timesteps, self.EMBEDDING),
                                         sinusoidal_embedding(scales, self.EMBEDDING)], dim=1))
+        if sources is not None:
+            embedding = embedding + self.source_embedding(sources)
         for block in self.blocks:
             x = block(x, embedding)
         return self.out(x)
@@ -152,11 +164,13 @@ class MultiScaleDenoiser(nn.Module):
 
 @dataclass
 class ScaleBatch:
-    """One training batch: ``clean`` copies of one image at ``scale``, and their blurred counterparts."""
+    """One training batch: ``clean`` copies of the ``source``-th image at ``scale``, and their blurred
+    counterparts."""
 
     scale: int
     clean: torch.Tensor
     blurred: torch.Tensor | None
+    source: int = 0
 
 
 def image_id(image_path: str) -> str:
@@ -177,7 +191,10 @@ class SinDDM(Generator):
         super().__init__(config)
         if self.one_model_per_image and config.max_images != 1:
             raise ValueError("sinddm learns one image (max_images 1); train fewddm for several")
-        self.denoiser = MultiScaleDenoiser(config.channels)
+        if config.layout_per_source and config.max_images < 2:
+            raise ValueError("layout_per_source needs several images (fewddm with max_images ≥ 2)")
+        self.denoiser = MultiScaleDenoiser(config.channels, sources=config.max_images if config.layout_per_source
+                                           else 0)
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
         self._optimizers: dict[str, torch.optim.Optimizer] | None = None
         self._pyramids: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = []
@@ -228,9 +245,10 @@ class SinDDM(Generator):
         weights = torch.tensor([float(scheduler.train_timesteps(s)) for s in range(scheduler.n_scales)])
         for _ in range(steps or self.steps_per_epoch):
             scale = int(torch.multinomial(weights, 1, generator=generator))
-            clean, blurred = self._pyramids[int(torch.randint(len(self._pyramids), (1,), generator=generator))][scale]
+            source = int(torch.randint(len(self._pyramids), (1,), generator=generator))
+            clean, blurred = self._pyramids[source][scale]
             expand = (batch_size, -1, -1, -1)
-            yield ScaleBatch(scale, clean.expand(expand), None if blurred is None else blurred.expand(expand))
+            yield ScaleBatch(scale, clean.expand(expand), None if blurred is None else blurred.expand(expand), source)
 
     def learning_rate(self) -> float:
         if not self.total_steps:
@@ -244,7 +262,8 @@ class SinDDM(Generator):
         timesteps = torch.randint(0, scheduler.train_timesteps(batch.scale), (len(clean),), device=clean.device)
         noise = torch.randn_like(clean)
         target = scheduler.training_target(clean, batch.blurred, timesteps, batch.scale)
-        predicted = self.denoiser(scheduler.add_noise(target, noise, timesteps), timesteps, batch.scale)
+        sources = torch.full_like(timesteps, batch.source) if self._told_source(batch.scale) else None
+        predicted = self.denoiser(scheduler.add_noise(target, noise, timesteps), timesteps, batch.scale, sources)
         loss = (predicted.float() - noise).abs().mean()  # L1 on the predicted noise
         optimizer = self.optimizers()["denoiser"]
         for group in optimizer.param_groups:
@@ -255,6 +274,9 @@ class SinDDM(Generator):
         self.step += 1
         self._update_ema()
         return {"loss": loss.item(), "lr": self.learning_rate()}
+
+    def _told_source(self, scale: int) -> bool:
+        return self.config.layout_per_source and scale == 0
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -278,7 +300,23 @@ class SinDDM(Generator):
                 raise ValueError(f"size {list(size)} is outside 8 px … {MAX_RETARGET:g}× the training size "
                                  f"{height}×{width}")
             condition["size"] = (int(size[0]), int(size[1]))
+        if "source" in condition:
+            condition["source"] = self._source_index(condition["source"])
         return condition
+
+    def accepts_condition(self, key: str) -> bool:
+        return key in self.conditions and (key != "source" or self.config.layout_per_source)
+
+    def _source_index(self, source: Any) -> int:
+        if not self.accepts_condition("source"):
+            raise ValueError(f"this {self.family} was trained without layout_per_source: it cannot be told a source")
+        images = self.config.images
+        if isinstance(source, str):
+            return _find(source, list(images))
+        if isinstance(source, bool) or not isinstance(source, int) or not 0 <= source < len(images):
+            raise ValueError(f"source must be a training image's index (0–{len(images) - 1}) or id "
+                             f"({', '.join(map(image_id, images))}), got {source!r}")
+        return source
 
     def sample_sizes(self, size: tuple[int, int] | None = None) -> list[tuple[int, int]]:
         """Per-scale sizes for an output of ``size`` (default: the training size); a different size stretches
@@ -291,11 +329,23 @@ class SinDDM(Generator):
         fy, fx = size[0] / sizes[-1][0], size[1] / sizes[-1][1]
         return [*[(max(1, round(h * fy)), max(1, round(w * fx))) for h, w in sizes[:-1]], tuple(size)]
 
+    def layout_sources(self, n: int, seed: int, source: int | None = None) -> torch.Tensor | None:
+        """Which training image's layout each of ``n`` samples of ``seed`` takes: ``source`` if given, else a
+        draw that, like the noise, depends on the seed and the sample's position only (None: not told, as in
+        the paper)."""
+        if not self.config.layout_per_source:
+            return None
+        if source is not None:
+            return torch.full((n,), source)
+        return torch.cat([torch.randint(len(self.config.images), (1,), generator=g)
+                          for g in image_generators(seed, n, stream=LAYOUT_STREAM)])
+
     @torch.no_grad()
     def scale_samples(self, n: int, seed: int, condition: dict[str, Any] | None = None) -> Iterator[torch.Tensor]:
         """The batch after each scale, coarsest first; the last is the sample."""
-        scheduler, sizes = self.scheduler(), self.sample_sizes((condition or {}).get("size"))
-        generators = image_generators(seed, n)
+        condition = condition or {}
+        scheduler, sizes = self.scheduler(), self.sample_sizes(condition.get("size"))
+        generators, sources = image_generators(seed, n), self.layout_sources(n, seed, condition.get("source"))
         x = torch.stack([torch.randn(1, *sizes[0], generator=g) for g in generators]).to(self.device)
         blurred = None
         for scale, size in enumerate(sizes):
@@ -306,7 +356,8 @@ class SinDDM(Generator):
                 noise = torch.stack([torch.randn(1, *size, generator=g) for g in generators]).to(self.device)
                 x = scheduler.add_noise(blurred, noise, start)
             for t in scheduler.timesteps.tolist():
-                predicted = self.ema(x, torch.full((n,), t, device=self.device), scale).float()
+                told = sources.to(self.device) if self._told_source(scale) else None
+                predicted = self.ema(x, torch.full((n,), t, device=self.device), scale, told).float()
                 x = scheduler.step(predicted, t, x, blurred=blurred, generator=generators).prev_sample
             yield x
 
@@ -324,6 +375,7 @@ class FewDDMConfig(MultiScaleDDMConfig):
 class FewDDM(SinDDM):
     family = "fewddm"
     config_class = FewDDMConfig
+    conditions = frozenset({"label", "size", "source"})  # source: with layout_per_source, one image's layout
     one_model_per_image = False
 
 
