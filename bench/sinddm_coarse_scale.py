@@ -5,12 +5,14 @@ into the run, or a constant rate) and, optionally, the coarsest scale's side in 
 reference's rule, 55 px for a square image).
 
     python bench/sinddm_coarse_scale.py --data DATASET --image ID [ID ...] [--steps 1500] \
-        [--variants 64:8:paper 64:8:constant:36 ...]
+        [--variants 64:8:paper 64:8:constant:36 64:8:constant:36:source ...]
 
-With several ``--image`` it is FewDDM's coarsest scale: each step trains on one of the images, drawn at random.
+With several ``--image`` it is FewDDM's coarsest scale: each step trains on one of the images, drawn at random,
+and a variant ending in ``:source`` tells the denoiser which (``layout_per_source``).
 Prints per variant the time per step (and its ratio to the first variant), the mean L1 noise loss of the last
-200 steps, and for 16 samples their SSIM to the nearest source's coarsest scale, between samples, and how many
-samples are nearest each source; a grid of the sources and samples per variant goes to ``--out``.
+200 steps, and for 16 samples their SSIM to the nearest source's coarsest scale, between samples, how many
+samples are nearest each source and, for told variants, the share nearest the source they drew; a grid of the
+sources and samples per variant goes to ``--out``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import torch
 from PIL import Image
 
 from sonogen.data import UltrasoundDataset
-from sonogen.generators.sinddm import MultiScaleDDMConfig, ScaleBatch, SinDDM, build_pyramid, scale_sizes
+from sonogen.generators.sinddm import (FewDDM, FewDDMConfig, MultiScaleDDMConfig, ScaleBatch, SinDDM, build_pyramid,
+                                      scale_sizes)
 from sonogen.generators.trainer import image_grid
 from sonogen.metrics.similarity import ssim, ssim_to_references
 
@@ -36,7 +39,7 @@ SCHEDULES = {"paper": MultiScaleDDMConfig.lr_milestones, "constant": ()}
 
 def run(images: torch.Tensor, config: MultiScaleDDMConfig, batch: int, steps: int, bf16: bool):
     torch.manual_seed(0)
-    model = SinDDM(config)
+    model = FewDDM(config) if isinstance(config, FewDDMConfig) else SinDDM(config)
     model.begin_training(images, total_steps=steps)
     sizes = scale_sizes(*images.shape[-2:], config)
     sources = torch.stack([build_pyramid(image, sizes)[0][0] for image in images])
@@ -46,15 +49,19 @@ def run(images: torch.Tensor, config: MultiScaleDDMConfig, batch: int, steps: in
         # one autocast region per step, as the trainer does: autocast caches the bf16 copies of the weights
         # until its region ends, so a region around many steps trains on the weights of the first
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            losses.append(model.train_step(ScaleBatch(0, sources[draw].expand(batch, -1, -1, -1), None))["loss"])
+            losses.append(model.train_step(ScaleBatch(0, sources[draw].expand(batch, -1, -1, -1), None,
+                                                      int(draw)))["loss"])
     seconds = (time.perf_counter() - start) / steps
     samples = next(model.scale_samples(16, seed=0))
     to_sources = ssim_to_references(samples, sources)
     nearest = torch.bincount(to_sources.argmax(dim=0), minlength=len(sources))
+    drawn = model.layout_sources(16, seed=0)
+    told = {} if drawn is None else {"drawn_source_counts": torch.bincount(drawn, minlength=len(sources)).tolist(),
+                                     "nearest_is_drawn": float((to_sources.argmax(dim=0) == drawn).float().mean())}
     return seconds, {"loss_last_200": sum(losses[-200:]) / len(losses[-200:]),
                      "ssim_to_source": float(to_sources.amax(dim=0).mean()),
                      "ssim_between_samples": float(ssim(samples, samples.roll(1, dims=0)).mean()),
-                     "nearest_source_counts": nearest.tolist()}, \
+                     "nearest_source_counts": nearest.tolist(), **told}, \
         torch.cat([sources, samples[:16 - len(sources)]])
 
 
@@ -67,7 +74,8 @@ def main() -> None:
     coarsest_sides = [f"64:8:constant:{side}" for side in (48, 42, 39, 36, 32, 24)]
     parser.add_argument("--variants", nargs="+",
                         default=["64:8:paper", "64:8:constant", "160:8:constant", *coarsest_sides],
-                        help="CHANNELS:BATCH:SCHEDULE[:COARSEST_SIDE], schedule one of " + ", ".join(SCHEDULES))
+                        help="CHANNELS:BATCH:SCHEDULE[:COARSEST_SIDE][:source], schedule one of "
+                        + ", ".join(SCHEDULES))
     parser.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 autocast)")
     parser.add_argument("--out", type=Path, default=Path("sinddm-coarse"))
     args = parser.parse_args()
@@ -84,11 +92,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     baseline = None
     for variant in args.variants:
-        channels, batch, schedule, *coarsest = variant.split(":")
-        config = MultiScaleDDMConfig(label="x", images=("x",), channels=int(channels),
-                                     lr_milestones=SCHEDULES[schedule])
-        if coarsest:
-            config = replace(config, coarsest_side=(int(coarsest[0]),) * 2)
+        channels, batch, schedule, *options = variant.split(":")
+        told = options[-1:] == ["source"]
+        config = (FewDDMConfig if len(args.image) > 1 else MultiScaleDDMConfig)(
+            label="x", images=tuple(args.image), max_images=len(args.image), channels=int(channels),
+            lr_milestones=SCHEDULES[schedule], layout_per_source=told)
+        if options[:len(options) - told]:
+            config = replace(config, coarsest_side=(int(options[0]),) * 2)
         seconds, result, grid = run(images, config, int(batch), args.steps, not args.fp32)
         baseline = baseline or seconds
         print(json.dumps({"variant": variant, "coarsest": scale_sizes(*images.shape[-2:], config)[0],
