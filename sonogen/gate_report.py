@@ -80,6 +80,9 @@ def markdown(report: dict) -> str:
     lines += [f"| {name} | {_number(value)} | {_number(baseline.get(name))} |"
               for name, value in report["metrics"].items()]
     lines += [f"| {name} | not measured: {reason} | |" for name, reason in report["not_measured"].items()]
+    if report.get("samples_nearest_each_source"):
+        lines += ["", "Samples nearest each source image (by SSIM): "
+                  + " / ".join(map(str, report["samples_nearest_each_source"]))]
     if report.get("detection"):
         lines += ["", "## Lesion detection", ""] + detection_lines(report["detection"])
     lines += ["", "Realism metrics compare the synthetic images with the real training images of the label; the last",

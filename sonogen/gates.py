@@ -20,7 +20,7 @@ from sonogen.metrics.features import Extractor
 from sonogen.metrics.frechet import fid, sifid
 from sonogen.metrics.layout import nearest_scan_iou
 from sonogen.metrics.memorisation import memorisation
-from sonogen.metrics.similarity import mean_pairwise_ms_ssim, nearest_ssim
+from sonogen.metrics.similarity import mean_pairwise_ms_ssim, ssim_to_references
 
 # gate name → (metric, direction): "max" passes when value ≤ threshold, "min" when value ≥ threshold
 GATES: dict[str, tuple[str, str]] = {
@@ -153,7 +153,11 @@ def evaluate_images(
     few = f"computed for single- and few-image generators (≤ {config.sifid_max_train_images} training " \
           f"images); this one has {len(sources)}"
     if len(sources) <= config.sifid_max_train_images:
-        metrics["ssim_to_train"] = float(nearest_ssim(synthetic, sources).mean())
+        to_sources = ssim_to_references(synthetic, sources)
+        metrics["ssim_to_train"] = float(to_sources.amax(dim=0).mean())
+        if len(sources) > 1:  # a few-image generator may give most samples one source's layout
+            details["samples_nearest_each_source"] = torch.bincount(to_sources.argmax(dim=0),
+                                                                    minlength=len(sources)).tolist()
         metrics["scan_iou_to_train"] = float(nearest_scan_iou(synthetic, sources).mean())
     else:
         reasons["ssim_to_train"] = reasons["scan_iou_to_train"] = few

@@ -167,6 +167,17 @@ def test_sifid_ratio_passes_variants_of_the_source_and_fails_noise(lus):
     assert "sifid" in metrics and "sifid_ratio" not in metrics and "held-out" in reasons["sifid_ratio"]
 
 
+def test_a_few_image_report_counts_the_samples_nearest_each_source(lus):
+    train, _, _ = split_images(lus, "train")
+    sources, extractor, config = train[:3], pixel_extractor(), EvaluateConfig(downstream=None)
+    noise = 0.05 * torch.randn(8, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    samples = (sources[[0, 0, 0, 0, 0, 2, 2, 0]] + noise).clamp(-1, 1)  # none from the second source
+    _, _, details = evaluate_images(samples, train, None, extractor, config, sources)
+    assert details["samples_nearest_each_source"] == [6, 0, 2]
+    _, _, details = evaluate_images(samples, train, None, extractor, config, sources[:1])
+    assert "samples_nearest_each_source" not in details  # one source: nothing to share out
+
+
 def test_scan_iou_passes_samples_that_keep_the_sources_fan_and_fails_shifted_cut_or_dark_ones(lus):
     train, _, _ = split_images(lus, "train")
     holdout, _, _ = split_images(lus, "test")
