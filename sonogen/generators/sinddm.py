@@ -355,8 +355,8 @@ class SinDDM(Generator):
                 start = torch.full((n,), int(scheduler.timesteps[0]))
                 noise = torch.stack([torch.randn(1, *size, generator=g) for g in generators]).to(self.device)
                 x = scheduler.add_noise(blurred, noise, start)
+            told = sources.to(self.device) if self._told_source(scale) else None
             for t in scheduler.timesteps.tolist():
-                told = sources.to(self.device) if self._told_source(scale) else None
                 predicted = self.ema(x, torch.full((n,), t, device=self.device), scale, told).float()
                 x = scheduler.step(predicted, t, x, blurred=blurred, generator=generators).prev_sample
             yield x
