@@ -175,6 +175,20 @@ def test_fewddm_told_the_source_gives_each_sample_the_layout_it_drew(tmp_path):
         FewDDM(FewDDMConfig(label="x", max_images=1, layout_per_source=True, **TINY))
 
 
+def test_fewddm_told_its_sources_trains_the_coarsest_scale_once_per_source():
+    images = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    shares = {}
+    for told in (False, True):
+        model = FewDDM(FewDDMConfig(label="x", images=("a", "b", "c"), max_images=3, layout_per_source=told, **TINY))
+        model.begin_training(images, total_steps=3000)
+        weights = [model.scheduler().train_timesteps(s) for s in range(len(model.sample_sizes()))]
+        scales = [b.scale for b in model.training_batches(images, 1, 3000, torch.Generator().manual_seed(1))]
+        shares[told] = scales.count(0) / len(scales)
+        expected = weights[0] * (3 if told else 1)
+        assert len(weights) > 2 and shares[told] == pytest.approx(expected / (expected + sum(weights[1:])), abs=0.03)
+    assert shares[True] > shares[False] + 0.1
+
+
 def test_an_image_is_named_by_its_file_name_even_with_dots_in_it():
     from sonogen.jobs import generator_name
 

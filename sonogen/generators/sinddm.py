@@ -61,7 +61,8 @@ class MultiScaleDDMConfig:
     blur_gap_factor: float = 20.0
     # FewDDM only. Unconditioned, the coarsest scale gives most samples one source's layout (bench/RESULTS.md);
     # told the source there (a learned vector per image), every sample draws one source's layout uniformly,
-    # while the finer scales stay shared by all sources and mix their texture
+    # while the finer scales stay shared by all sources and mix their texture. The coarsest scale is then drawn
+    # as often as all images' layouts need: its weight is multiplied by the number of images
     layout_per_source: bool = False
 
     def __post_init__(self):
@@ -241,8 +242,11 @@ class SinDDM(Generator):
     def training_batches(self, images: torch.Tensor, batch_size: int, steps: int | None,
                          generator: torch.Generator) -> Iterator[ScaleBatch]:
         scheduler = self.scheduler()
-        # scales are drawn in proportion to the steps they train, as in the reference
+        # scales are drawn in proportion to the steps they train, as in the reference; told its source, the
+        # coarsest scale learns one layout per image, and each needs the steps one image's layout gets
         weights = torch.tensor([float(scheduler.train_timesteps(s)) for s in range(scheduler.n_scales)])
+        if self.config.layout_per_source:
+            weights[0] *= len(self._pyramids)
         for _ in range(steps or self.steps_per_epoch):
             scale = int(torch.multinomial(weights, 1, generator=generator))
             source = int(torch.randint(len(self._pyramids), (1,), generator=generator))
