@@ -18,6 +18,7 @@ from sonogen.data.manifest import MANIFEST, file_sha256, load_grey
 from sonogen.gate_report import REPORT_JSON, write_report
 from sonogen.gates import EvaluateConfig, Sampler, apply_gates, evaluate_images, label_metrics
 from sonogen.generators import Generator
+from sonogen.generators.sinddm import image_id
 from sonogen.metrics.classifier import ClassifierConfig, predict_proba, save_classifier, train_classifier
 from sonogen.metrics.features import Extractor
 from sonogen.metrics.memorisation import closest_pairs
@@ -105,7 +106,7 @@ def evaluate_generator(
     if len(train) < 2:
         raise ValueError(f"{data} has {len(train)} training image(s) of {label!r}: nothing to compare with")
     # single- and few-image families name the images they learned from
-    learned = set(getattr(generator.config, "images", ()))
+    learned = tuple(getattr(generator.config, "images", ()))
     train_records = UltrasoundDataset(data, split="train").records
     sources_mask = torch.tensor([r.image in learned for r in train_records]) if learned else None
     sample = sampler(generator)
@@ -114,9 +115,15 @@ def evaluate_generator(
     # real images meet its samples at the samples' size, the size it learned them at
     size = tuple(synthetic.shape[-2:])
     train, holdout = resized(train, size), resized(holdout, size)
-    sources = train[torch.tensor([r.image in learned for r in train_records if r.label == label])] \
-        if learned else None
+    # in the generator's order, the order of its `source` condition, so a count per source names the right one
+    label_images = [r.image for r in train_records if r.label == label]
+    if missing := [image_id(image) for image in learned if image not in label_images]:
+        raise ValueError(f"{data} has no {label!r} training image {', '.join(missing)}, which this generator "
+                         "learned from: evaluate it on the dataset version it was trained on")
+    sources = train[torch.tensor([label_images.index(image) for image in learned])] if learned else None
     metrics, reasons, details = evaluate_images(synthetic, train, holdout, extractor, config, sources)
+    if "samples_nearest_each_source" in details:
+        details["source_images"] = [image_id(image) for image in learned]
 
     def load_split(split: str):
         images, labels, patients = split_images(data, split)

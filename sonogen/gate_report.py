@@ -81,8 +81,10 @@ def markdown(report: dict) -> str:
               for name, value in report["metrics"].items()]
     lines += [f"| {name} | not measured: {reason} | |" for name, reason in report["not_measured"].items()]
     if report.get("samples_nearest_each_source"):
+        counts = report["samples_nearest_each_source"]
+        names = report.get("source_images") or [f"source {k}" for k in range(len(counts))]
         lines += ["", "Samples nearest each source image (by SSIM): "
-                  + " / ".join(map(str, report["samples_nearest_each_source"]))]
+                  + ", ".join(f"{name} {count}" for name, count in zip(names, counts))]
     if report.get("detection"):
         lines += ["", "## Lesion detection", ""] + detection_lines(report["detection"])
     lines += ["", "Realism metrics compare the synthetic images with the real training images of the label; the last",
