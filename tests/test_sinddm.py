@@ -22,8 +22,8 @@ from sonogen.generators.base import config_from_dict
 from sonogen.generators.multiscale_scheduler import MultiScaleScheduler, cosine_alphas_cumprod
 from sonogen.generators.sinddm import (FewDDM, FewDDMConfig, MultiScaleDDMConfig, MultiScaleDenoiser, SinDDM,
                                       build_pyramid, image_id, scale_sizes)
-from sonogen.metrics.features import pixel_extractor
 from sonogen.generators.trainer import TrainConfig, train
+from sonogen.metrics.features import pixel_extractor
 
 TINY = {"coarsest_area": 100, "coarsest_side": (8, 12), "timesteps": 20, "channels": 16}
 
@@ -150,11 +150,13 @@ def test_fewddm_draws_every_image_of_its_set_from_different_patients(lus, tmp_pa
     with pytest.raises(ValueError, match="layout_per_source"):  # the paper's model is not told its sources
         model.sample(1, 0, {"source": 0})
     # the report counts samples per source in the order the generator names them, not the manifest's
-    model.config.images = model.config.images[::-1]
     config = EvaluateConfig(samples=8, few_image_samples=6, downstream=None)
+    counts = evaluate_generator(model, lus, pixel_extractor(), {}, config, tmp_path / "g", "few")[
+        "samples_nearest_each_source"]
+    model.config.images = model.config.images[::-1]  # same samples: this model is not told its sources
     report = evaluate_generator(model, lus, pixel_extractor(), {}, config, tmp_path / "gates", "few")
+    assert sum(counts) == 6 and counts != counts[::-1] and report["samples_nearest_each_source"] == counts[::-1]
     assert report["source_images"] == [image_id(image) for image in model.config.images]
-    assert sum(report["samples_nearest_each_source"]) == 6
     markdown = (tmp_path / "gates" / "gate_report.md").read_text()
     assert f"{image_id(model.config.images[0])} {report['samples_nearest_each_source'][0]}," in markdown
     model.config.images = ("images/not-in-this-dataset.png",) + model.config.images[1:]
