@@ -237,9 +237,11 @@ class Generator(ABC):
             metadata = f.metadata()
         tensors = load_file(str(path))
         described = json.loads(metadata["describe"])
-        own_config = json.loads(json.dumps(dataclasses.asdict(self.config)))  # tuples become lists, as in the file
-        if described["family"] != self.family or described["config"] != own_config:
-            raise ValueError(f"{path} was written by another family or config; cannot resume from it")
+        if described["family"] != self.family:
+            raise ValueError(f"{path} was written by {described['family']}, not {self.family}; cannot resume from it")
+        # with defaults filled in, so that a checkpoint written before a config field was added still matches
+        if _as_saved(config_from_dict(self.config_class, described["config"])) != _as_saved(self.config):
+            raise ValueError(f"{path} was written with another config; cannot resume from it")
         self._load_weights(tensors)
         groups = json.loads(metadata["param_groups"])
         for name, optimizer in self.optimizers().items():
@@ -251,6 +253,10 @@ class Generator(ABC):
                     state.setdefault(int(index), {})[field] = value.to(self.device)
             optimizer.load_state_dict({"state": state, "param_groups": groups[name]})
         self.step, self.epoch = described["step"], described["epoch"]
+
+
+def _as_saved(config: Any) -> Any:
+    return json.loads(json.dumps(dataclasses.asdict(config)))  # tuples become lists, as in the file
 
 
 def load_generator(folder: str | Path, device: str | torch.device = "cpu") -> Generator:
