@@ -12,6 +12,8 @@ import requests
 import torch
 import yaml
 from conftest import start_server, stop_server
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from sonogen.cli import app
@@ -86,6 +88,13 @@ def test_noising_at_each_scale_matches_its_definition():
         assert torch.allclose(out.prev_sample, x0.clamp(-1, 1), atol=1e-4)
     with pytest.raises(ValueError, match="blurred"):
         scheduler.step(noise, 3, x0)
+    # a strength below 1 starts a finer scale that share of its steps up; scale 0 always runs them all
+    assert scheduler.start_timestep(1, 1.0) == scheduler.train_timesteps(1) - 1
+    assert scheduler.start_timestep(1, 0.5) == round(scheduler.train_timesteps(1) / 2) - 1
+    assert scheduler.start_timestep(0, 0.5) == 99 and scheduler.start_timestep(2, 1e-6) == 0
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="strength"):
+            scheduler.set_timesteps(1, bad)
 
 
 def test_training_steps_reduce_the_loss_on_a_fixed_image():
@@ -113,6 +122,17 @@ def test_training_steps_reduce_the_loss_on_a_fixed_image():
         model.train_step(batch)
     assert model.step == 150 and fixed_loss() < 0.8 * before
     assert model.learning_rate() == pytest.approx(1e-3 * 0.5**6)  # every milestone passed
+
+    def change_after_the_coarsest_scale() -> float:  # how far the finer scales move the coarsest scale's layout
+        coarsest, *_, finest = model.scale_samples(8, seed=2)
+        shrunk = torch.nn.functional.interpolate(finest, size=coarsest.shape[-2:], mode="bilinear", antialias=True)
+        return float((shrunk - coarsest).abs().mean())
+
+    starting_at_the_top = change_after_the_coarsest_scale()
+    model.config.refine_strength = 0.5
+    assert change_after_the_coarsest_scale() < 0.9 * starting_at_the_top
+    with pytest.raises(ValueError, match="refine_strength"):
+        MultiScaleDDMConfig(label="x", refine_strength=0)
 
 
 def test_same_seed_same_samples_in_any_batch_and_after_save_load(tmp_path):
@@ -302,6 +322,12 @@ def test_an_interrupted_run_resumes_to_the_same_weights(lus, tmp_path):
     train(straight, lus, "normal", config, tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
         train(fresh(), lus, "normal", config, tmp_path / "resumed", progress=stop_after_one_epoch)
+    checkpoint = str(tmp_path / "resumed" / "checkpoint.safetensors")
+    with safe_open(checkpoint, framework="pt") as f:
+        metadata = f.metadata()
+    described = json.loads(metadata["describe"])
+    del described["config"]["layout_per_source"]  # as written before that field existed: its default applies
+    save_file(load_file(checkpoint), checkpoint, metadata={**metadata, "describe": json.dumps(described)})
     resumed = fresh()
     train(resumed, lus, "normal", config, tmp_path / "resumed", resume=True)
     assert resumed.step == straight.step == 10

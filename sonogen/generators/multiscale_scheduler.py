@@ -10,8 +10,9 @@ scale below, in model units). With the noise-to-signal ratio ``σ_t = √(1 − 
   exceeds ``δ_s``: more noise than that would wipe out information the coarser scale already fixed;
 - its clean target is the mix ``γ_t x̃ + (1 − γ_t) x`` with ``γ_t = min(σ_t / δ_s, 1)``: mostly the blurred
   image while the noise is strong, the sharp one as ``t → 0``;
-- sampling noises ``x̃`` to step ``T_s − 1``, clamps ``γ_t`` to ``≤ 0.55`` and steps deterministically, as the
-  reference implementation does (its posterior variance weight ω defaults to 0).
+- sampling noises ``x̃`` to step ``T_s − 1`` (a strength below 1 starts lower), clamps ``γ_t`` to ``≤ 0.55``
+  and steps deterministically, as the reference implementation does (its posterior variance weight ω defaults
+  to 0).
 
 The reference measures the blur gap as ``‖x − x̃‖₂ / numel`` on 0–255 pixels; the RMS in model units used here
 is the quantity that ``σ_t`` is compared with (both are standard deviations of the same image scale).
@@ -102,13 +103,18 @@ class MultiScaleScheduler:
         gamma = self._per_image(self.gammas(scale), timesteps, clean)
         return gamma * blurred + (1 - gamma) * clean
 
-    def start_timestep(self, scale: int) -> int:
-        return self.train_timesteps(scale) - 1
+    def start_timestep(self, scale: int, strength: float = 1.0) -> int:
+        """The step sampling at ``scale`` starts from: ``T_s − 1``, or at a finer scale ``strength`` of the way
+        up (as diffusers' image-to-image strength: less noise on the upsampled coarser sample keeps more of it)."""
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        steps = self.train_timesteps(scale)
+        return steps - 1 if scale == 0 else max(1, round(strength * steps)) - 1
 
-    def set_timesteps(self, scale: int = 0) -> None:
+    def set_timesteps(self, scale: int = 0, strength: float = 1.0) -> None:
         """Prepares sampling at ``scale``: ``timesteps`` runs from its start step down to 0."""
         self.scale = scale
-        self.timesteps = torch.arange(self.start_timestep(scale), -1, -1)
+        self.timesteps = torch.arange(self.start_timestep(scale, strength), -1, -1)
 
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
              blurred: torch.Tensor | None = None,

@@ -59,6 +59,11 @@ class MultiScaleDDMConfig:
     # gives the step counts the reference reaches (T_s ≈ 22–33 of 100, its gap being a larger quantity)
     # and samples with speckle and local variation (bench/RESULTS.md)
     blur_gap_factor: float = 20.0
+    # sampling only: each finer scale starts this share of its steps up (diffusers' image-to-image strength).
+    # At 1 (the reference's, and that of models saved before this field), a briefly trained denoiser re-creates
+    # layout there too, and on POCUS stills carves dark wedges into the coarsest scale's whole fans; 0.5 keeps
+    # them, with smoother speckle (bench/RESULTS.md)
+    refine_strength: float = 1.0
     # FewDDM only. Unconditioned, the coarsest scale gives most samples one source's layout (bench/RESULTS.md);
     # told the source there (a learned vector per image), every sample draws one source's layout uniformly,
     # while the finer scales stay shared by all sources and mix their texture. The coarsest scale is then drawn
@@ -78,6 +83,8 @@ class MultiScaleDDMConfig:
             raise ValueError("scale_factor must be > 1, timesteps ≥ 2, channels even and ≥ 2")
         if self.blur_gap_factor <= 0:
             raise ValueError(f"blur_gap_factor must be positive, got {self.blur_gap_factor}")
+        if not 0 < self.refine_strength <= 1:
+            raise ValueError(f"refine_strength must be in (0, 1], got {self.refine_strength}")
         if self.image_shape and len(scale_sizes(*self.image_shape, self)) != len(self.blur_gaps) + 1:
             raise ValueError(f"blur_gaps {list(self.blur_gaps)} do not fit the pyramid of {self.image_shape}")
 
@@ -353,7 +360,7 @@ class SinDDM(Generator):
         x = torch.stack([torch.randn(1, *sizes[0], generator=g) for g in generators]).to(self.device)
         blurred = None
         for scale, size in enumerate(sizes):
-            scheduler.set_timesteps(scale)
+            scheduler.set_timesteps(scale, self.config.refine_strength)
             if scale > 0:
                 blurred = upsample(x, size)
                 start = torch.full((n,), int(scheduler.timesteps[0]))
