@@ -97,11 +97,15 @@ def test_noising_at_each_scale_matches_its_definition():
             scheduler.set_timesteps(1, bad)
 
 
+def smooth_image() -> torch.Tensor:
+    return torch.linspace(-1, 1, 32)[None, None, :, None].expand(1, 1, 32, 32) * torch.cos(
+        torch.linspace(0, 6, 32))[None, None, None, :]
+
+
 def test_training_steps_reduce_the_loss_on_a_fixed_image():
     torch.manual_seed(0)
     model = SinDDM(MultiScaleDDMConfig(label="x", images=("a",), **TINY))
-    image = torch.linspace(-1, 1, 32)[None, None, :, None].expand(1, 1, 32, 32) * torch.cos(
-        torch.linspace(0, 6, 32))[None, None, None, :]
+    image = smooth_image()
     model.begin_training(image, total_steps=150)
     scheduler = model.scheduler()
 
@@ -122,6 +126,15 @@ def test_training_steps_reduce_the_loss_on_a_fixed_image():
         model.train_step(batch)
     assert model.step == 150 and fixed_loss() < 0.8 * before
     assert model.learning_rate() == pytest.approx(1e-3 * 0.5**6)  # every milestone passed
+
+
+def test_a_lower_refine_strength_keeps_more_of_the_coarsest_scales_layout():
+    torch.manual_seed(0)
+    model = SinDDM(MultiScaleDDMConfig(label="x", images=("a",), **TINY))
+    image = smooth_image()
+    model.begin_training(image, total_steps=150)
+    for batch in model.training_batches(image, 8, 150, torch.Generator().manual_seed(0)):
+        model.train_step(batch)
 
     def change_after_the_coarsest_scale() -> float:  # how far the finer scales move the coarsest scale's layout
         coarsest, *_, finest = model.scale_samples(8, seed=2)
