@@ -109,6 +109,10 @@ def evaluate_generator(
     learned = tuple(getattr(generator.config, "images", ()))
     train_records = UltrasoundDataset(data, split="train").records
     sources_mask = torch.tensor([r.image in learned for r in train_records]) if learned else None
+    label_images = [r.image for r in train_records if r.label == label]
+    if missing := [image_id(image) for image in learned if image not in label_images]:
+        raise ValueError(f"{data} has no {label!r} training image {', '.join(missing)}, which this generator "
+                         "learned from: evaluate it on the dataset version it was trained on")
     sample = sampler(generator)
     synthetic = sample(config.few_image_samples if learned else min(config.samples, len(train)), config.seed)
     # a generator may draw another size than the data's (SinDDM's finest scale is the image limited to ~50k px):
@@ -116,10 +120,6 @@ def evaluate_generator(
     size = tuple(synthetic.shape[-2:])
     train, holdout = resized(train, size), resized(holdout, size)
     # in the generator's order, the order of its `source` condition, so a count per source names the right one
-    label_images = [r.image for r in train_records if r.label == label]
-    if missing := [image_id(image) for image in learned if image not in label_images]:
-        raise ValueError(f"{data} has no {label!r} training image {', '.join(missing)}, which this generator "
-                         "learned from: evaluate it on the dataset version it was trained on")
     sources = train[torch.tensor([label_images.index(image) for image in learned])] if learned else None
     metrics, reasons, details = evaluate_images(synthetic, train, holdout, extractor, config, sources)
     if "samples_nearest_each_source" in details:
