@@ -7,6 +7,10 @@ measured in the same run; plus how far bf16 samples are from fp32 ones.
 Speed does not depend on the weights, so by default the generator has random ones (N(0, 0.02) as at
 initialisation). Those make nearly flat images, so compare bf16 with fp32 on a trained 256 px generator: give
 the folder `sonogen train dcgan --out FOLDER` wrote as ``--generator``.
+
+On CUDA the ONNX Runtime row uses its CUDA execution provider and is left out where the installed onnxruntime has
+none (the CPU build); a fourth row replays the bf16 network as a CUDA graph (``torch.compile``, mode
+``reduce-overhead``), which removes the per-kernel launch cost that dominates small batches on a GPU.
 """
 
 from __future__ import annotations
@@ -61,15 +65,18 @@ def main() -> None:
     else:
         config = DCGANConfig(label="x", image_size=256)
         generator = DCGAN(config)
-    network = generator.generator.eval().to(device)
+    # the whole generator, not only its network: the ONNX export returns the network to the generator's device
+    network = generator.to(device).generator.eval()
     flops = generator_flops(config)
 
     import onnxruntime
 
     onnx_path = Path(tempfile.mkdtemp()) / "dcgan256.onnx"
     parity = export_to_onnx(generator, onnx_path)["max_abs_diff"]
-    providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=providers)
+    provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+    # onnxruntime falls back to the CPU, with a warning only, when a provider is missing: that row would be no GPU row
+    session = (onnxruntime.InferenceSession(str(onnx_path), providers=[provider])
+               if provider in onnxruntime.get_available_providers() else None)
     bf16 = DCGAN(config).generator.eval()
     bf16.load_state_dict(network.state_dict())
     bf16 = bf16.to(device=device, dtype=torch.bfloat16, memory_format=torch.channels_last)
@@ -85,17 +92,35 @@ def main() -> None:
     def onnx_fp32(latents):
         return session.run(["images"], {"latents": latents})[0]
 
-    gemm = {"fp32": gemm_rate(device, torch.float32, 2048, 10), "bf16": gemm_rate(device, torch.bfloat16, 2048, 10)}
+    paths = {"torch eager fp32": (torch_fp32, "fp32")}
+    if session is not None:
+        paths["ONNX Runtime fp32"] = (onnx_fp32, "fp32")
+    paths["torch bf16 channels_last"] = (torch_bf16, "bf16")
+    if device.type == "cuda":
+        graphed = torch.compile(bf16, mode="reduce-overhead")
+
+        @torch.no_grad()
+        def torch_bf16_graph(latents):
+            return graphed(torch.from_numpy(latents).to(device, torch.bfloat16)).float().cpu().numpy()
+
+        paths["torch bf16 CUDA graph"] = (torch_bf16_graph, "bf16")
+
+    gemm_size = 8192 if device.type == "cuda" else 2048
+    gemm = {precision: gemm_rate(device, dtype, gemm_size, 10)
+            for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, device {device}")
-    print(f"GEMM 2048²: fp32 {gemm['fp32'] / 1e9:.1f} GFLOP/s, bf16 {gemm['bf16'] / 1e9:.1f} GFLOP/s; "
+          f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, device "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"
+          f"{f', cuDNN TF32 {torch.backends.cudnn.allow_tf32}' if device.type == 'cuda' else ''}")
+    if session is None:
+        print(f"onnxruntime has no {provider} here ({', '.join(onnxruntime.get_available_providers())}): "
+              "no ONNX Runtime row")
+    print(f"GEMM {gemm_size}²: fp32 {gemm['fp32'] / 1e9:.1f} GFLOP/s, bf16 {gemm['bf16'] / 1e9:.1f} GFLOP/s; "
           f"generator {flops / 1e9:.2f} GFLOP per image; ONNX export parity {parity:.2g}")
     print("| path | batch | images/s | × torch eager | GFLOP/s | fraction of GEMM (same precision) |")
     print("|---|---|---|---|---|---|")
     for batch in (1, 16):
         latents = gaussian_latents(0, batch, config.latent_dim)
-        paths = {"torch eager fp32": (torch_fp32, "fp32"), "ONNX Runtime fp32": (onnx_fp32, "fp32"),
-                 "torch bf16 channels_last": (torch_bf16, "bf16")}
         rates = {name: images_per_second(run, latents, args.repeats * (4 if batch == 1 else 1), device)
                  for name, (run, _) in paths.items()}
         for name, (_, precision) in paths.items():
