@@ -2,7 +2,7 @@
 DDPM sampling of the same model in the same run; fp32 and bf16.
 
     python bench/ldm_sampling.py --data DATASET --label normal --encoder ENCODER_FOLDER --out DIR
-        [--train-steps 8000 --vae-steps 2000] [--samples 512] [--seed-sets 3] [--device cuda]
+        [--train-steps 8000 --vae-steps 2000] [--samples 512] [--seed-sets 3] [--sample-batch 512] [--device cuda]
 
 It first trains a from-scratch LDM through the shared trainer on the dataset (every label; bf16 on CUDA), or
 loads ``DIR/generator`` when it is already there (e.g. trained with ``sonogen train ldm --out DIR``), and writes
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=8000)
     parser.add_argument("--vae-steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--sample-batch", type=int, help="images per sampling call (default: --batch)")
     parser.add_argument("--samples", type=int, default=512, help="samples per seed set")
     parser.add_argument("--seed-sets", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -79,6 +80,7 @@ def main() -> None:
     if min(args.samples, args.seed_sets) < 1:
         raise ValueError("--samples and --seed-sets must be at least 1")
     device = torch.device(args.device)
+    sample_batch = args.sample_batch or args.batch
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, device "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     model = trained_model(args, device)
@@ -90,13 +92,13 @@ def main() -> None:
 
     rows, baseline = [], None
     for scheduler, steps, bf16 in ROWS:
-        sample_all(model, min(args.batch, args.samples), scheduler, min(steps, 2), args.batch, bf16)  # warm-up
+        sample_all(model, min(sample_batch, args.samples), scheduler, min(steps, 2), sample_batch, bf16)  # warm-up
         fids, seconds = [], 0.0
         for seed_set in range(args.seed_sets):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            samples = sample_all(model, args.samples, scheduler, steps, args.batch, bf16, seed_set * SEED_SET_STRIDE)
+            samples = sample_all(model, args.samples, scheduler, steps, sample_batch, bf16, seed_set * SEED_SET_STRIDE)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds += time.perf_counter() - started
