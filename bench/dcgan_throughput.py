@@ -1,10 +1,11 @@
 """DCGAN training throughput, and achieved FLOP/s as a fraction of this machine's own GEMM rate.
 
-    python bench/dcgan_throughput.py [--device auto|cpu|cuda] [--steps 3]
+    python bench/dcgan_throughput.py [--device auto|cpu|cuda] [--steps 3] [--compile]
 
 For each config it times full training steps (discriminator + generator updates) on random batches, counts
 their FLOPs with torch's FlopCounterMode, and measures a large matmul in the same precision in the same run
-as the baseline: ``fraction = achieved FLOP/s / GEMM FLOP/s``. bf16 autocast on CUDA, fp32 on CPU.
+as the baseline: ``fraction = achieved FLOP/s / GEMM FLOP/s``. bf16 autocast on CUDA, fp32 on CPU. ``--compile``
+compiles the networks as the trainer's ``train.compile`` does.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def gemm_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: int)
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def training_rate(config: DCGANConfig, batch: int, device: torch.device, steps: int) -> tuple[float, float]:
+def training_rate(config: DCGANConfig, batch: int, device: torch.device, steps: int,
+                  compile: bool = False) -> tuple[float, float]:
     """(images per second, FLOP per training step)."""
     torch.manual_seed(0)
     model = DCGAN(config).to(device)
@@ -62,6 +64,12 @@ def training_rate(config: DCGANConfig, batch: int, device: torch.device, steps: 
         model.train_step(images)  # warm-up: allocator, kernels selection
     with autocast(), FlopCounterMode(display=False) as counter:
         model.train_step(images)
+    if compile:  # after counting: FLOPs are counted on the eager operators
+        for module in model.networks().values():
+            module.compile()
+        for _ in range(2):
+            with autocast():
+                model.train_step(images)
     synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
@@ -76,6 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -90,7 +99,7 @@ def main() -> None:
     for title, (config, batch) in CONFIGS.items():
         if device.type == "cpu" and batch > 16:
             continue  # minutes per step on a laptop CPU; measured on GPUs only
-        rate, flops = training_rate(config, batch, device, args.steps)
+        rate, flops = training_rate(config, batch, device, args.steps, args.compile)
         achieved = rate / batch * flops
         print(f"| {title} | {batch} | {rate:.2f} | {flops / 1e9:.1f} | {achieved / 1e9:.1f} | {achieved / baseline:.3f} |")
 
