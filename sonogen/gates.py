@@ -39,6 +39,7 @@ GATES: dict[str, tuple[str, str]] = {
     "max_diversity_ratio": ("ms_ssim_diversity_ratio", "max"),
     "min_auc_delta_lower_ci": ("auc_delta_lower_ci", "min"),
     "min_mask_dice": ("mask_dice", "min"),
+    "min_mask_dice_gain": ("mask_dice_gain", "min"),
     "min_detection_ap50_delta": ("detection_ap50_delta", "min"),
 }
 FEATURE_METRICS = ("kmmd", "kmmd_unbiased", "one_nn_acc", "one_nn_acc_real", "one_nn_acc_synthetic", "fid",

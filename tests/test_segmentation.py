@@ -42,3 +42,15 @@ def test_a_sampler_that_follows_the_masks_scores_near_the_real_ceiling_and_one_t
                               epochs=40)
     assert honest["mask_dice_real"] > 0.5 and honest["mask_requests"] > 0
     assert honest["mask_dice"] > 0.5 and ignoring["mask_dice"] < 0.2
+    assert honest["mask_dice_gain"] > 0.1 and abs(ignoring["mask_dice_gain"]) < 1e-6
+
+
+def test_a_sampler_that_draws_lesions_where_they_usually_are_gains_nothing_over_chance(pairs):
+    (train_images, train_masks), (test_images, test_masks) = pairs
+    lesion_images = test_images[test_masks.flatten(1).sum(1) > 0]
+    # request k (seed k) is answered with a real lesion frame from half the list away: another patient's lesion
+    half = len(lesion_images) // 2
+    ignoring = mask_adherence(lambda mask, seed: lesion_images[(seed + half) % len(lesion_images)][None],
+                              train_images, train_masks, test_images, test_masks, epochs=40)
+    assert ignoring["mask_dice"] > 0.2  # lesions overlap by where they usually are
+    assert ignoring["mask_dice_gain"] < 0.05
