@@ -1,6 +1,6 @@
 """DCGAN training throughput, and achieved FLOP/s as a fraction of this machine's own GEMM rate.
 
-    python bench/dcgan_throughput.py [--device auto|cpu|cuda] [--steps 3] [--compile]
+    python bench/dcgan_throughput.py [--device auto|cpu|cuda] [--steps 3] [--compile] [--contiguous]
 
 For each config it times full training steps (discriminator + generator updates) on random batches, counts
 their FLOPs with torch's FlopCounterMode, and measures a large matmul in the same precision in the same run
@@ -49,11 +49,11 @@ def gemm_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: int)
 
 
 def training_rate(config: DCGANConfig, batch: int, device: torch.device, steps: int,
-                  compile: bool = False) -> tuple[float, float]:
+                  compile: bool = False, channels_last: bool = True) -> tuple[float, float]:
     """(images per second, FLOP per training step)."""
     torch.manual_seed(0)
     model = DCGAN(config).to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and channels_last:
         for module in model.networks().values():
             module.to(memory_format=torch.channels_last)
     images = torch.rand(batch, 1, config.image_size, config.image_size, device=device) * 2 - 1
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--contiguous", action="store_true", help="CUDA: NCHW weights instead of channels_last")
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -99,7 +100,7 @@ def main() -> None:
     for title, (config, batch) in CONFIGS.items():
         if device.type == "cpu" and batch > 16:
             continue  # minutes per step on a laptop CPU; measured on GPUs only
-        rate, flops = training_rate(config, batch, device, args.steps, args.compile)
+        rate, flops = training_rate(config, batch, device, args.steps, args.compile, not args.contiguous)
         achieved = rate / batch * flops
         print(f"| {title} | {batch} | {rate:.2f} | {flops / 1e9:.1f} | {achieved / 1e9:.1f} | {achieved / baseline:.3f} |")
 

@@ -329,7 +329,8 @@ class LatentDiffusion(Generator):
                 if hasattr(module, "enable_gradient_checkpointing"):
                     module.enable_gradient_checkpointing()
         if c.ema_decay:
-            self.ema = EMAModel(self._trained_parameters(), decay=c.ema_decay)
+            # foreach: one fused update instead of a Python loop over parameters (a tenth of a GPU step)
+            self.ema = EMAModel(self._trained_parameters(), decay=c.ema_decay, foreach=True)
             self.ema.to(self.device)
         self._set_latent_scale()
 
