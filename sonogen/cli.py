@@ -304,8 +304,10 @@ def evaluate_command(
         help="us-encoder (default with --data: the dataset's registered encoder, trained if missing), "
              "us-encoder:<folder|models:/ URI>, pixels-16 (default with --real), inception-v3:<weights>, "
              "resnet34:<weights>.")] = None,
-    config: Annotated[Path | None, typer.Option(help="params.yaml with `evaluate` and per-family `gates`.")] = None,
-    family: Annotated[str | None, typer.Option(help="Whose gates apply to --real/--synthetic folders.")] = None,
+    config: Annotated[Path | None, typer.Option(help="params.yaml with `evaluate` and the `gates` sets.")] = None,
+    family: Annotated[str | None, typer.Option(
+        help="Whose gates apply to --real/--synthetic folders: a family, or a variant such as ldm-controlnet.")]
+    = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset name (default: data folder name).")] = None,
     out: Annotated[Path, typer.Option(help="Folder of the gate reports.")] = Path("reports/gates"),
     check: Annotated[bool, typer.Option("--check", help="Exit with code 2 when a generator fails its gates.")]
@@ -319,11 +321,12 @@ def evaluate_command(
         raise ValueError("--real and --synthetic go together")
     if real is not None:
         from sonogen.evaluation import evaluate_folders
+        from sonogen.gates import gates_for
         from sonogen.metrics.features import get_extractor
 
         evaluate_config, gates, _ = evaluation_config(read_params(config))
         report = evaluate_folders(real, synthetic, get_extractor(extractor or "pixels-16"),
-                                  gates.get(family) or {} if family else {}, evaluate_config, out)
+                                  gates_for(gates, family) if family else {}, evaluate_config, out)
         results = [{"target": str(synthetic), "report": str(out), **report}]
     elif specs and data is not None:
         results = evaluate_targets(specs, data, extractor, read_params(config), out, dataset,

@@ -81,6 +81,11 @@ def check_gates(gates: dict[str, Any]) -> dict[str, Any]:
     return gates
 
 
+def gates_for(gates: dict[str, dict], gate_set: str) -> dict[str, Any]:
+    """The thresholds of ``gate_set``: its family's, with a variant's (``ldm-controlnet``) added over them."""
+    return {**(gates.get(gate_set.split("-")[0]) or {}), **(gates.get(gate_set) or {})}
+
+
 def _extractor_kind(extractor: Extractor) -> str:
     return "us-encoder" if extractor.name.endswith("us-encoder") else extractor.name
 

@@ -12,8 +12,8 @@ import yaml
 from sonogen.evaluation import (
     evaluate_generator, find_encoder, gate_tags, read_report, record_in_mlflow, train_encoder,
 )
-from sonogen.gates import EvaluateConfig, check_gates
-from sonogen.generators import config_from_dict, get_generator, load_generator
+from sonogen.gates import EvaluateConfig, check_gates, gates_for
+from sonogen.generators import config_from_dict, families, get_generator, load_generator
 from sonogen.generators.trainer import GENERATOR_DIR, TrainConfig, train
 from sonogen.metrics.features import get_extractor
 from sonogen.model_card import build_model_card
@@ -99,15 +99,21 @@ def read_params(path: str | Path | None) -> dict:
 
 
 def evaluation_config(params: dict) -> tuple[EvaluateConfig, dict[str, dict], int]:
-    """From params.yaml's content: the ``evaluate`` section, per-family ``gates`` and the encoder's epochs."""
+    """From params.yaml's content: the ``evaluate`` section, the ``gates`` sets (per family, and per variant
+    such as ``ldm-controlnet``) and the encoder's epochs."""
     section = dict(params.get("evaluate") or {})
     encoder_epochs = section.pop("encoder_epochs", 25)
     gates = params.get("gates") or {}
-    for family, gate_set in gates.items():
+    for name, gate_set in gates.items():
+        family, _, variant = name.partition("-")
+        # other names are free: gate sets for folders of images from outside generators (evaluate --family)
+        if variant and family in families() and variant not in get_generator(family).gate_variants:
+            known = ", ".join(f"{family}-{v}" for v in get_generator(family).gate_variants) or "none"
+            raise ValueError(f"gates.{name}: {family} has no variant {variant!r}; its variants: {known}")
         try:
             check_gates(gate_set or {})
         except ValueError as err:
-            raise ValueError(f"gates.{family}: {err}") from None
+            raise ValueError(f"gates.{name}: {err}") from None
     return config_from_dict(EvaluateConfig, section), gates, encoder_epochs
 
 
@@ -243,7 +249,7 @@ def evaluate_targets(targets: list[str], data: str | Path, extractor_spec: str |
         negative = next((t["generator"] for t in loaded if t["generator"].family == generator.family
                          and t["generator"].config.label != generator.config.label), None)
         report_dir = Path(out) / target["name"]
-        report = evaluate_generator(generator, data, extractor, gates.get(generator.family) or {}, config,
+        report = evaluate_generator(generator, data, extractor, gates_for(gates, generator.gate_set), config,
                                     report_dir, target["name"], negative, target["history"])
         record_in_mlflow(report, report_dir, target["run_id"], target["version"])
         results.append({"target": target["name"], "report": str(report_dir), **report})

@@ -129,7 +129,9 @@ def test_train_command_builds_on_a_bank_registers_serves_boxes_and_gates_on_dete
 
     params = {"evaluate": {"samples": 6, "encoder_epochs": 1, "downstream": None, "detection_seeds": 2,
                            "detection_steps": 5},
-              "gates": {"diffultra": {"min_detection_ap50_delta": -1.0}}}
+              # a DiffUltra is built on the ldm family's code, never gated by its sets
+              "gates": {"diffultra": {"min_detection_ap50_delta": -1.0}, "ldm": {"min_confidence": 2.0},
+                        "ldm-controlnet": {"min_confidence": 2.0}}}
     [report] = evaluate_targets(["models/diffultra-consolidation"], lus, "pixels-16", params, tmp_path / "gates")
     assert set(report["detection"]) == {"real", "real+diffultra"}
     assert report["metrics"]["detection_ap50_delta"] == pytest.approx(

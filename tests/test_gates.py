@@ -13,8 +13,9 @@ from sonogen.cli import app
 from sonogen.data.phantom import generate
 from sonogen.data.prepare import prepare
 from sonogen.evaluation import evaluate_folders, split_images
-from sonogen.gates import EvaluateConfig, apply_gates, check_gates, evaluate_images
+from sonogen.gates import EvaluateConfig, apply_gates, check_gates, evaluate_images, gates_for
 from sonogen.generators import to_uint8
+from sonogen.jobs import evaluation_config
 from sonogen.metrics.classifier import (
     ClassifierConfig, load_classifier, predict_proba, save_classifier, train_classifier,
 )
@@ -118,6 +119,23 @@ def test_gate_logic_is_strict_about_names_extractors_and_missing_values():
         check_gates({"max_fid": 10})
     with pytest.raises(ValueError, match="unknown feature extractor"):
         get_extractor("vgg")
+
+
+def test_a_variant_gate_set_adds_to_its_family_and_a_misspelt_variant_is_an_error():
+    gates = {"ldm": {"extractor": "us-encoder", "max_kmmd": 0.5, "min_confidence": 0.6},
+             "ldm-controlnet": {"min_mask_dice_gain": 0.1, "min_confidence": 0.5}}
+    assert gates_for(gates, "ldm-controlnet") == {"extractor": "us-encoder", "max_kmmd": 0.5, "min_confidence": 0.5,
+                                                  "min_mask_dice_gain": 0.1}
+    assert gates_for(gates, "ldm-from-scratch") == gates["ldm"]
+    assert gates_for(gates, "dcgan") == {}
+    assert evaluation_config({"gates": {**gates, "outside-folders": {"min_confidence": 0.5}}})[1]["ldm-controlnet"]
+    with pytest.raises(ValueError, match="gates.ldm-contrlnet: ldm has no variant 'contrlnet'; its variants: "
+                                         "ldm-from-scratch, ldm-fine-tune, ldm-controlnet"):
+        evaluation_config({"gates": {"ldm-contrlnet": {"min_mask_dice_gain": 0.1}}})
+    with pytest.raises(ValueError, match="dcgan has no variant 'large'; its variants: none"):
+        evaluation_config({"gates": {"dcgan-large": {}}})
+    with pytest.raises(ValueError, match="gates.ldm-controlnet: unknown gates"):
+        evaluation_config({"gates": {"ldm-controlnet": {"min_mask_dice_gian": 0.1}}})
 
 
 def test_real_holdout_passes_and_memorising_or_noise_generators_fail(lus, tmp_path):

@@ -244,7 +244,8 @@ def test_train_command_fine_tunes_registers_and_serves_prompts_and_masks(lus, ti
 
     params = {"evaluate": {"samples": 6, "encoder_epochs": 1,
                            "downstream": {"seeds": 3, "epochs": 1, "bootstrap": 100}},
-              "gates": {"ldm": {"extractor": "us-encoder", "max_near_copy_fraction": 1.0, "min_mask_dice": 0.0}}}
+              "gates": {"ldm": {"extractor": "us-encoder", "max_near_copy_fraction": 1.0},
+                        "ldm-controlnet": {"min_mask_dice": 0.0}, "ldm-fine-tune": {"min_confidence": 2.0}}}
     [report] = evaluate_targets(["models/ldm-consolidation"], lus, None, params, tmp_path / "gates", "lus")
     assert report["family"] == "ldm" and report["samples"]["synthetic"] == 6
     assert {"fid", "kmmd", "near_copy_fraction", "auc_delta", "mask_dice", "mask_dice_real"} <= set(report["metrics"])

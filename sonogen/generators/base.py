@@ -72,6 +72,8 @@ class Generator(ABC):
     one_model_per_image: ClassVar[bool] = False  # names its models and folders after the training image
     steps_per_epoch: ClassVar[int | None] = None  # None: an epoch is one pass over the training images
     places_lesions: ClassVar[bool] = False  # samples come with lesion boxes (``generate_with_boxes``)
+    # params.yaml gate sets beyond the family's: ``<family>-<variant>`` adds thresholds for one variant only
+    gate_variants: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config):
         if not isinstance(config, self.config_class):
@@ -88,6 +90,11 @@ class Generator(ABC):
     @abstractmethod
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The optimisers, created on first use so sampling-only loads need none."""
+
+    @property
+    def gate_set(self) -> str:
+        """The name of the gate set this generator answers to (``gates_for`` adds its family's)."""
+        return self.family
 
     def training_labels(self, dataset_labels: list[str]) -> list[str]:
         """The labels whose training images the family learns from: its own (one generator per label)."""

@@ -58,6 +58,7 @@ class DiffUltra(LatentDiffusion):
     config_class = DiffUltraConfig
     conditions = frozenset({"label", "image", "size_bias", "strength", "steps", "guidance_scale", "scheduler"})
     places_lesions = True
+    gate_variants = ()  # one gate set: the ControlNet is the whole model, gated on detection
 
     def __init__(self, config: DiffUltraConfig, folder: Path | None = None):
         super().__init__(config, folder)

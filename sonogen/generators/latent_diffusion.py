@@ -157,6 +157,7 @@ class LatentDiffusion(Generator):
     family = "ldm"
     config_class = LatentDiffusionConfig
     conditions = frozenset({"label", "prompt", "mask", "steps", "guidance_scale", "scheduler"})
+    gate_variants = MODES  # a ControlNet has its masks to follow, a from-scratch model none
 
     def __init__(self, config: LatentDiffusionConfig, folder: Path | None = None):
         super().__init__(config)
@@ -195,6 +196,10 @@ class LatentDiffusion(Generator):
                 parameter.requires_grad_(not config.lora_rank or "lora_" in name)
         if config.mode == "from-scratch":
             self.vae.requires_grad_(True)  # trained first; later encoded without gradients
+
+    @property
+    def gate_set(self) -> str:
+        return f"{self.family}-{self.config.mode}" if self.gate_variants else self.family
 
     # networks ------------------------------------------------------------------------------------------------
 
