@@ -150,15 +150,21 @@ def build_lesion_bank(data: str | Path, out: str | Path, label: str = "consolida
                       structure_size: int = 32, bandwidth: float = 0.05, dataset: str | None = None,
                       experiment: str | None = None) -> dict:
     """DiffUltra's Lesion-anatomy Bank of ``label``'s boxes in ``data`` written to ``out`` and logged to MLflow
-    (parameters: the dataset's identity; metrics: the bank's statistics; artifacts: the bank itself)."""
+    (parameters: the dataset's identity; metrics: the bank's statistics; artifacts: the bank itself and
+    ``anatomy.png``, up to 64 of its images with the fan, pleural line and boxes it measured them by)."""
     import mlflow
+    from PIL import Image
 
-    from sonogen.data.lesion_bank import LesionBank
+    from sonogen.data.lesion_bank import ANATOMY_REVIEW, LesionBank, anatomy_overlay, lesion_images, tile
 
     data, out = Path(data), Path(out)
-    bank = LesionBank.build(data, label, split, structure_size, bandwidth)
+    images = lesion_images(data, label, split)
+    bank = LesionBank.from_images(images, {"data": str(data), "label": label, "split": split}, structure_size,
+                                  bandwidth)
     bank.source.update(dataset_identity(data, label))
     bank.save(out)
+    Image.fromarray(tile([anatomy_overlay(image, boxes) for _, _, image, boxes in images[:64]])).save(
+        out / ANATOMY_REVIEW)
     tracking_uri = configure_mlflow()
     mlflow.set_experiment(experiment or f"{dataset or data.name}-lesion-bank")
     stats = bank.statistics()

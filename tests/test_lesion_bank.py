@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from sonogen.data.lesion_bank import (
-    Anatomy, Lesion, LesionBank, detect_anatomy, render_condition, structure_map,
+    BOX_COLOUR, NOT_FOUND_COLOUR, PLEURA_COLOUR, Anatomy, Lesion, LesionBank, anatomy_overlay, detect_anatomy,
+    render_condition, structure_map, tile,
 )
 from sonogen.data.manifest import load_grey, read_manifest
 from sonogen.data.phantom import make_patient, prepared_pleura
@@ -33,6 +34,25 @@ def test_the_pleural_line_is_found_within_a_pixel_on_the_phantom():
     assert np.mean(errors) < 0.5 and np.max(errors) < 1.0, errors
     with pytest.raises(ValueError, match="fan"):
         detect_anatomy(np.zeros((128, 128), dtype=np.uint8))
+
+
+def test_the_anatomy_overlay_draws_the_detected_pleura_and_the_boxes_and_marks_a_frame_without_one():
+    [(image, x, y), *_] = prepared_pleura(make_patient(0, 1, consolidation=False), 0, 1, 128)
+    overlay = anatomy_overlay(image, [(40, 60, 80, 90)])
+    assert overlay.shape == (128, 128, 3) and overlay.dtype == np.uint8
+    red_rows = [np.flatnonzero((overlay[:, c] == PLEURA_COLOUR).all(axis=1)) for c in range(128)]
+    drawn = [(c, rows.mean()) for c, rows in enumerate(red_rows) if len(rows)]
+    assert [c for c, _ in drawn] == list(detect_anatomy(image).columns) and len(drawn) > 32
+    truth = np.interp([c for c, _ in drawn], x, y)
+    assert np.abs(np.array([row for _, row in drawn]) - truth).max() <= 1.5
+    assert (overlay[60, 40:80] == BOX_COLOUR).all() and (overlay[60:90, 79] == BOX_COLOUR).all()
+    assert (overlay[61:89, 41:79] != BOX_COLOUR).any(axis=-1).all()  # the inside is not painted
+    blank = anatomy_overlay(np.zeros((128, 128), dtype=np.uint8))
+    assert (blank[:8, :8] == NOT_FOUND_COLOUR).all() and (blank[8:] == 0).all()
+    grid = tile([overlay, blank, overlay], columns=2, gap=4)
+    assert grid.shape == (2 * 132, 2 * 132, 3) and (grid[132:, 132:] == 0).all() and (grid[128:132] == 0).all()
+    assert (grid[:128, :128] == overlay).all() and (grid[:128, 132:260] == blank).all()
+    assert (grid[132:260, :128] == overlay).all()
 
 
 def test_bank_statistics_match_the_phantoms_generating_distribution(phantom128, tmp_path):
@@ -126,6 +146,12 @@ def test_the_lesion_bank_command_writes_the_bank_and_logs_it_to_mlflow(phantom12
     assert run.data.params["data_manifest_sha256"] == bank.source["data_manifest_sha256"]
     assert run.data.metrics["bank.lesions"] == len(bank.lesions)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "lesion_bank")}
-    assert artifacts == {"lesion_bank/lesions.json", "lesion_bank/structures.npy"}
+    assert artifacts == {"lesion_bank/lesions.json", "lesion_bank/structures.npy", "lesion_bank/anatomy.png"}
+    from PIL import Image
+
+    review = np.asarray(Image.open(tmp_path / "bank" / "anatomy.png"))
+    images = len({lesion.image for lesion in bank.lesions}) + len(bank.source["skipped"])
+    assert review.shape == (-(-images // 8) * 132, min(8, images) * 132, 3)
+    assert (review == PLEURA_COLOUR).all(axis=-1).sum() > 64 * images and (review == BOX_COLOUR).all(axis=-1).any()
     missing = CliRunner().invoke(app, ["data", "lesion-bank", str(phantom128), "other", "--label", "effusion"])
     assert missing.exit_code != 0 and "effusion" in missing.output

@@ -24,6 +24,8 @@ from sonogen.data.prepare import scan_region
 
 LESIONS = "lesions.json"
 STRUCTURES = "structures.npy"
+ANATOMY_REVIEW = "anatomy.png"  # the lesion images with what the bank read on them, for a person to check
+FAN_COLOUR, PLEURA_COLOUR, BOX_COLOUR, NOT_FOUND_COLOUR = (0, 255, 0), (255, 0, 0), (255, 255, 0), (255, 0, 255)
 SIZE_BIASES = ("none", "large")
 CONDITIONS = ("structure", "binary")
 LARGE_QUANTILE = 0.9  # lesions with a box area in the top 10% are "large" (the paper's rare large consolidations)
@@ -123,6 +125,38 @@ def detect_anatomy(image: np.ndarray) -> Anatomy:
     return Anatomy(fan, pleura)
 
 
+def anatomy_overlay(image: np.ndarray, boxes: list[Box] = ()) -> np.ndarray:
+    """A uint8 frame in colour with the detected fan's outline (green), its pleural line (red) and ``boxes``
+    (yellow); a magenta corner where no pleural line is found. On real frames the detector can be wrong and
+    cannot tell, so a bank's offsets are only as good as these lines look."""
+    rgb = np.repeat(image[..., None], 3, axis=-1)
+    try:
+        anatomy = detect_anatomy(image)
+    except ValueError:
+        rgb[:8, :8] = NOT_FOUND_COLOUR
+    else:
+        rgb[anatomy.fan & ~ndimage.binary_erosion(anatomy.fan)] = FAN_COLOUR
+        columns = anatomy.columns
+        rows = np.rint(anatomy.pleura[columns]).astype(int)
+        for shift in (-1, 0, 1):
+            rgb[np.clip(rows + shift, 0, len(rgb) - 1), columns] = PLEURA_COLOUR
+    for x0, y0, x1, y1 in boxes:
+        rgb[[y0, y1 - 1], x0:x1] = BOX_COLOUR
+        rgb[y0:y1, [x0, x1 - 1]] = BOX_COLOUR
+    return rgb
+
+
+def tile(images: list[np.ndarray], columns: int = 8, gap: int = 4) -> np.ndarray:
+    """Colour images ``(H, W, 3)`` of one size in rows of ``columns``, ``gap`` black pixels apart."""
+    height, width = images[0].shape[:2]
+    rows = -(-len(images) // columns)
+    grid = np.zeros((rows * (height + gap), min(columns, len(images)) * (width + gap), 3), dtype=np.uint8)
+    for k, image in enumerate(images):
+        r, c = divmod(k, columns)
+        grid[r * (height + gap): r * (height + gap) + height, c * (width + gap): c * (width + gap) + width] = image
+    return grid
+
+
 def structure_map(image: np.ndarray, box: Box, size: int) -> np.ndarray:
     """The lesion's internal pattern inside ``box`` at ``size``×``size``, in [-1, 1]: a difference of Gaussians
     (drops speckle and the overall brightness) scaled by its 95th percentile, so hyper-echoic structure (air
@@ -168,6 +202,15 @@ def lesion_in(image: str, patient_id: str, box: Box, anatomy: Anatomy) -> Lesion
                   (y0 - anatomy.pleura_top(x0, x1)) / height, (x1 - x0) / width, (y1 - y0) / height)
 
 
+def lesion_images(data: str | Path, label: str, split: str) -> list[tuple[str, str, np.ndarray, list[Box]]]:
+    """``(name, patient, uint8 image, boxes)`` of the ``label`` images with boxes in ``split`` of a dataset."""
+    data = Path(data)
+    records = [r for r in read_manifest(data) if r.label == label and r.split == split and r.boxes]
+    if not records:
+        raise ValueError(f"{data} has no {split} images of label {label!r} with boxes to build a lesion bank from")
+    return [(r.image, r.patient_id, load_grey(data / r.image), r.boxes) for r in records]
+
+
 class LesionBank:
     """Lesions with their structure maps and anatomical offsets; ``sample`` places one on a new anatomy."""
 
@@ -187,12 +230,8 @@ class LesionBank:
     def build(cls, data: str | Path, label: str = "consolidation", split: str = "train", structure_size: int = 32,
               bandwidth: float = 0.05) -> LesionBank:
         """From the boxes of ``label`` images in ``split`` of a prepared dataset."""
-        data = Path(data)
-        records = [r for r in read_manifest(data) if r.label == label and r.split == split and r.boxes]
-        if not records:
-            raise ValueError(f"{data} has no {split} images of label {label!r} with boxes to build a lesion bank from")
-        entries = [(r.image, r.patient_id, load_grey(data / r.image), r.boxes) for r in records]
-        return cls.from_images(entries, {"data": str(data), "label": label, "split": split}, structure_size, bandwidth)
+        return cls.from_images(lesion_images(data, label, split), {"data": str(data), "label": label, "split": split},
+                               structure_size, bandwidth)
 
     @classmethod
     def from_images(cls, entries: list[tuple[str, str, np.ndarray, list[Box]]], source: dict,
