@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import random
 
+import numpy as np
 from PIL import Image
 
 from sonogen.data import UltrasoundDataset
-from sonogen.data.lesion_bank import anatomy_overlay, tile
+from sonogen.data.lesion_bank import anatomy_overlay
 from sonogen.generators import to_uint8
+from sonogen.sampling import tile
 
 
 def main() -> None:
@@ -35,7 +37,8 @@ def main() -> None:
     chosen = [pick.choice(by_patient[p]) for p in pick.sample(sorted(by_patient), min(args.frames, len(by_patient)))]
     for n, k in enumerate(chosen):
         print(f"{n}: {dataset.records[k].label} {dataset.records[k].image}")
-    Image.fromarray(tile([anatomy_overlay(to_uint8(dataset[k]["image"][None])[0]) for k in chosen])).save(args.out)
+    overlays = np.stack([anatomy_overlay(to_uint8(dataset[k]["image"][None])[0]) for k in chosen])
+    Image.fromarray(tile(overlays, border=4)).save(args.out)
     print(f"grid: {args.out}")
 
 

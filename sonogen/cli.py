@@ -306,7 +306,7 @@ def evaluate_command(
              "resnet34:<weights>.")] = None,
     config: Annotated[Path | None, typer.Option(help="params.yaml with `evaluate` and the `gates` sets.")] = None,
     family: Annotated[str | None, typer.Option(
-        help="Whose gates apply to --real/--synthetic folders: a family, or a variant such as ldm-controlnet.")]
+        help="The gate set of --config that applies to --real/--synthetic folders: a family's or any named set.")]
     = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset name (default: data folder name).")] = None,
     out: Annotated[Path, typer.Option(help="Folder of the gate reports.")] = Path("reports/gates"),
@@ -325,6 +325,9 @@ def evaluate_command(
         from sonogen.metrics.features import get_extractor
 
         evaluate_config, gates, _ = evaluation_config(read_params(config))
+        if family and family not in gates and not gates_for(gates, family):
+            raise ValueError(f"--family {family}: no such gate set in {config or 'the (absent) --config'}; "
+                             f"its sets: {', '.join(gates) or 'none'}")
         report = evaluate_folders(real, synthetic, get_extractor(extractor or "pixels-16"),
                                   gates_for(gates, family) if family else {}, evaluate_config, out)
         results = [{"target": str(synthetic), "report": str(out), **report}]

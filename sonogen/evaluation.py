@@ -145,7 +145,7 @@ def evaluate_generator(
                         - detection["real"][metric]["mean"] for metric in ("ap50", "ap", "ap50_large")})
     report = _report(subject, metrics, reasons, details, gates, extractor, config,
                      {"synthetic": len(synthetic), "real_train": len(train), "real_test": len(holdout)})
-    report.update(family=generator.family, label=label, data=str(data),
+    report.update(family=generator.family, gate_set=generator.gate_set, label=label, data=str(data),
                   data_manifest_sha256=file_sha256(Path(data) / MANIFEST))
     if detection is not None:
         report["detection"] = detection

@@ -65,7 +65,8 @@ def _number(value) -> str:
 def markdown(report: dict) -> str:
     verdict = "PASSED" if report["passed"] else "FAILED"
     lines = [f"# Gate report: {report['subject']} — {verdict}", ""]
-    lines += [f"- {key}: {report[key]}" for key in ("family", "label", "data", "extractor") if report.get(key)]
+    lines += [f"- {key}: {report[key]}" for key in ("family", "gate_set", "label", "data", "extractor")
+              if report.get(key)]
     lines += [f"- samples: " + ", ".join(f"{k} {v}" for k, v in report["samples"].items()), ""]
     lines += ["| gate | metric | value | threshold | result | extractor |", "|---|---|---|---|---|---|"]
     for row in report["gates"]:

@@ -81,9 +81,18 @@ def check_gates(gates: dict[str, Any]) -> dict[str, Any]:
     return gates
 
 
+def variant_of(gate_set: str) -> tuple[str, str] | None:
+    """``(family, variant)`` when ``gate_set`` names a variant of a generator family (``ldm-controlnet``)."""
+    from sonogen.generators import families, get_generator
+
+    family, _, variant = gate_set.partition("-")
+    return (family, variant) if family in families() and variant in get_generator(family).gate_variants else None
+
+
 def gates_for(gates: dict[str, dict], gate_set: str) -> dict[str, Any]:
-    """The thresholds of ``gate_set``: its family's, with a variant's (``ldm-controlnet``) added over them."""
-    return {**(gates.get(gate_set.split("-")[0]) or {}), **(gates.get(gate_set) or {})}
+    """The thresholds of ``gate_set``: a variant's (``ldm-controlnet``) added over its family's."""
+    family = variant_of(gate_set)
+    return {**(gates.get(family[0]) or {} if family else {}), **(gates.get(gate_set) or {})}
 
 
 def _extractor_kind(extractor: Extractor) -> str:

@@ -12,7 +12,7 @@ import yaml
 from sonogen.evaluation import (
     evaluate_generator, find_encoder, gate_tags, read_report, record_in_mlflow, train_encoder,
 )
-from sonogen.gates import EvaluateConfig, check_gates, gates_for
+from sonogen.gates import EvaluateConfig, check_gates, gates_for, variant_of
 from sonogen.generators import config_from_dict, families, get_generator, load_generator
 from sonogen.generators.trainer import GENERATOR_DIR, TrainConfig, train
 from sonogen.metrics.features import get_extractor
@@ -104,14 +104,18 @@ def evaluation_config(params: dict) -> tuple[EvaluateConfig, dict[str, dict], in
     section = dict(params.get("evaluate") or {})
     encoder_epochs = section.pop("encoder_epochs", 25)
     gates = params.get("gates") or {}
-    for name, gate_set in gates.items():
+    for name in gates:
         family, _, variant = name.partition("-")
         # other names are free: gate sets for folders of images from outside generators (evaluate --family)
-        if variant and family in families() and variant not in get_generator(family).gate_variants:
+        if variant and family in families() and not variant_of(name):
             known = ", ".join(f"{family}-{v}" for v in get_generator(family).gate_variants) or "none"
             raise ValueError(f"gates.{name}: {family} has no variant {variant!r}; its variants: {known}")
+        own = gates[name] or {}
+        if variant_of(name) and "extractor" in own and own["extractor"] != (gates.get(family) or {}).get("extractor"):
+            raise ValueError(f"gates.{name}: a variant's thresholds hold for its family's extractor; "
+                             f"drop extractor {own['extractor']!r} or set it on gates.{family}")
         try:
-            check_gates(gate_set or {})
+            check_gates(gates_for(gates, name))
         except ValueError as err:
             raise ValueError(f"gates.{name}: {err}") from None
     return config_from_dict(EvaluateConfig, section), gates, encoder_epochs
@@ -153,18 +157,19 @@ def build_lesion_bank(data: str | Path, out: str | Path, label: str = "consolida
     (parameters: the dataset's identity; metrics: the bank's statistics; artifacts: the bank itself and
     ``anatomy.png``, up to 64 of its images with the fan, pleural line and boxes it measured them by)."""
     import mlflow
+    import numpy as np
     from PIL import Image
 
-    from sonogen.data.lesion_bank import ANATOMY_REVIEW, LesionBank, anatomy_overlay, lesion_images, tile
+    from sonogen.data.lesion_bank import ANATOMY_REVIEW, LesionBank, anatomy_overlay, lesion_images
+    from sonogen.sampling import tile
 
     data, out = Path(data), Path(out)
-    images = lesion_images(data, label, split)
-    bank = LesionBank.from_images(images, {"data": str(data), "label": label, "split": split}, structure_size,
-                                  bandwidth)
+    bank = LesionBank.build(data, label, split, structure_size, bandwidth)
     bank.source.update(dataset_identity(data, label))
+    review = tile(np.stack([anatomy_overlay(image, boxes)
+                            for _, _, image, boxes in lesion_images(data, label, split)[:64]]))
     bank.save(out)
-    Image.fromarray(tile([anatomy_overlay(image, boxes) for _, _, image, boxes in images[:64]])).save(
-        out / ANATOMY_REVIEW)
+    Image.fromarray(review).save(out / ANATOMY_REVIEW)
     tracking_uri = configure_mlflow()
     mlflow.set_experiment(experiment or f"{dataset or data.name}-lesion-bank")
     stats = bank.statistics()

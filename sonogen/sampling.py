@@ -38,6 +38,19 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.rint(scaled).astype(np.uint8)
 
 
+def tile(pixels: np.ndarray, columns: int = 8, border: int = 2) -> np.ndarray:
+    """uint8 images ``(N, H, W)`` or ``(N, H, W, 3)`` as one grid of ``columns`` per row, with ``border`` black
+    pixels around and between the tiles."""
+    n, h, w = pixels.shape[:3]
+    rows = (n + columns - 1) // columns
+    grid = np.zeros((rows * (h + border) + border, columns * (w + border) + border, *pixels.shape[3:]), np.uint8)
+    for k in range(n):
+        r, c = divmod(k, columns)
+        grid[border + r * (h + border): border + r * (h + border) + h,
+             border + c * (w + border): border + c * (w + border) + w] = pixels[k]
+    return grid
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     """One uint8 ``(H, W)`` image as a greyscale PNG; the same pixels always give the same bytes."""
     # written here rather than by Pillow, which tries all five row filters on every row: that search costs more

@@ -14,7 +14,7 @@ from sonogen.data.phantom import generate
 from sonogen.data.prepare import prepare
 from sonogen.evaluation import evaluate_folders, split_images
 from sonogen.gates import EvaluateConfig, apply_gates, check_gates, evaluate_images, gates_for
-from sonogen.generators import to_uint8
+from sonogen.generators import register_family, to_uint8
 from sonogen.jobs import evaluation_config
 from sonogen.metrics.classifier import (
     ClassifierConfig, load_classifier, predict_proba, save_classifier, train_classifier,
@@ -136,6 +136,17 @@ def test_a_variant_gate_set_adds_to_its_family_and_a_misspelt_variant_is_an_erro
         evaluation_config({"gates": {"dcgan-large": {}}})
     with pytest.raises(ValueError, match="gates.ldm-controlnet: unknown gates"):
         evaluation_config({"gates": {"ldm-controlnet": {"min_mask_dice_gian": 0.1}}})
+    # a variant's feature-space thresholds hold for its family's extractor, and only for it
+    assert evaluation_config({"gates": {**gates, "ldm-controlnet": {"max_kmmd": 0.3}}})
+    with pytest.raises(ValueError, match="gates.ldm-controlnet: a variant's thresholds hold for its family's"):
+        evaluation_config({"gates": {**gates, "ldm-controlnet": {"extractor": "pixels-16", "max_kmmd": 0.3}}})
+    with pytest.raises(ValueError, match="gates.ldm-controlnet: feature-space gates need the extractor"):
+        evaluation_config({"gates": {"ldm": {}, "ldm-controlnet": {"max_kmmd": 0.3}}})
+    with pytest.raises(ValueError, match="generator family names have no '-'"):
+        register_family(type("HyphenatedGAN", (), {"family": "my-gan"}))
+    # names that are no family's variant are sets of their own, as for folders of outside images
+    assert gates_for({"real": {"min_confidence": 0.5}, "real-pocus": {"max_kmmd": 0.1}}, "real-pocus") == {
+        "max_kmmd": 0.1}
 
 
 def test_real_holdout_passes_and_memorising_or_noise_generators_fail(lus, tmp_path):
@@ -234,3 +245,6 @@ def test_cli_gates_two_folders_and_exits_non_zero_with_check(lus, tmp_path):
     assert CliRunner().invoke(app, args).exit_code == 0
     result = CliRunner().invoke(app, ["evaluate", "--real", str(real)])
     assert result.exit_code == 1 and "--real and --synthetic go together" in result.output
+    misspelt = CliRunner().invoke(app, [*args[:-4], "--family", "externl", "--out", str(tmp_path / "out")])
+    assert misspelt.exit_code == 1 and "--family externl: no such gate set" in misspelt.output
+    assert "its sets: external" in misspelt.output

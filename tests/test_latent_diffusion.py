@@ -247,7 +247,7 @@ def test_train_command_fine_tunes_registers_and_serves_prompts_and_masks(lus, ti
               "gates": {"ldm": {"extractor": "us-encoder", "max_near_copy_fraction": 1.0},
                         "ldm-controlnet": {"min_mask_dice": 0.0}, "ldm-fine-tune": {"min_confidence": 2.0}}}
     [report] = evaluate_targets(["models/ldm-consolidation"], lus, None, params, tmp_path / "gates", "lus")
-    assert report["family"] == "ldm" and report["samples"]["synthetic"] == 6
+    assert report["family"] == "ldm" and report["gate_set"] == "ldm-controlnet" and report["samples"]["synthetic"] == 6
     assert {"fid", "kmmd", "near_copy_fraction", "auc_delta", "mask_dice", "mask_dice_real"} <= set(report["metrics"])
     assert [row["gate"] for row in report["gates"]] == ["max_near_copy_fraction", "min_mask_dice"]
 

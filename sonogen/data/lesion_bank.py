@@ -140,21 +140,13 @@ def anatomy_overlay(image: np.ndarray, boxes: list[Box] = ()) -> np.ndarray:
         rows = np.rint(anatomy.pleura[columns]).astype(int)
         for shift in (-1, 0, 1):
             rgb[np.clip(rows + shift, 0, len(rgb) - 1), columns] = PLEURA_COLOUR
-    for x0, y0, x1, y1 in boxes:
+    height, width = image.shape
+    for x0, y0, x1, y1 in boxes:  # clipped: the outline of whatever part of the box is in the frame
+        x0, y0 = min(max(x0, 0), width - 1), min(max(y0, 0), height - 1)
+        x1, y1 = min(max(x1, x0 + 1), width), min(max(y1, y0 + 1), height)
         rgb[[y0, y1 - 1], x0:x1] = BOX_COLOUR
         rgb[y0:y1, [x0, x1 - 1]] = BOX_COLOUR
     return rgb
-
-
-def tile(images: list[np.ndarray], columns: int = 8, gap: int = 4) -> np.ndarray:
-    """Colour images ``(H, W, 3)`` of one size in rows of ``columns``, ``gap`` black pixels apart."""
-    height, width = images[0].shape[:2]
-    rows = -(-len(images) // columns)
-    grid = np.zeros((rows * (height + gap), min(columns, len(images)) * (width + gap), 3), dtype=np.uint8)
-    for k, image in enumerate(images):
-        r, c = divmod(k, columns)
-        grid[r * (height + gap): r * (height + gap) + height, c * (width + gap): c * (width + gap) + width] = image
-    return grid
 
 
 def structure_map(image: np.ndarray, box: Box, size: int) -> np.ndarray:

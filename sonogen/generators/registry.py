@@ -8,6 +8,8 @@ _FAMILIES: dict[str, type[Generator]] = {}
 
 
 def register_family(cls: type[Generator]) -> type[Generator]:
+    if "-" in cls.family:  # gate sets name a family's variants "<family>-<variant>"
+        raise ValueError(f"generator family names have no '-': {cls.family!r}")
     if cls.family in _FAMILIES and _FAMILIES[cls.family] is not cls:
         raise ValueError(f"generator family {cls.family!r} is already registered")
     _FAMILIES[cls.family] = cls

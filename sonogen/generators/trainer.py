@@ -17,6 +17,7 @@ from sonogen.generators.base import CHECKPOINT, Generator, to_uint8
 from sonogen.metrics import PIXELS_16, kernel_mmd, one_nn_accuracy, pixel_features
 from sonogen.metrics.layout import nearest_scan_iou
 from sonogen.metrics.similarity import nearest_ssim, ssim
+from sonogen.sampling import tile
 
 GENERATOR_DIR = "generator"
 HISTORY = "history.json"
@@ -56,14 +57,7 @@ class Tracker(Protocol):
 
 def image_grid(images: torch.Tensor, columns: int = 8) -> np.ndarray:
     """``(N, 1, H, W)`` in [-1, 1] as one uint8 grid image with a 2-pixel black border between tiles."""
-    n, _, h, w = images.shape
-    rows = (n + columns - 1) // columns
-    grid = np.zeros((rows * (h + 2) + 2, columns * (w + 2) + 2), dtype=np.uint8)
-    pixels = to_uint8(images)
-    for k in range(n):
-        r, c = divmod(k, columns)
-        grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + c * (w + 2) : 2 + c * (w + 2) + w] = pixels[k]
-    return grid
+    return tile(to_uint8(images), columns)
 
 
 def resolve_device(name: str) -> torch.device:
