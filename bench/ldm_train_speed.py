@@ -35,6 +35,7 @@ def step_time(config: LatentDiffusionConfig, batch: int, device: torch.device, s
     model.begin_training(images, 10**6, items)
     model.step = config.vae_steps  # past the autoencoder phase: every timed step trains the latent networks
     batches = model.training_batches(images, batch, 10**6, torch.Generator().manual_seed(0))
+
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
