@@ -106,12 +106,13 @@ def evaluation_config(params: dict) -> tuple[EvaluateConfig, dict[str, dict], in
     gates = params.get("gates") or {}
     for name in gates:
         family, _, variant = name.partition("-")
+        is_variant = variant_of(name) is not None
         # other names are free: gate sets for folders of images from outside generators (evaluate --family)
-        if variant and family in families() and not variant_of(name):
+        if variant and family in families() and not is_variant:
             known = ", ".join(f"{family}-{v}" for v in get_generator(family).gate_variants) or "none"
             raise ValueError(f"gates.{name}: {family} has no variant {variant!r}; its variants: {known}")
         own = gates[name] or {}
-        if variant_of(name) and "extractor" in own and own["extractor"] != (gates.get(family) or {}).get("extractor"):
+        if is_variant and "extractor" in own and own["extractor"] != (gates.get(family) or {}).get("extractor"):
             raise ValueError(f"gates.{name}: a variant's thresholds hold for its family's extractor; "
                              f"drop extractor {own['extractor']!r} or set it on gates.{family}")
         try:
@@ -164,10 +165,10 @@ def build_lesion_bank(data: str | Path, out: str | Path, label: str = "consolida
     from sonogen.sampling import tile
 
     data, out = Path(data), Path(out)
-    bank = LesionBank.build(data, label, split, structure_size, bandwidth)
-    bank.source.update(dataset_identity(data, label))
-    review = tile(np.stack([anatomy_overlay(image, boxes)
-                            for _, _, image, boxes in lesion_images(data, label, split)[:64]]))
+    images = lesion_images(data, label, split)  # read once: for the bank and for its review
+    bank = LesionBank.from_images(images, {"data": str(data), "label": label, "split": split,
+                                           **dataset_identity(data, label)}, structure_size, bandwidth)
+    review = tile(np.stack([anatomy_overlay(image, boxes) for _, _, image, boxes in images[:64]]))
     bank.save(out)
     Image.fromarray(review).save(out / ANATOMY_REVIEW)
     tracking_uri = configure_mlflow()
