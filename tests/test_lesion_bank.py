@@ -35,6 +35,9 @@ def test_the_pleural_line_is_found_within_a_pixel_on_the_phantom():
     assert np.mean(errors) < 0.5 and np.max(errors) < 1.0, errors
     with pytest.raises(ValueError, match="fan"):
         detect_anatomy(np.zeros((128, 128), dtype=np.uint8))
+    # a flat grey frame is one big scan area with no line in it: rounding in the ridge filter is not a pleura
+    with pytest.raises(ValueError, match="no pleural line"):
+        detect_anatomy(np.full((128, 128), 128, dtype=np.uint8))
 
 
 def test_the_anatomy_overlay_draws_the_detected_pleura_and_the_boxes_and_marks_a_frame_without_one():

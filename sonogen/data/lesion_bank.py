@@ -31,6 +31,7 @@ CONDITIONS = ("structure", "binary")
 LARGE_QUANTILE = 0.9  # lesions with a box area in the top 10% are "large" (the paper's rare large consolidations)
 PLACEMENT_TRIES = 64
 PLEURA_STRENGTH = 0.8  # a chest-wall line this close to the strongest one in its column may hide the pleura
+MIN_RIDGE = 1e-3  # of the fan's mean brightness: flatter than this is rounding, not a line (a uniform frame)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def detect_pleura(image: np.ndarray, fan: np.ndarray) -> np.ndarray:
     crest[1:-1] = (ridge[1:-1] >= ridge[:-2]) & (ridge[1:-1] >= ridge[2:])
     score = np.where(window & fan & crest, ridge * smooth, -np.inf)  # the pleura is bright, not only sharp
     # of the lines nearly as strong as the strongest, the pleura is the deepest: skin and fascia lie above it
-    strong = (score >= PLEURA_STRENGTH * score.max(axis=0)) & (score > 0) & lit
+    flat = ridge <= MIN_RIDGE * grey[fan].mean()
+    strong = (score >= PLEURA_STRENGTH * score.max(axis=0)) & (score > 0) & lit & ~flat
     columns = np.flatnonzero(strong.any(axis=0))
     if len(columns) < max(4, width // 16):
         raise ValueError("no pleural line found")
