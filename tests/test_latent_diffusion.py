@@ -8,12 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from sonogen.data import UltrasoundDataset
 from sonogen.data.manifest import boxes_from_mask
 from sonogen.generators import load_generator
 from sonogen.generators.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, decode_mask
-from sonogen.generators.trainer import TrainConfig, train
+from sonogen.generators.trainer import TrainConfig, held_out_images, train
 
 TINY_SCRATCH = {"image_size": 32, "vae_channels": (8, 16), "unet_channels": (16, 32), "embedding_dim": 16,
                 "vae_steps": 2, "steps": 3, "train_timesteps": 40}
@@ -82,7 +84,7 @@ def test_from_scratch_trains_autoencoder_then_latent_unet_and_reloads_to_the_sam
     assert model.config.labels == ("consolidation", "normal") and model.step == 4
     assert _changed(vae, model.vae) and _changed(unet, model.unet)  # two autoencoder steps, then two UNet steps
     history = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert "loss_vae" in history[0] and "loss" in history[1]
+    assert "loss_vae" in history[0] and "loss" in history[1] and history[1]["val_loss"] > 0
     assert 0.01 < model.vae.config.scaling_factor < 100
 
     folder = tmp_path / "run" / "generator"
@@ -142,6 +144,9 @@ def test_controlnet_on_masks_trains_only_the_controlnet_and_samples_with_and_wit
     train(model, lus, "consolidation", TWO_STEPS, tmp_path / "run")
     assert _changed(controlnet, model.controlnet) and not _changed(unet, model.unet)
     assert model._maps.sum() > 0  # the phantom's consolidation masks reached the batches
+    held_out = json.loads((tmp_path / "run" / "history.json").read_text())[-1]
+    assert held_out["val_loss"] > 0 and held_out["val_lesion_loss"] > 0
+    assert "val_mask_loss_gain" not in held_out  # the val split's lesions are one patient's, all in one place
 
     loaded = load_generator(tmp_path / "run" / "generator")
     mask = np.zeros((32, 32), dtype=np.uint8)
@@ -167,6 +172,34 @@ def test_controlnet_on_masks_trains_only_the_controlnet_and_samples_with_and_wit
         if len(found := boxes_from_mask(m)) == 1:
             x0, y0, x1, y1 = found[0]
             assert m.sum() == (x1 - x0) * (y1 - y0)
+
+
+def test_the_held_out_mask_gain_is_zero_for_a_controlnet_that_ignores_its_mask_and_signed_by_where_it_is_right(
+        lus, tiny_sd):
+    model = LatentDiffusion(LatentDiffusionConfig(label="consolidation", mode="controlnet", base_model=str(tiny_sd),
+                                                  image_size=32))
+    model.training_labels(["consolidation", "normal"])
+    images, items = (held_out := held_out_images(lus, ["consolidation", "normal"]))
+    assert len(items) == 6 and len({item["patient_id"] for item in items if item["mask"].sum() > 0}) == 1
+    assert "val_mask_loss_gain" not in model.held_out_losses(*held_out)
+    test = UltrasoundDataset(lus, split="test")
+    items = items + [test[k] for k in range(len(test))]  # a second patient's lesions, elsewhere
+    images = torch.stack([item["image"] for item in items])
+    blind = model.held_out_losses(images, items)  # its zero convolutions: no condition changes anything yet
+    assert blind["val_loss"] > 0 and blind["val_lesion_loss"] == blind["val_lesion_loss_other_mask"] > 0
+    assert blind["val_mask_loss_gain"] == 0
+
+    def predictor(right_at_its_mask: bool):
+        def predict(noisy, timesteps, states, maps):  # 0 (the noise's mean) where right, 100 where wrong
+            shown = F.adaptive_max_pool2d((maps > 0).float(), noisy.shape[-2:])
+            return 100 * (1 - shown if right_at_its_mask else shown)
+        return predict
+
+    model._predict = predictor(right_at_its_mask=True)  # the lesion loss left is the noise's own, about 1 in 10^4
+    assert model.held_out_losses(images, items)["val_mask_loss_gain"] > 0.99
+    # wrong where told: the other patient's condition does better (not by 10^4: the two lesions overlap)
+    model._predict = predictor(right_at_its_mask=False)
+    assert model.held_out_losses(images, items)["val_mask_loss_gain"] < -0.1
 
 
 def test_invalid_configs_and_masks_are_clear_errors():

@@ -121,6 +121,12 @@ class Generator(ABC):
         for indices in batch_indices(len(images), batch_size, steps, generator):
             yield images[indices]
 
+    def held_out_losses(self, images: torch.Tensor, items: Sequence[dict]) -> dict[str, float]:
+        """The training loss on held-out images (the ``val`` split of the learned labels, on the device, with
+        their dataset items), logged beside the training loss so that memorising shows as the two parting.
+        Families whose loss has no held-out reading (a GAN's, a single image's) return none."""
+        return {}
+
     @abstractmethod
     def train_step(self, batch: Any) -> dict[str, float]:
         """One optimisation step on a batch of ``training_batches`` (by default images ``(B, 1, H, W)`` in

@@ -41,6 +41,7 @@ MAX_GUIDANCE = 20.0
 MAX_PROMPT = 500
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 LABEL_EMBEDDING = "label_embedding.safetensors"
+HELD_OUT_TIMESTEPS = 10  # spread evenly over the schedule, so the held-out loss reads like the training loss
 
 
 @dataclass
@@ -150,6 +151,14 @@ def decode_png(value: Any, size: int, field: str) -> np.ndarray:
 def decode_mask(value: Any, size: int) -> torch.Tensor:
     """A mask condition as ``(size, size)`` float {0, 1} (nonzero is inside)."""
     return (torch.as_tensor(decode_png(value, size, "mask"), dtype=torch.float32) > 0).float()
+
+
+def _of_other_patients(patients: list[str]) -> list[int] | None:
+    """For each image, the next one (cyclically) of another patient; None when they are all one patient's."""
+    count = len(patients)
+    partners = [next((j % count for j in range(k + 1, k + count) if patients[j % count] != patient), None)
+                for k, patient in enumerate(patients)]
+    return None if None in partners else partners
 
 
 @register_family
@@ -380,20 +389,13 @@ class LatentDiffusion(Generator):
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
                                   device=latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        states = self._embed(batch["labels"])
-        residuals = {}
-        if c.mode == "controlnet":
-            down, mid = self.controlnet(noisy, timesteps, states, controlnet_cond=self._control_image(batch["maps"]),
-                                        return_dict=False)
-            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-        prediction = self.unet(noisy, timesteps, states, **residuals).sample.float()
-        velocity = self.noise_scheduler.config.prediction_type == "v_prediction"
-        target = self.noise_scheduler.get_velocity(latents, noise, timesteps) if velocity else noise
-        loss = F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
+        prediction = self._predict(noisy, timesteps, self._embed(batch["labels"]), batch["maps"])
+        loss = F.mse_loss(prediction, self._target(latents, noise, timesteps), reduction="none").mean(dim=(1, 2, 3))
         if c.snr_gamma:
             from diffusers.training_utils import compute_snr
 
             snr = compute_snr(self.noise_scheduler, timesteps)
+            velocity = self.noise_scheduler.config.prediction_type == "v_prediction"
             loss = loss * torch.clamp(snr, max=c.snr_gamma) / (snr + 1 if velocity else snr)
         loss = loss.mean()
         optimizers["denoiser"].zero_grad(set_to_none=True)
@@ -403,6 +405,70 @@ class LatentDiffusion(Generator):
             self.ema.step(self._trained_parameters())
         self.step += 1
         return {"loss": loss.item()}
+
+    def _predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, states: torch.Tensor,
+                 maps: torch.Tensor | None) -> torch.Tensor:
+        residuals = {}
+        if self.config.mode == "controlnet":
+            down, mid = self.controlnet(noisy, timesteps, states, controlnet_cond=self._control_image(maps),
+                                        return_dict=False)
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        return self.unet(noisy, timesteps, states, **residuals).sample.float()
+
+    def _target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps).float()
+        return noise.float()
+
+    @torch.no_grad()
+    def held_out_losses(self, images: torch.Tensor, items: Sequence[dict]) -> dict[str, float]:
+        """``val_loss``: the denoising loss at timesteps spread over the schedule, with fixed noise, under the
+        averaged weights that sampling uses. A ControlNet is also read inside the held-out lesions, given each
+        image's own condition and given another patient's: ``val_mask_loss_gain`` is the share of the lesion loss
+        that the right condition removes (about 0 for a ControlNet that does not read its condition)."""
+        c = self.config
+        if c.mode == "from-scratch" and self.step < c.vae_steps:
+            return {}
+        maps = self._control_maps(images, items).to(self.device) if c.mode == "controlnet" else None
+        with self._averaged_weights():
+            latents = self.vae.encode(self._vae_input(images)).latent_dist.mode() * self.vae.config.scaling_factor
+            states = self._embed(torch.tensor([c.labels.index(item["label"]) + 1 for item in items]))
+            errors = self._denoising_errors(latents, states, maps)
+            losses = {"val_loss": errors.mean().item()}
+            if maps is None:
+                return losses
+            lesion = F.adaptive_max_pool2d((maps > 0).float(), latents.shape[-2:])
+            if not lesion.any():
+                return losses
+
+            def inside(errors_per_pixel: torch.Tensor) -> float:
+                return ((errors_per_pixel * lesion).sum() / lesion.sum()).item()
+
+            losses["val_lesion_loss"] = inside(errors)
+            shown = torch.nonzero(lesion.flatten(1).sum(1) > 0).flatten().tolist()
+            partners = _of_other_patients([items[k]["patient_id"] for k in shown])
+            if partners is None:  # one patient's lesions sit in one place: no other condition to compare with
+                return losses
+            others = maps.clone()
+            others[shown] = maps[[shown[j] for j in partners]]
+            other = inside(self._denoising_errors(latents, states, others))
+        return {**losses, "val_lesion_loss_other_mask": other,
+                "val_mask_loss_gain": 1 - losses["val_lesion_loss"] / other}
+
+    def _denoising_errors(self, latents: torch.Tensor, states: torch.Tensor,
+                          maps: torch.Tensor | None) -> torch.Tensor:
+        """Squared error per latent pixel ``(N, 1, h, w)``, averaged over ``HELD_OUT_TIMESTEPS`` timesteps and
+        channels; the same noise on every call, so two conditions are compared on equal terms."""
+        generator = torch.Generator().manual_seed(0)
+        total = self.noise_scheduler.config.num_train_timesteps
+        errors = torch.zeros(len(latents), 1, *latents.shape[-2:], device=latents.device)
+        for fraction in (np.arange(HELD_OUT_TIMESTEPS) + 0.5) / HELD_OUT_TIMESTEPS:
+            noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+            timesteps = torch.full((len(latents),), int(fraction * total), device=latents.device)
+            noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            prediction = self._predict(noisy, timesteps, states, maps)
+            errors += (prediction - self._target(latents, noise, timesteps)).square().mean(dim=1, keepdim=True)
+        return errors / HELD_OUT_TIMESTEPS
 
     @contextlib.contextmanager
     def _averaged_weights(self):

@@ -67,6 +67,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 FEW_IMAGES = 8  # up to this many training images, samples are also compared with each image (SSIM)
+HELD_OUT_IMAGES = 64  # a steady loss reading at each evaluation, and still cheap
+
+
+def held_out_images(data: str | Path, labels: list[str]) -> tuple[torch.Tensor, list[dict]] | None:
+    """Up to ``HELD_OUT_IMAGES`` of the ``val`` split's images of ``labels`` (a fixed draw), with their items."""
+    dataset = UltrasoundDataset(data, split="val", labels=labels)
+    if not len(dataset):
+        return None
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:HELD_OUT_IMAGES]
+    items = [dataset[int(k)] for k in chosen]
+    return torch.stack([item["image"] for item in items]), items
 
 
 def quality(generator: Generator, real: torch.Tensor, n: int) -> tuple[dict[str, float], torch.Tensor]:
@@ -101,8 +112,9 @@ def train(
     """Trains on the ``train`` split images of ``label`` (or of every label the family learns; those it selects);
     writes ``out/generator``, checkpoints and history.
 
-    Per epoch it logs the losses, a sample grid of fixed latents and ``quality`` against the real training
-    images. ``resume`` continues from ``out/checkpoint.safetensors``.
+    Per epoch it logs the losses, a sample grid of fixed latents, ``quality`` against the real training images
+    and the family's ``held_out_losses`` on the ``val`` split. ``resume`` continues from
+    ``out/checkpoint.safetensors``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +137,7 @@ def train(
     if config.compile:
         for module in generator.networks().values():
             module.compile()  # in place: the state dict keeps its keys
+    held_out = held_out_images(data, learned)
     own = images[[k for k, item in enumerate(items) if item["label"] == label]]
     real = own[torch.randperm(len(own), generator=torch.Generator().manual_seed(0))[: config.eval_samples]]
     loader_images = images.to(device)
@@ -163,6 +176,8 @@ def train(
         record = {"epoch": generator.epoch, "step": generator.step, **{k: v / batches for k, v in sums.items()}}
         if generator.epoch % config.eval_every == 0 or generator.epoch == config.epochs:
             metrics, samples = quality(generator, real, config.eval_samples)
+            if held_out is not None:
+                metrics.update(generator.held_out_losses(held_out[0].to(device), held_out[1]))
             record.update(metrics)
             grid = image_grid(samples[:32])
             Image.fromarray(grid).save(out / SAMPLES)
