@@ -88,10 +88,10 @@ def test_noising_at_each_scale_matches_its_definition():
         assert torch.allclose(out.prev_sample, x0.clamp(-1, 1), atol=1e-4)
     with pytest.raises(ValueError, match="blurred"):
         scheduler.step(noise, 3, x0)
-    # a strength below 1 starts a finer scale that share of its steps up; scale 0 always runs them all
+    # a strength below 1 starts a scale that share of its steps up (the caller noises what it starts from)
     assert scheduler.start_timestep(1, 1.0) == scheduler.train_timesteps(1) - 1
     assert scheduler.start_timestep(1, 0.5) == round(scheduler.train_timesteps(1) / 2) - 1
-    assert scheduler.start_timestep(0, 0.5) == 99 and scheduler.start_timestep(2, 1e-6) == 0
+    assert scheduler.start_timestep(0, 0.5) == 49 and scheduler.start_timestep(2, 1e-6) == 0
     for bad in (0, 1.5):
         with pytest.raises(ValueError, match="strength"):
             scheduler.set_timesteps(1, bad)
@@ -128,13 +128,18 @@ def test_training_steps_reduce_the_loss_on_a_fixed_image():
     assert model.learning_rate() == pytest.approx(1e-3 * 0.5**6)  # every milestone passed
 
 
-def test_a_lower_refine_strength_keeps_more_of_the_coarsest_scales_layout():
+def trained_on_a_smooth_image() -> SinDDM:
     torch.manual_seed(0)
     model = SinDDM(MultiScaleDDMConfig(label="x", images=("a",), **TINY))
     image = smooth_image()
     model.begin_training(image, total_steps=150)
     for batch in model.training_batches(image, 8, 150, torch.Generator().manual_seed(0)):
         model.train_step(batch)
+    return model
+
+
+def test_a_lower_refine_strength_keeps_more_of_the_coarsest_scales_layout():
+    model = trained_on_a_smooth_image()
 
     def change_after_the_coarsest_scale() -> float:  # how far the finer scales move the coarsest scale's layout
         coarsest, *_, finest = model.scale_samples(8, seed=2)
@@ -146,6 +151,48 @@ def test_a_lower_refine_strength_keeps_more_of_the_coarsest_scales_layout():
     assert change_after_the_coarsest_scale() < 0.9 * starting_at_the_top
     with pytest.raises(ValueError, match="refine_strength"):
         MultiScaleDDMConfig(label="x", refine_strength=0)
+
+
+def test_a_lower_layout_strength_starts_the_coarsest_scale_from_the_training_images_own(tmp_path):
+    model = trained_on_a_smooth_image()
+    layout = model._pyramids[0][0][0]
+
+    def distance_to_the_layout() -> float:
+        coarsest = next(model.scale_samples(8, seed=2))
+        return float((coarsest - layout).abs().mean())
+
+    from_noise = distance_to_the_layout()
+    model.config.layout_strength = 0.3
+    assert distance_to_the_layout() < 0.7 * from_noise
+    samples = model.sample(4, seed=2)
+    assert not torch.equal(samples[0], samples[1])
+    folder = model.save(tmp_path / "g")
+    assert torch.equal(load_generator(folder).sample(4, seed=2), samples)  # the layout is saved with the weights
+    assert load_generator(folder).sample(2, 2, {"size": [24, 48]}).shape == (2, 1, 24, 48)
+
+    weights = load_file(str(folder / "weights.safetensors"))  # as saved before the layouts were
+    del weights["layouts"]
+    save_file(weights, str(folder / "weights.safetensors"))
+    older = load_generator(folder)
+    with pytest.raises(ValueError, match="coarsest scale"):
+        older.sample(1, 0)
+    older.config.layout_strength = 1.0
+    assert older.sample(1, 0).shape == (1, 1, 32, 32)
+    with pytest.raises(ValueError, match="layout_per_source"):
+        FewDDM(FewDDMConfig(label="x", max_images=2, layout_strength=0.5, **TINY))
+    with pytest.raises(ValueError, match="layout_strength"):
+        MultiScaleDDMConfig(label="x", layout_strength=1.5)
+
+
+def test_fewddm_starts_each_samples_coarsest_scale_from_the_source_it_drew():
+    torch.manual_seed(0)
+    model = FewDDM(FewDDMConfig(label="x", images=("left", "right"), max_images=2, layout_per_source=True,
+                                layout_strength=0.1, **TINY))
+    left = torch.linspace(1, -1, 32)[None, None, None, :].expand(1, 1, 32, 32)
+    model.begin_training(torch.cat([left, left.flip(-1)]), total_steps=1)  # untrained: only the start shows
+    coarsest, drawn = next(model.scale_samples(16, seed=3)), model.layout_sources(16, seed=3)
+    nearest = torch.stack([(coarsest - layout).abs().mean(dim=(1, 2, 3)) for layout in model.layouts]).argmin(dim=0)
+    assert sorted(set(drawn.tolist())) == [0, 1] and torch.equal(nearest, drawn)
 
 
 def test_same_seed_same_samples_in_any_batch_and_after_save_load(tmp_path):

@@ -104,12 +104,11 @@ class MultiScaleScheduler:
         return gamma * blurred + (1 - gamma) * clean
 
     def start_timestep(self, scale: int, strength: float = 1.0) -> int:
-        """The step sampling at ``scale`` starts from: ``T_s − 1``, or at a finer scale ``strength`` of the way
-        up (as diffusers' image-to-image strength: less noise on the upsampled coarser sample keeps more of it)."""
+        """The step sampling at ``scale`` starts from: ``T_s − 1``, or ``strength`` of the way up (as diffusers'
+        image-to-image strength: less noise on the image sampling starts from keeps more of it)."""
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
-        steps = self.train_timesteps(scale)
-        return steps - 1 if scale == 0 else max(1, round(strength * steps)) - 1
+        return max(1, round(strength * self.train_timesteps(scale))) - 1
 
     def set_timesteps(self, scale: int = 0, strength: float = 1.0) -> None:
         """Prepares sampling at ``scale``: ``timesteps`` runs from its start step down to 0."""

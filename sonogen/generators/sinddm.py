@@ -28,6 +28,7 @@ from sonogen.generators.registry import register_family
 
 MAX_RETARGET = 2.0  # a requested size may reach twice the training size per side (bounds a request's memory)
 LAYOUT_STREAM = 2  # keeps a sample's source draw apart from its noise (image_generators' stream 1)
+LAYOUTS = "layouts"  # the weights file's key for the training images at the coarsest scale
 
 
 @dataclass
@@ -64,6 +65,11 @@ class MultiScaleDDMConfig:
     # layout there too, and on POCUS stills carves dark wedges into the coarsest scale's whole fans; 0.5 keeps
     # them, with smoother speckle (bench/RESULTS.md)
     refine_strength: float = 1.0
+    # sampling only: the coarsest scale starts this share of its steps up from its training image's own coarsest
+    # scale (saved with the weights) instead of from pure noise. At 1, the reference's, a briefly trained
+    # denoiser draws new layouts, on a POCUS still a quarter of them with the fan narrow, shifted or cut; lower
+    # keeps the source's fan where it is and varies what lies inside it (bench/RESULTS.md)
+    layout_strength: float = 1.0
     # FewDDM only. Unconditioned, the coarsest scale gives most samples one source's layout (bench/RESULTS.md);
     # told the source there (a learned vector per image), every sample draws one source's layout uniformly,
     # while the finer scales stay shared by all sources and mix their texture. The coarsest scale is then drawn
@@ -83,8 +89,9 @@ class MultiScaleDDMConfig:
             raise ValueError("scale_factor must be > 1, timesteps ≥ 2, channels even and ≥ 2")
         if self.blur_gap_factor <= 0:
             raise ValueError(f"blur_gap_factor must be positive, got {self.blur_gap_factor}")
-        if not 0 < self.refine_strength <= 1:
-            raise ValueError(f"refine_strength must be in (0, 1], got {self.refine_strength}")
+        for name in ("refine_strength", "layout_strength"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if self.image_shape and len(scale_sizes(*self.image_shape, self)) != len(self.blur_gaps) + 1:
             raise ValueError(f"blur_gaps {list(self.blur_gaps)} do not fit the pyramid of {self.image_shape}")
 
@@ -201,11 +208,15 @@ class SinDDM(Generator):
             raise ValueError("sinddm learns one image (max_images 1); train fewddm for several")
         if config.layout_per_source and config.max_images < 2:
             raise ValueError("layout_per_source needs several images (fewddm with max_images ≥ 2)")
+        if config.layout_strength < 1 and config.max_images > 1 and not config.layout_per_source:
+            raise ValueError("layout_strength < 1 starts each sample from one training image's layout: with several "
+                             "images it needs layout_per_source, which draws the image")
         self.denoiser = MultiScaleDenoiser(config.channels, sources=config.max_images if config.layout_per_source
                                            else 0)
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
         self._optimizers: dict[str, torch.optim.Optimizer] | None = None
         self._pyramids: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = []
+        self.layouts: torch.Tensor | None = None  # (images, 1, h, w): each training image at the coarsest scale
         self.total_steps: int | None = None
 
     def networks(self) -> dict[str, nn.Module]:
@@ -244,6 +255,7 @@ class SinDDM(Generator):
         # rounded so that a resumed run, measuring again, finds the config of its checkpoint
         self.config.image_shape, self.config.blur_gaps = sizes[-1], tuple(float(f"{g:.6g}") for g in gaps)
         self._pyramids = [[(c.to(self.device), b if b is None else b.to(self.device)) for c, b in p] for p in pyramids]
+        self.layouts = torch.stack([pyramid[0][0] for pyramid in pyramids])
         self.total_steps = total_steps
 
     def training_batches(self, images: torch.Tensor, batch_size: int, steps: int | None,
@@ -285,6 +297,14 @@ class SinDDM(Generator):
         self.step += 1
         self._update_ema()
         return {"loss": loss.item(), "lr": self.learning_rate()}
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        layouts = {} if self.layouts is None else {LAYOUTS: self.layouts.contiguous().cpu()}
+        return {**super()._weights(), **layouts}
+
+    def _load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        super()._load_weights(tensors)
+        self.layouts = tensors.get(LAYOUTS)  # absent from models saved before layout_strength
 
     def _told_source(self, scale: int) -> bool:
         return self.config.layout_per_source and scale == 0
@@ -360,7 +380,10 @@ class SinDDM(Generator):
         x = torch.stack([torch.randn(1, *sizes[0], generator=g) for g in generators]).to(self.device)
         blurred = None
         for scale, size in enumerate(sizes):
-            scheduler.set_timesteps(scale, self.config.refine_strength)
+            scheduler.set_timesteps(scale, self.config.layout_strength if scale == 0 else self.config.refine_strength)
+            if scale == 0 and self.config.layout_strength < 1:
+                start = torch.full((n,), int(scheduler.timesteps[0]))
+                x = scheduler.add_noise(self._source_layouts(sources, n, size), x, start)
             if scale > 0:
                 blurred = upsample(x, size)
                 start = torch.full((n,), int(scheduler.timesteps[0]))
@@ -371,6 +394,14 @@ class SinDDM(Generator):
                 predicted = self.ema(x, torch.full((n,), t, device=self.device), scale, told).float()
                 x = scheduler.step(predicted, t, x, blurred=blurred, generator=generators).prev_sample
             yield x
+
+    def _source_layouts(self, sources: torch.Tensor | None, n: int, size: tuple[int, int]) -> torch.Tensor:
+        """Each sample's training image at the coarsest scale, resized to ``size``."""
+        if self.layouts is None:
+            raise ValueError(f"this {self.family} was saved without its training images' coarsest scale: sample it "
+                             "with layout_strength 1, or train it again")
+        chosen = self.layouts[torch.zeros(n, dtype=torch.long) if sources is None else sources.cpu()]
+        return upsample(chosen, size).to(self.device)
 
     def generate(self, n: int, seed: int, condition: dict[str, Any]) -> torch.Tensor:
         *_, images = self.scale_samples(n, seed, condition)
