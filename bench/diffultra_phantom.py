@@ -3,7 +3,11 @@ generating distribution, where sampled lesions land, whether the output boxes co
 detection AP of real vs real + DiffUltra vs real + binary-condition boxes.
 
     python bench/diffultra_phantom.py --out DIR [--size 64 --patients 60 --ldm-steps 3000 --controlnet-steps 1500]
-                                      [--strength 0.8]
+                                      [--strength 0.8] [--data PREPARED --base LDM_GENERATOR] [--synthetic N]
+                                      [--conditions structure,binary]
+
+``--data`` and ``--base`` reuse a prepared phantom and a base ldm trained on it (``sonogen data phantom``,
+``prepare``, ``sonogen train ldm``) instead of generating and training them here.
 
 Everything goes through the library's product paths (phantom → prepare → bank → trainer → sample_with_boxes →
 detection gate); results are printed and written to ``DIR/results.json`` with sample grids.
@@ -72,7 +76,15 @@ def main() -> None:
     parser.add_argument("--detector-steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--strength", type=float, help="how far backgrounds are re-noised (default: the model's)")
+    parser.add_argument("--data", type=Path, help="a prepared phantom to use instead of generating one")
+    parser.add_argument("--base", type=Path, help="a base ldm generator trained on --data")
+    parser.add_argument("--conditions", default="structure,binary", help="the ControlNet conditions to compare")
+    parser.add_argument("--synthetic", type=int, help="synthetic images per condition (default: as many as the "
+                                                      "real training positives)")
     args = parser.parse_args()
+    for given in (args.data, args.base):
+        if given is not None and not given.is_dir():
+            parser.error(f"{given} is not a folder")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
@@ -83,7 +95,7 @@ def main() -> None:
                                          "max": float(np.max(e))} for size, e in errors.items()}
     print("pleura error", json.dumps(results["pleura_error_px"]))
 
-    data = out / "lus"
+    data = args.data or out / "lus"
     if not data.is_dir():
         generate(out / "raw", patients=args.patients, frames_per_patient=args.frames, seed=0,
                  consolidation_fraction=0.3)
@@ -93,8 +105,8 @@ def main() -> None:
     results["bank"]["skipped_images"] = len(bank.source["skipped"])
     print("bank", json.dumps(results["bank"]))
 
-    base = out / "ldm"
-    if not (base / "generator").is_dir():
+    base = args.base or out / "ldm" / "generator"
+    if not base.is_dir():
         started = time.perf_counter()
         torch.manual_seed(0)
         model = LatentDiffusion(LatentDiffusionConfig(
@@ -102,15 +114,15 @@ def main() -> None:
             embedding_dim=128, vae_steps=args.vae_steps, lr=2e-4))
         epochs = 10
         train(model, data, "normal", TrainConfig(epochs=epochs, steps_per_epoch=args.ldm_steps // epochs, batch_size=16,
-                                                  eval_samples=16, eval_every=epochs, precision="bf16"), base)
+                                                  eval_samples=16, eval_every=epochs, precision="bf16"), base.parent)
         results["ldm_minutes"] = (time.perf_counter() - started) / 60
     models = {}
-    for condition in ("structure", "binary"):
+    for condition in args.conditions.split(","):
         folder = out / f"diffultra-{condition}"
         if not (folder / "generator").is_dir():
             started = time.perf_counter()
             torch.manual_seed(0)
-            model = DiffUltra(DiffUltraConfig(base_model=str(base / "generator"), image_size=args.size,
+            model = DiffUltra(DiffUltraConfig(base_model=str(base), image_size=args.size,
                                               condition=condition, lr=1e-4))
             epochs = 5
             train(model, data, "consolidation", TrainConfig(
@@ -120,16 +132,16 @@ def main() -> None:
         models[condition] = load_generator(folder / "generator")
 
     real_train, real_test = boxed_images(data, "train"), boxed_images(data, "test")
-    positives = sum(1 for b in real_train[1] if b)
+    n_synthetic = sum(1 for b in real_train[1] if b) if args.synthetic is None else args.synthetic
     synthetic = {}
-    results["strength"] = models["structure"].config.strength if args.strength is None else args.strength
+    results["strength"] = next(iter(models.values())).config.strength if args.strength is None else args.strength
     for condition, model in models.items():
         started = time.perf_counter()
-        chunks = [model.sample_with_boxes(min(32, positives - s), seed=s, condition={"strength": results["strength"]})
-                  for s in range(0, positives, 32)]
+        chunks = [model.sample_with_boxes(min(32, n_synthetic - s), seed=s, condition={"strength": results["strength"]})
+                  for s in range(0, n_synthetic, 32)]
         images = torch.cat([c[0] for c in chunks])
         boxes = [b for c in chunks for b in c[1]]
-        results[f"sampling_{condition}_s_per_image"] = (time.perf_counter() - started) / positives
+        results[f"sampling_{condition}_s_per_image"] = (time.perf_counter() - started) / n_synthetic
         synthetic[condition] = (images, boxes)
         grid = to_uint8(images[:32])
         for k, [[x0, y0, x1, y1]] in enumerate(boxes[:32]):  # the output box, drawn on the grid copy
