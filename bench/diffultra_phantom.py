@@ -4,7 +4,7 @@ detection AP of real vs real + DiffUltra vs real + binary-condition boxes.
 
     python bench/diffultra_phantom.py --out DIR [--size 64 --patients 60 --ldm-steps 3000 --controlnet-steps 1500]
                                       [--strength 0.8] [--data PREPARED --base LDM_GENERATOR] [--synthetic N]
-                                      [--conditions structure,binary]
+                                      [--conditions structure,binary] [--real-positives N]
 
 ``--data`` and ``--base`` reuse a prepared phantom and a base ldm trained on it (``sonogen data phantom``,
 ``prepare``, ``sonogen train ldm``) instead of generating and training them here.
@@ -64,6 +64,15 @@ def coverage(detector, images: torch.Tensor, boxes: list) -> dict[str, float]:
             "mean_iou": float(np.mean([iou(f, g) if f is not None else 0.0 for f, g in zip(found, given)]))}
 
 
+def keep_positives(boxed: tuple[torch.Tensor, list], count: int) -> tuple[torch.Tensor, list]:
+    """The images without lesions and ``count`` of those with, drawn at random (seed 0)."""
+    images, boxes = boxed
+    positives = [k for k, b in enumerate(boxes) if b]
+    kept = set(np.random.default_rng(0).permutation(positives)[:count].tolist())
+    chosen = [k for k, b in enumerate(boxes) if not b or k in kept]
+    return images[chosen], [boxes[k] for k in chosen]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -79,6 +88,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="a prepared phantom to use instead of generating one")
     parser.add_argument("--base", type=Path, help="a base ldm generator trained on --data")
     parser.add_argument("--conditions", default="structure,binary", help="the ControlNet conditions to compare")
+    parser.add_argument("--real-positives", type=int, help="keep this many real training lesion images, drawn at "
+                                                           "random (default: all), as where lesions are scarce")
     parser.add_argument("--synthetic", type=int, help="synthetic images per condition (default: as many as the "
                                                       "real training positives)")
     args = parser.parse_args()
@@ -132,6 +143,9 @@ def main() -> None:
         models[condition] = load_generator(folder / "generator")
 
     real_train, real_test = boxed_images(data, "train"), boxed_images(data, "test")
+    if args.real_positives is not None:
+        real_train = keep_positives(real_train, args.real_positives)
+        results["real_positives"] = args.real_positives
     n_synthetic = sum(1 for b in real_train[1] if b) if args.synthetic is None else args.synthetic
     synthetic = {}
     results["strength"] = next(iter(models.values())).config.strength if args.strength is None else args.strength
