@@ -381,14 +381,13 @@ class SinDDM(Generator):
         blurred = None
         for scale, size in enumerate(sizes):
             scheduler.set_timesteps(scale, self.config.layout_strength if scale == 0 else self.config.refine_strength)
-            if scale == 0 and self.config.layout_strength < 1:
-                start = torch.full((n,), int(scheduler.timesteps[0]))
-                x = scheduler.add_noise(self._source_layouts(sources, n, size), x, start)
+            start = torch.full((n,), int(scheduler.timesteps[0]))
             if scale > 0:
                 blurred = upsample(x, size)
-                start = torch.full((n,), int(scheduler.timesteps[0]))
                 noise = torch.stack([torch.randn(1, *size, generator=g) for g in generators]).to(self.device)
                 x = scheduler.add_noise(blurred, noise, start)
+            elif self.config.layout_strength < 1:  # x holds the coarsest scale's noise
+                x = scheduler.add_noise(self._source_layouts(sources, n, size), x, start)
             told = sources.to(self.device) if self._told_source(scale) else None
             for t in scheduler.timesteps.tolist():
                 predicted = self.ema(x, torch.full((n,), t, device=self.device), scale, told).float()
