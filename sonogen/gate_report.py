@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # reports are written by headless jobs
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sonogen.model_card import detection_lines  # noqa: E402
+from sonogen.model_card import detection_lines, downstream_lines  # noqa: E402
 
 REPORT_JSON, REPORT_MD = "gate_report.json", "gate_report.md"
 CURVES, AUC_BARS, CLOSEST_PAIRS = "curves.png", "downstream_auc.png", "closest_pairs.png"
@@ -86,6 +86,8 @@ def markdown(report: dict) -> str:
         names = report.get("source_images") or [f"source {k}" for k in range(len(counts))]
         lines += ["", "Samples nearest each source image (by SSIM): "
                   + ", ".join(f"{name} {count}" for name, count in zip(names, counts))]
+    if "auc" in report.get("downstream", {}):
+        lines += ["", "## Downstream classifier", ""] + downstream_lines(report["downstream"])
     if report.get("detection"):
         lines += ["", "## Lesion detection", ""] + detection_lines(report["detection"])
     lines += ["", "Realism metrics compare the synthetic images with the real training images of the label; the last",

@@ -256,7 +256,6 @@ def label_metrics(
     if fraction < 1:
         keep = keep_positives(is_positive, fraction, sources, config.seed)
         train, is_positive = train[keep], is_positive[keep]
-        details["downstream_real_positive_fraction"] = fraction
     try:
         result = downstream_usefulness(
             train, is_positive, test, torch.tensor([name == label for name in test_labels]), test_patients,
@@ -270,5 +269,5 @@ def label_metrics(
         return metrics, reasons, details
     metrics.update(auc_real=result["auc"]["real"], auc_real_synthetic=result["auc"]["real+synthetic"],
                    auc_delta=result["auc_delta"], auc_delta_lower_ci=result["auc_delta_ci95"][0])
-    details["downstream"] = result
+    details["downstream"] = {**result, "real_positive_fraction": fraction}
     return metrics, reasons, details

@@ -34,6 +34,28 @@ def detection_lines(detection: dict) -> list[str]:
                         f"10% of training box areas), {seeds} detector seeds per row, 95% t-intervals."]
 
 
+def downstream_lines(downstream: dict) -> list[str]:
+    """The downstream experiment as Markdown: AUC per training set (mean and per seed), what each set held, and the
+    delta with its interval, so a failed lower bound reads as a loss or as too few test patients to tell."""
+    lines = ["| trained on | AUC | per seed |", "|---|---|---|"]
+    lines += [f"| {name} | {auc:.3f} | {', '.join(f'{a:.3f}' for a in downstream['auc_per_seed'][name])} |"
+              for name, auc in downstream["auc"].items()]
+    fraction = downstream.get("real_positive_fraction", 1.0)
+    cut = f" (the training split's cut to {fraction:.0%})" if fraction < 1 else ""
+    patients = downstream["test_patients_per_class"]
+    low, high = downstream["auc_delta_ci95"]
+    return lines + [
+        "",
+        f"Trained on {downstream['train_real_positives']} real positives{cut} and "
+        f"{downstream['train_real_negatives']} real negatives, with {downstream['synthetic_positives']} synthetic "
+        f"positives added or in their stead; {downstream['seeds']} seeds per row. AUC on "
+        f"{downstream['test_images']} real test images of {downstream['test_patients']} patients "
+        f"({patients['positive']} positive, {patients['negative']} negative).",
+        f"AUC delta real+synthetic − real: {downstream['auc_delta']:+.3f}, 95% interval [{low:+.3f}, {high:+.3f}] "
+        f"over {downstream['bootstrap_resamples']} stratified resamples of the test patients.",
+    ]
+
+
 def _licences(data: Path, labels: list[str]) -> list[str]:
     try:
         records = [r for r in read_manifest(data) if r.label in labels and r.split == "train"]
@@ -80,6 +102,8 @@ def build_model_card(name: str, version: str, info: dict, tags: dict[str, str], 
         for row in gate_report["gates"]:
             value = "n/a" if row["value"] is None else f"{row['value']:.4g}"
             lines.append(f"| {row['gate']} | {value} | {row.get('threshold', '')} | {'yes' if row['passed'] else 'no'} |")
+        if "auc" in gate_report.get("downstream", {}):
+            lines += ["", "### Downstream classifier", ""] + downstream_lines(gate_report["downstream"])
         if gate_report.get("detection"):
             lines += ["", "### Lesion detection", ""] + detection_lines(gate_report["detection"])
     lines += ["", "## Intended use", INTENDED_USE, "", "## Limitations", LIMITATIONS, ""]

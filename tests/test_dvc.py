@@ -59,11 +59,14 @@ def project(tmp_path) -> Path:
     return root
 
 
-def _version_tags(project, name, version) -> dict:
+def _model_version(project, name, version):
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    return dict(client.get_model_version(name, version).tags)
+    return mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version(name, version)
+
+
+def _version_tags(project, name, version) -> dict:
+    return dict(_model_version(project, name, version).tags)
 
 
 def test_dvc_repro_prepares_trains_evaluates_and_registers_what_passes(project):
@@ -81,6 +84,8 @@ def test_dvc_repro_prepares_trains_evaluates_and_registers_what_passes(project):
     assert [row["gate"] for row in report["gates"]] == ["max_near_copy_fraction"]
     tags = _version_tags(project, "lus-dcgan-normal", "1")
     assert tags["gate"] == "passed" and tags["gate.extractor"] == "lus-us-encoder@1"
+    card = _model_version(project, "lus-dcgan-normal", "1").description
+    assert "### Downstream classifier" in card and "| real+synthetic |" in card
     assert (project / "models" / "dcgan-normal" / "samples.png").exists()
     assert LesionBank.load(project / "banks" / "consolidation").lesions  # the lesion_bank stage
     assert "up to date" in dvc("status", cwd=project)

@@ -362,7 +362,13 @@ def test_train_command_registers_serves_and_gates_one_image_model(lus, tmp_path,
     metrics = report["metrics"]
     assert report["samples"]["synthetic"] == 6
     assert {"sifid", "sifid_ratio", "ssim_to_train", "scan_iou_to_train", "auc_delta"} <= set(metrics)
-    assert report["downstream"]["train_real_positives"] == max(1, round(0.25 * report["samples"]["real_train"]))
+    downstream = report["downstream"]
+    assert downstream["train_real_positives"] == max(1, round(0.25 * report["samples"]["real_train"]))
+    [written] = (tmp_path / "gates").rglob("gate_report.md")
+    patients = downstream["test_patients_per_class"]
+    assert (f"{downstream['train_real_positives']} real positives (the training split's cut to 25%)" in
+            written.read_text().partition("## Downstream classifier")[2])
+    assert f"({patients['positive']} positive, {patients['negative']} negative)" in written.read_text()
     assert [row["gate"] for row in report["gates"]] == ["max_ssim_to_train", "max_sifid", "max_sifid_ratio",
                                                            "min_scan_iou_to_train"]
 
