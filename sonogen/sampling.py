@@ -1,5 +1,5 @@
 """Torch-free sampling helpers shared by torch training and the ONNX Runtime server: seeded Gaussian latents,
-the [-1, 1] → uint8 image conversion and PNG encoding.
+the [-1, 1] → uint8 image conversion, PNG encoding, and the decoding of picture conditions in requests.
 
 Image ``i`` of a seed gets its own stream, ``SeedSequence([seed, i])``, so an image does not depend on how many
 were drawn with it or in which batch, and torch is not needed to reproduce it.
@@ -7,8 +7,11 @@ were drawn with it or in which batch, and torch is not needed to reproduce it.
 
 from __future__ import annotations
 
+import base64
+import io
 import struct
 import zlib
+from typing import Any
 
 import numpy as np
 
@@ -68,3 +71,22 @@ def png_bytes(image: np.ndarray) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale, deflate, no interlace
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1))
             + chunk(b"IEND", b""))
+
+
+def decode_png(value: Any, size: int, field: str) -> np.ndarray:
+    """A picture condition, a base64 PNG or an array, as a ``(size, size)`` array; errors name ``field``."""
+    if isinstance(value, str):
+        from PIL import Image
+
+        try:
+            image = Image.open(io.BytesIO(base64.b64decode(value, validate=True)))
+            wrong_size = image.size != (size, size)  # read from the header, before any pixels are decoded
+            value = None if wrong_size else np.asarray(image.convert("L"))
+        except Exception:  # noqa: BLE001  (every decoding failure is the caller's bad input)
+            raise ValueError(f"{field} must be a base64-encoded PNG") from None
+        if wrong_size:
+            raise ValueError(f"{field} is {image.size[0]}×{image.size[1]} px; this model samples {size}×{size}")
+    array = np.asarray(value).squeeze()
+    if array.shape != (size, size):
+        raise ValueError(f"{field} has shape {array.shape}; this model samples {size}×{size}")
+    return array

@@ -43,6 +43,18 @@ class MlflowTracker:
         mlflow.log_image(image, artifact_file=path)
 
 
+def local_folder(uri: str, what: str) -> Path:
+    """A local folder for a path or an object-store URI (``s3://...``, downloaded through MLflow's artifact
+    stores); ``what`` names it in the error."""
+    if "://" not in uri:
+        if not Path(uri).is_dir():
+            raise FileNotFoundError(f"{what} {uri} is not a folder")
+        return Path(uri)
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+
+
 def _find_upwards(start: Path, name: str) -> Path | None:
     for folder in [start, *start.parents]:
         if (folder / name).exists():

@@ -93,6 +93,8 @@ def test_invalid_diffultra_configs_are_clear_errors(base_ldm):
         DiffUltraConfig(base_model=str(base_ldm), size_bias="small")
     with pytest.raises(ValueError, match="controlnet"):
         DiffUltraConfig(base_model=str(base_ldm), mode="fine-tune")
+    with pytest.raises(FileNotFoundError, match="lesion bank /nonexistent/bank is not a folder"):
+        DiffUltra(DiffUltraConfig(base_model=str(base_ldm), image_size=32, bank="/nonexistent/bank"))
     with pytest.raises(ValueError, match="background_label"):
         DiffUltra(DiffUltraConfig(base_model=str(base_ldm), image_size=32,
                                   background_label="effusion")).training_labels(["consolidation", "normal"])

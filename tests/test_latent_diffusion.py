@@ -211,7 +211,7 @@ def test_invalid_configs_and_masks_are_clear_errors():
         LatentDiffusionConfig(label="x", mode="dreambooth")
     with pytest.raises(ValueError, match="multiple"):
         LatentDiffusionConfig(label="x", image_size=36)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="base model /nonexistent/sd is not a folder"):
         LatentDiffusion(LatentDiffusionConfig(label="x", mode="fine-tune", base_model="/nonexistent/sd"))
     mask = decode_mask(_mask_png(np.eye(8, dtype=np.uint8)), 8)
     assert torch.equal(mask, torch.eye(8))

@@ -22,8 +22,10 @@ from sonogen.data.lesion_bank import (
 )
 from sonogen.data.prepare import scan_region
 from sonogen.generators.base import image_generators, to_uint8
-from sonogen.generators.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, _local, decode_png
+from sonogen.generators.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from sonogen.generators.registry import register_family
+from sonogen.sampling import decode_png
+from sonogen.tracking import local_folder
 
 BANK = "bank"
 
@@ -68,7 +70,7 @@ class DiffUltra(LatentDiffusion):
         if folder is not None and (folder / BANK).is_dir():
             self.bank = LesionBank.load(folder / BANK)
         elif config.bank:
-            self.bank = LesionBank.load(_local(config.bank))
+            self.bank = LesionBank.load(local_folder(config.bank, "lesion bank"))
 
     # training ------------------------------------------------------------------------------------------------
 

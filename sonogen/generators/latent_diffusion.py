@@ -14,9 +14,7 @@ diffusers pipeline folder (``pipeline/``, plus ``lora/`` and ``controlnet/``).
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
 import json
 import shutil
 from dataclasses import dataclass
@@ -32,7 +30,8 @@ from torch import nn
 from sonogen.data.manifest import mask_from_boxes
 from sonogen.generators.base import CONFIG, Generator, batch_indices, image_generators
 from sonogen.generators.registry import register_family
-from sonogen.sampling import gaussian_latents
+from sonogen.sampling import decode_png, gaussian_latents
+from sonogen.tracking import local_folder
 
 MODES = ("from-scratch", "fine-tune", "controlnet")
 SCHEDULERS = ("ddim", "dpmpp", "dpmpp-sde", "ddpm")
@@ -104,17 +103,6 @@ def prompt_for(template: str, label: str) -> str:
     return template.format(label=label.replace("_", " "))
 
 
-def _local(uri: str) -> Path:
-    """A local folder for a path or an object-store URI (downloaded through MLflow's artifact stores)."""
-    if "://" not in uri:
-        if not Path(uri).is_dir():
-            raise FileNotFoundError(f"base model {uri} is not a folder")
-        return Path(uri)
-    import mlflow
-
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-
-
 def _scheduler(name: str, config) -> Any:
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
@@ -129,28 +117,9 @@ def _scheduler(name: str, config) -> Any:
     return {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}[name].from_config(settings)
 
 
-def decode_png(value: Any, size: int, field: str) -> np.ndarray:
-    """A picture condition, a base64 PNG or an array, as a ``(size, size)`` array; errors name ``field``."""
-    if isinstance(value, str):
-        from PIL import Image
-
-        try:
-            image = Image.open(io.BytesIO(base64.b64decode(value, validate=True)))
-            wrong_size = image.size != (size, size)  # read from the header, before any pixels are decoded
-            value = None if wrong_size else np.asarray(image.convert("L"))
-        except Exception:  # noqa: BLE001  (every decoding failure is the caller's bad input)
-            raise ValueError(f"{field} must be a base64-encoded PNG") from None
-        if wrong_size:
-            raise ValueError(f"{field} is {image.size[0]}×{image.size[1]} px; this model samples {size}×{size}")
-    array = np.asarray(value).squeeze()
-    if array.shape != (size, size):
-        raise ValueError(f"{field} has shape {array.shape}; this model samples {size}×{size}")
-    return array
-
-
 def decode_mask(value: Any, size: int) -> torch.Tensor:
     """A mask condition as ``(size, size)`` float {0, 1} (nonzero is inside)."""
-    return (torch.as_tensor(decode_png(value, size, "mask"), dtype=torch.float32) > 0).float()
+    return torch.from_numpy(decode_png(value, size, "mask") > 0).float()
 
 
 def _of_other_patients(patients: list[str]) -> list[int] | None:
@@ -182,7 +151,7 @@ class LatentDiffusion(Generator):
         elif config.mode == "from-scratch":
             self._build_from_scratch()
         else:
-            base = _local(config.base_model)
+            base = local_folder(config.base_model, "base model")
             if (base / CONFIG).is_file():  # a saved ldm generator: its own pipeline, LoRA merged
                 self._read_pipeline(base / "pipeline", base, merge_lora=True)
                 # its label embedding's rows are its labels, in its order
