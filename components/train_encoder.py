@@ -13,6 +13,6 @@ def train_encoder(prepared: Input[Dataset], encoder: Output[Model], params: str,
     from sonogen.evaluation import train_encoder as train
     from sonogen.jobs import evaluation_config
 
-    epochs = evaluation_config(yaml.safe_load(params) or {})[2]
-    info = train(prepared.path, encoder.path, dataset_name, epochs=epochs)
+    config, _, epochs = evaluation_config(yaml.safe_load(params) or {})
+    info = train(prepared.path, encoder.path, dataset_name, epochs=epochs, device=config.device)
     encoder.metadata.update({k: v for k, v in info.items() if k != "folder"})

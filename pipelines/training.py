@@ -32,9 +32,13 @@ def _cluster_environment(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
+def _on_gpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """One GPU: for training, and for the gates, which sample and train classifiers, detectors and segmenters."""
+    return task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+
+
 def _gpu_training(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
-    return _cluster_environment(task.set_cpu_request("4").set_memory_request("16G").set_retry(2))
+    return _cluster_environment(_on_gpu(task).set_cpu_request("4").set_memory_request("16G").set_retry(2))
 
 
 def _register_if_passed(trained: dsl.PipelineTask, gated: dsl.PipelineTask) -> None:
@@ -60,18 +64,18 @@ def training_pipeline(
     prepared = _cluster_environment(
         prepare_data(params=params, raw=raw, dvc_repo=dvc_repo, dvc_rev=dvc_rev)
     ).set_cpu_request("2").set_memory_request("8G")
-    encoder = _cluster_environment(
+    encoder = _cluster_environment(_on_gpu(
         train_encoder(prepared=prepared.outputs["prepared"], params=params, dataset_name=dataset_name)
-    ).set_cpu_request("4").set_memory_request("8G")
+    )).set_cpu_request("4").set_memory_request("8G")
     with dsl.ParallelFor(items=runs, name="family-label") as run:
         trained = _gpu_training(train_generator(
             prepared=prepared.outputs["prepared"], family=run.family, label=run.label, params=params,
             dataset_name=dataset_name,
         ))
-        gated = _cluster_environment(evaluate_gates(
+        gated = _cluster_environment(_on_gpu(evaluate_gates(
             prepared=prepared.outputs["prepared"], model=trained.outputs["model"], encoder=encoder.outputs["encoder"],
             params=params,
-        )).set_cpu_request("4").set_memory_request("8G")
+        ))).set_cpu_request("4").set_memory_request("8G")
         _register_if_passed(trained, gated)
     with dsl.If(diffultra_label != "", name="diffultra"):
         bank = _cluster_environment(build_lesion_bank(
@@ -85,10 +89,10 @@ def training_pipeline(
             prepared=prepared.outputs["prepared"], family="diffultra", label=diffultra_label, params=params,
             dataset_name=dataset_name, base=anatomy.outputs["model"], bank=bank.outputs["bank"],
         ))
-        gated = _cluster_environment(evaluate_gates(
+        gated = _cluster_environment(_on_gpu(evaluate_gates(
             prepared=prepared.outputs["prepared"], model=lesions.outputs["model"], encoder=encoder.outputs["encoder"],
             params=params,
-        )).set_cpu_request("4").set_memory_request("8G")
+        ))).set_cpu_request("4").set_memory_request("8G")
         _register_if_passed(lesions, gated)
 
 

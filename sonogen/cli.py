@@ -97,13 +97,15 @@ def train_encoder_command(
     data: Annotated[Path, typer.Option(help="Prepared dataset folder; its real training split is used.")],
     out: Annotated[Path, typer.Option(help="Output folder of the classifier.")],
     dataset: Annotated[str | None, typer.Option(help="Dataset name (default: data folder name).")] = None,
-    config: Annotated[Path | None, typer.Option(help="params.yaml (evaluate.encoder_epochs).")] = None,
+    config: Annotated[Path | None, typer.Option(help="params.yaml (evaluate.encoder_epochs, evaluate.device).")]
+    = None,
 ):
     """Train the us-encoder (reduced-VGG classifier on real images) and register it in MLflow."""
     from sonogen.evaluation import train_encoder
     from sonogen.jobs import evaluation_config, read_params
 
-    info = train_encoder(data, out, dataset or data.name, epochs=evaluation_config(read_params(config))[2])
+    evaluate_config, _, epochs = evaluation_config(read_params(config))
+    info = train_encoder(data, out, dataset or data.name, epochs=epochs, device=evaluate_config.device)
     accuracy = "n/a" if info["val_accuracy"] is None else f"{info['val_accuracy']:.3f}"
     console.print(f"registered [bold]{info['registered_model']}[/bold] version {info['version']} "
                   f"(validation accuracy {accuracy}); saved {out}")

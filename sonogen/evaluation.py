@@ -19,6 +19,7 @@ from sonogen.gate_report import REPORT_JSON, write_report
 from sonogen.gates import EvaluateConfig, Sampler, apply_gates, evaluate_images, label_metrics
 from sonogen.generators import Generator
 from sonogen.generators.sinddm import image_id
+from sonogen.generators.trainer import resolve_device
 from sonogen.metrics.classifier import ClassifierConfig, predict_proba, save_classifier, train_classifier
 from sonogen.metrics.features import Extractor
 from sonogen.metrics.memorisation import closest_pairs
@@ -42,15 +43,18 @@ def sampler(generator: Generator) -> Sampler:
     return sample
 
 
-def train_encoder(data: str | Path, out: str | Path, dataset: str, epochs: int = 25, seed: int = 0) -> dict:
-    """Trains the reduced-VGG classifier on the real training split (every label), reports its validation
-    accuracy, and registers it as ``<dataset>-us-encoder`` so its features carry a registry version."""
+def train_encoder(data: str | Path, out: str | Path, dataset: str, epochs: int = 25, seed: int = 0,
+                  device: str = "auto") -> dict:
+    """Trains the reduced-VGG classifier on the real training split (every label) on ``device`` (auto: cuda if
+    present), reports its validation accuracy, and registers it as ``<dataset>-us-encoder`` so its features carry
+    a registry version."""
     import mlflow
 
+    device = resolve_device(device)
     images, labels, _ = split_images(data, "train")
     classes = sorted(set(labels))
     config = ClassifierConfig(classes=classes, epochs=epochs, seed=seed)
-    model = train_classifier(images, torch.tensor([classes.index(x) for x in labels]), config)
+    model = train_classifier(images, torch.tensor([classes.index(x) for x in labels]), config, device)
     val_images, val_labels, _ = split_images(data, "val", classes)
     accuracy = float(np.mean([classes[int(k)] == truth for k, truth in
                               zip(predict_proba(model, val_images).argmax(1), val_labels)])) if val_labels else None
@@ -60,7 +64,7 @@ def train_encoder(data: str | Path, out: str | Path, dataset: str, epochs: int =
     client = mlflow.MlflowClient()
     with mlflow.start_run(run_name="us-encoder") as run:
         mlflow.log_params({**{f"classifier.{k}": v for k, v in asdict(config).items()},
-                           **dataset_identity(data, classes[0])})
+                           **dataset_identity(data, classes[0]), "device": str(device)})
         mlflow.set_tags({"dataset": dataset, "code_version": git_commit()})
         if accuracy is not None:
             mlflow.log_metric("val_accuracy", accuracy)
@@ -99,7 +103,9 @@ def evaluate_generator(
     negative: Generator | None = None,
     history: list[dict] | None = None,
 ) -> dict:
-    """Every metric of ``generator`` on its label of the prepared dataset ``data``, gated; report in ``out``."""
+    """Every metric of ``generator`` on its label of the prepared dataset ``data``, gated; report in ``out``.
+    The classifiers, detectors and segmenter it trains run on ``config.device``, as should ``generator``."""
+    device = resolve_device(config.device)
     label = generator.config.label
     train, _, _ = split_images(data, "train", [label])
     holdout, _, _ = split_images(data, "test", [label])
@@ -133,27 +139,27 @@ def evaluate_generator(
         sample, synthetic, label, load_split, extractor.classifier,
         (lambda n, seed: resized(sampler(negative)(n, seed), size)) if negative else None, config,
         generator.family, sources_mask,
-        config.few_image_samples if learned else None)
+        config.few_image_samples if learned else None, device)
     metrics.update(more)
     reasons.update(more_reasons)
     details.update(more_details)
     if generator.accepts_condition("mask"):
-        metrics.update(_mask_adherence(generator, data, config.seed))
-    detection = _detection_gain(generator, data, config) if generator.places_lesions else None
+        metrics.update(_mask_adherence(generator, data, config.seed, device))
+    detection = _detection_gain(generator, data, config, device) if generator.places_lesions else None
     if detection is not None:
         metrics.update({f"detection_{metric}_delta": detection[f"real+{generator.family}"][metric]["mean"]
                         - detection["real"][metric]["mean"] for metric in ("ap50", "ap", "ap50_large")})
     report = _report(subject, metrics, reasons, details, gates, extractor, config,
                      {"synthetic": len(synthetic), "real_train": len(train), "real_test": len(holdout)})
     report.update(family=generator.family, gate_set=generator.gate_set, label=label, data=str(data),
-                  data_manifest_sha256=file_sha256(Path(data) / MANIFEST))
+                  data_manifest_sha256=file_sha256(Path(data) / MANIFEST), device=str(device))
     if detection is not None:
         report["detection"] = detection
     write_report(report, out, history, closest_pairs(synthetic, train, details["memorisation_pixels"]))
     return report
 
 
-def _mask_adherence(generator: Generator, data: str | Path, seed: int) -> dict[str, float]:
+def _mask_adherence(generator: Generator, data: str | Path, seed: int, device: torch.device) -> dict[str, float]:
     from sonogen.metrics.segmentation import mask_adherence
 
     def pairs(split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +168,7 @@ def _mask_adherence(generator: Generator, data: str | Path, seed: int) -> dict[s
         return torch.stack([i["image"] for i in items]), torch.stack([i["mask"] for i in items])
 
     return mask_adherence(lambda mask, k: generator.sample(1, k, {"mask": mask.numpy()}), *pairs("train"),
-                          *pairs("test"), seed=seed)
+                          *pairs("test"), seed=seed, device=device)
 
 
 def boxed_images(data: str | Path, split: str) -> tuple[torch.Tensor, list]:
@@ -172,7 +178,7 @@ def boxed_images(data: str | Path, split: str) -> tuple[torch.Tensor, list]:
     return torch.stack([i["image"] for i in items]), [i["boxes"].tolist() for i in items]
 
 
-def _detection_gain(generator: Generator, data: str | Path, config: EvaluateConfig) -> dict:
+def _detection_gain(generator: Generator, data: str | Path, config: EvaluateConfig, device: torch.device) -> dict:
     """The DiffUltra claim on this dataset: AP on the real test boxes of detectors trained on the real training
     images (boxes on the lesion label, none on the others) against the same plus one synthetic image with its
     box per real lesion image."""
@@ -186,7 +192,7 @@ def _detection_gain(generator: Generator, data: str | Path, config: EvaluateConf
     synthetic = (torch.cat([images for images, _ in chunks]), [b for _, boxes in chunks for b in boxes])
     return detection_comparison(train, boxed_images(data, "test"), {generator.family: synthetic},
                                 DetectorConfig(steps=config.detection_steps, seed=config.seed),
-                                seeds=config.detection_seeds)
+                                seeds=config.detection_seeds, device=device)
 
 
 def read_image_folder(folder: str | Path) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from sonogen.generators.trainer import resolve_device
 from sonogen.metrics import kernel_mmd, one_nn_accuracy
 from sonogen.metrics.classifier import predict_proba
 from sonogen.metrics.downstream import DownstreamConfig, downstream_usefulness
@@ -58,6 +59,8 @@ class EvaluateConfig:
     # lesion-placing families: detectors trained on real boxes vs real + as many synthetic ones, one per seed
     detection_seeds: int = 3
     detection_steps: int = 600
+    # where generators sample and the downstream classifiers, detectors and segmenter train (auto: cuda if present)
+    device: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.downstream, dict):
@@ -66,6 +69,7 @@ class EvaluateConfig:
             raise ValueError("samples and few_image_samples must be ≥ 2 and near_copy_ratio in (0, 1)")
         if self.detection_seeds < 2 or self.detection_steps < 1:
             raise ValueError("detection_seeds must be ≥ 2 (for an interval) and detection_steps ≥ 1")
+        resolve_device(self.device)
 
 
 def check_gates(gates: dict[str, Any]) -> dict[str, Any]:
@@ -228,6 +232,7 @@ def label_metrics(
     family: str = "",
     sources: torch.Tensor | None = None,
     n_synthetic: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[dict[str, float], dict[str, str], dict]:
     """Confidence of the real-data classifier on ``synthetic`` and downstream usefulness of ``sample``.
 
@@ -261,7 +266,7 @@ def label_metrics(
             train, is_positive, test, torch.tensor([name == label for name in test_labels]), test_patients,
             sample(n_synthetic, config.seed + 1),
             negative_sample(int((~is_positive).sum()), config.seed + 2) if negative_sample else None,
-            config.downstream,
+            config.downstream, device,
         )
     except ValueError as err:
         reasons["auc_delta_lower_ci"] = reasons["auc_delta"] = str(err)

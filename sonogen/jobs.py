@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from sonogen.evaluation import (
@@ -14,7 +15,7 @@ from sonogen.evaluation import (
 )
 from sonogen.gates import EvaluateConfig, check_gates, gates_for, variant_of
 from sonogen.generators import config_from_dict, families, get_generator, load_generator
-from sonogen.generators.trainer import GENERATOR_DIR, TrainConfig, train
+from sonogen.generators.trainer import GENERATOR_DIR, TrainConfig, resolve_device, train
 from sonogen.metrics.features import get_extractor
 from sonogen.model_card import build_model_card
 from sonogen.registry import load_sampler, model_name, register_generator, resolve_version, write_model_card
@@ -220,14 +221,14 @@ def _check_run_is_tracked(folder: Path, info: dict) -> None:
                          f"was trained with") from None
 
 
-def _target(spec: str) -> dict:
+def _target(spec: str, device: torch.device) -> dict:
     """A trained folder (``models/dcgan-normal``) or a registry URI, as generator + where to record results."""
     folder = Path(spec)
     if (folder / RUN_INFO).is_file():
         info = json.loads((folder / RUN_INFO).read_text())
         _check_run_is_tracked(folder, info)
         history = folder / "history.json"
-        return {"generator": load_generator(folder / GENERATOR_DIR), "run_id": info["run_id"], "version": None,
+        return {"generator": load_generator(folder / GENERATOR_DIR, device), "run_id": info["run_id"], "version": None,
                 "name": trained_name(folder),
                 "history": json.loads(history.read_text()) if history.exists() else None}
     if not spec.startswith("models:/"):
@@ -236,7 +237,7 @@ def _target(spec: str) -> dict:
     import mlflow
 
     run_id = mlflow.MlflowClient().get_model_version(name, version).run_id
-    return {"generator": load_sampler(spec), "run_id": run_id, "version": (name, version),
+    return {"generator": load_sampler(spec, device), "run_id": run_id, "version": (name, version),
             "name": f"{name}-v{version}", "history": None}
 
 
@@ -247,12 +248,14 @@ def evaluate_targets(targets: list[str], data: str | Path, extractor_spec: str |
     to ``out/<family>-<label>/`` (``out/<model>-v<version>/`` for registry URIs) and to MLflow."""
     config, gates, encoder_epochs = evaluation_config(params)
     data = Path(data)
-    loaded = [_target(spec) for spec in targets]
+    device = resolve_device(config.device)
+    loaded = [_target(spec, device) for spec in targets]
     if extractor_spec in (None, "us-encoder"):
         dataset = dataset or data.name
         uri = find_encoder(data, dataset)
         if uri is None:
-            uri = train_encoder(data, Path("encoders") / f"{dataset}-us-encoder", dataset, encoder_epochs)["folder"]
+            uri = train_encoder(data, Path("encoders") / f"{dataset}-us-encoder", dataset, encoder_epochs,
+                                device=config.device)["folder"]
         extractor_spec = f"us-encoder:{uri}"
     extractor = get_extractor(extractor_spec)
     results = []

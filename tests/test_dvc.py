@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -81,6 +82,7 @@ def test_dvc_repro_prepares_trains_evaluates_and_registers_what_passes(project):
     assert [r["registered_model"] for r in registered] == ["lus-dcgan-consolidation", "lus-dcgan-normal"]
     report = json.loads((project / "reports" / "gates" / "dcgan-normal" / "gate_report.json").read_text())
     assert report["passed"] and report["extractor"] == "lus-us-encoder@1"
+    assert report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # params.yaml: device auto
     assert [row["gate"] for row in report["gates"]] == ["max_near_copy_fraction"]
     tags = _version_tags(project, "lus-dcgan-normal", "1")
     assert tags["gate"] == "passed" and tags["gate.extractor"] == "lus-us-encoder@1"

@@ -121,6 +121,15 @@ def test_gate_logic_is_strict_about_names_extractors_and_missing_values():
         get_extractor("vgg")
 
 
+def test_the_evaluation_device_is_checked_where_the_config_is_read():
+    assert EvaluateConfig().device == "auto"
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        evaluation_config({"evaluate": {"device": "gpu"}})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU on this machine"):
+            EvaluateConfig(device="cuda")
+
+
 def test_a_variant_gate_set_adds_to_its_family_and_a_misspelt_variant_is_an_error():
     gates = {"ldm": {"extractor": "us-encoder", "max_kmmd": 0.5, "min_confidence": 0.6},
              "ldm-controlnet": {"min_mask_dice_gain": 0.1, "min_confidence": 0.5}}

@@ -53,15 +53,16 @@ def test_compiled_pipeline_matches_the_golden_file(compiled):
         "`sonogen pipeline compile -o tests/golden/training_pipeline.yaml`")
 
 
-def test_training_requests_a_gpu_and_every_task_gets_cluster_credentials(compiled):
+def test_training_and_gates_request_a_gpu_and_every_task_gets_cluster_credentials(compiled):
     spec, platform = yaml.safe_load_all(compiled.read_text())
     executors = spec["deploymentSpec"]["executors"]
     gpu = {name: e["container"]["resources"].get("accelerator") for name, e in executors.items()
            if "accelerator" in e["container"].get("resources", {})}
     one_gpu = {"count": "1", "resourceCount": "1", "resourceType": "nvidia.com/gpu", "type": "nvidia.com/gpu"}
-    # the family × label loop, and DiffUltra's base ldm and its ControlNet
+    # the family × label loop, and DiffUltra's base ldm and its ControlNet; the encoder, and the gates of both
     assert gpu == {name: one_gpu for name in ("exec-train-generator", "exec-train-generator-2",
-                                              "exec-train-generator-3")}
+                                              "exec-train-generator-3", "exec-train-encoder",
+                                              "exec-evaluate-gates", "exec-evaluate-gates-2")}
     assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
     kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(kubernetes) == set(executors)

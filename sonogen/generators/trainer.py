@@ -61,9 +61,16 @@ def image_grid(images: torch.Tensor, columns: int = 8) -> np.ndarray:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` is cuda where torch sees a GPU, else cpu; a named device must exist on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name}: torch sees no CUDA GPU on this machine; use auto or cpu")
+    return device
 
 
 FEW_IMAGES = 8  # up to this many training images, samples are also compared with each image (SSIM)

@@ -62,8 +62,10 @@ class ReducedVGG(nn.Module):
         return self.head(self.dropout(self.embed(images)))
 
 
-def train_classifier(images: torch.Tensor, targets: torch.Tensor, config: ClassifierConfig) -> ReducedVGG:
-    """Fits on ``images`` ``(N, 1, H, W)`` in [-1, 1] with class indices ``targets``; deterministic per seed.
+def train_classifier(images: torch.Tensor, targets: torch.Tensor, config: ClassifierConfig,
+                     device: str | torch.device = "cpu") -> ReducedVGG:
+    """Fits on ``images`` ``(N, 1, H, W)`` in [-1, 1] with class indices ``targets``, batches moved to ``device``;
+    deterministic per seed on the CPU.
 
     The loss weighs classes by inverse frequency, because rare findings are the point of the platform and an
     unweighted classifier learns to ignore them. Horizontal flips are the only augmentation: a mirrored lung
@@ -73,19 +75,19 @@ def train_classifier(images: torch.Tensor, targets: torch.Tensor, config: Classi
         raise ValueError(f"need at least two images with one target each, got {len(images)} and {len(targets)}")
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # weight init and dropout
-    model = ReducedVGG(config)
+    model = ReducedVGG(config).to(device)
     counts = torch.bincount(targets, minlength=len(config.classes)).double()
-    weights = torch.where(counts > 0, counts.sum() / (len(config.classes) * counts.clamp(min=1)), 0).float()
+    weights = torch.where(counts > 0, counts.sum() / (len(config.classes) * counts.clamp(min=1)), 0).float().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     model.train()
     for _ in range(config.epochs):
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(images), config.batch_size):
             batch = order[start : start + config.batch_size]
-            x = images[batch]
-            flip = torch.rand(len(batch), generator=generator) < 0.5
+            x = images[batch].to(device)
+            flip = (torch.rand(len(batch), generator=generator) < 0.5).to(device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            loss = F.cross_entropy(model(x), targets[batch], weight=weights)
+            loss = F.cross_entropy(model(x), targets[batch].to(device), weight=weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -93,25 +95,27 @@ def train_classifier(images: torch.Tensor, targets: torch.Tensor, config: Classi
 
 
 @torch.no_grad()
-def _batched(fn, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    return torch.cat([fn(images[i : i + batch_size].float()) for i in range(0, len(images), batch_size)])
+def _batched(model: ReducedVGG, fn, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """``fn`` over ``images`` in batches on the model's device, results on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([fn(images[i : i + batch_size].to(device).float()).cpu()
+                      for i in range(0, len(images), batch_size)])
 
 
 def predict_proba(model: ReducedVGG, images: torch.Tensor) -> torch.Tensor:
     """Class probabilities ``(N, C)`` in the order of ``model.config.classes``."""
-    model.eval()
-    return _batched(lambda x: model(x).softmax(dim=1), images)
+    return _batched(model, lambda x: model(x).softmax(dim=1), images)
 
 
 def embed(model: ReducedVGG, images: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    return _batched(model.embed, images)
+    return _batched(model, model.embed, images)
 
 
 def save_classifier(model: ReducedVGG, folder: str | Path, extra: dict | None = None) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS))
     (folder / CONFIG).write_text(json.dumps({"config": asdict(model.config), **(extra or {})}, indent=2) + "\n")
     return folder
 

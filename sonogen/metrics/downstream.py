@@ -57,8 +57,10 @@ def downstream_usefulness(
     synthetic_positives: torch.Tensor,
     synthetic_negatives: torch.Tensor | None,
     config: DownstreamConfig,
+    device: str | torch.device = "cpu",
 ) -> dict:
-    """AUC per training condition and the delta of ``real+synthetic`` over ``real`` with its patient bootstrap."""
+    """AUC per training condition and the delta of ``real+synthetic`` over ``real`` with its patient bootstrap;
+    the classifiers train on ``device``."""
     train_positive, test_positive = train_positive.bool(), test_positive.bool().numpy()
     if test_positive.all() or not test_positive.any():
         raise ValueError("the real test split needs both positive and negative images for an AUC")
@@ -79,7 +81,7 @@ def downstream_usefulness(
         scores[name] = []
         for seed in range(config.seeds):
             model = train_classifier(images, targets, ClassifierConfig(
-                classes=["negative", "positive"], epochs=config.epochs, seed=seed))
+                classes=["negative", "positive"], epochs=config.epochs, seed=seed), device)
             scores[name].append(predict_proba(model, test_images)[:, 1].numpy())
 
     per_seed = {name: [_auc(test_positive, s) for s in runs] for name, runs in scores.items()}

@@ -41,20 +41,22 @@ def dice(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def train_segmenter(images: torch.Tensor, masks: torch.Tensor, epochs: int = 30, batch_size: int = 16,
-                    seed: int = 0) -> Segmenter:
-    """Trained on ``images`` in [-1, 1] and binary ``masks``; BCE plus soft Dice, so small lesions count."""
+                    seed: int = 0, device: str | torch.device = "cpu") -> Segmenter:
+    """Trained on ``images`` in [-1, 1] and binary ``masks``, on ``device``; BCE plus soft Dice, so small
+    lesions count."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = Segmenter()
+    model = Segmenter().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(images), batch_size):
             batch = order[start : start + batch_size]
-            logits = model(images[batch])
+            mask = masks[batch].to(device)
+            logits = model(images[batch].to(device))
             probability = torch.sigmoid(logits)
-            soft_dice = 2 * (probability * masks[batch]).sum() / (probability.sum() + masks[batch].sum() + 1)
-            loss = F.binary_cross_entropy_with_logits(logits, masks[batch]) + 1 - soft_dice
+            soft_dice = 2 * (probability * mask).sum() / (probability.sum() + mask.sum() + 1)
+            loss = F.binary_cross_entropy_with_logits(logits, mask) + 1 - soft_dice
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -63,18 +65,20 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, epochs: int = 30,
 
 @torch.no_grad()
 def segment(model: Segmenter, images: torch.Tensor) -> torch.Tensor:
-    return torch.cat([model(images[k : k + 64].float()) > 0 for k in range(0, len(images), 64)])
+    """Lesion masks ``(N, 1, H, W)`` on the CPU, computed on the model's device."""
+    device = next(model.parameters()).device
+    return torch.cat([model(images[k : k + 64].to(device).float()).cpu() > 0 for k in range(0, len(images), 64)])
 
 
 def mask_adherence(sample_with_mask, train_images: torch.Tensor, train_masks: torch.Tensor,
                    test_images: torch.Tensor, test_masks: torch.Tensor, epochs: int = 30,
-                   seed: int = 0) -> dict[str, float]:
+                   seed: int = 0, device: str | torch.device = "cpu") -> dict[str, float]:
     """``sample_with_mask(mask, seed)`` gives one image ``(1, 1, H, W)`` for a mask ``(H, W)``; every test mask
     with a lesion is asked for once.
 
     ``mask_dice_chance`` scores each sample against every other request's mask: lesions sit in similar places, so
     a sampler that ignores its masks still overlaps them; ``mask_dice_gain`` is what following the mask adds."""
-    segmenter = train_segmenter(train_images, train_masks, epochs, seed=seed)
+    segmenter = train_segmenter(train_images, train_masks, epochs, seed=seed, device=device)
     with_lesion = test_masks.flatten(1).sum(1) > 0
     if with_lesion.sum() < 2:
         raise ValueError("mask adherence needs at least 2 test images with a lesion mask (one to compare against)")
