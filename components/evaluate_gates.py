@@ -23,7 +23,7 @@ def evaluate_gates(
     from sonogen.jobs import evaluate_targets
 
     [result] = evaluate_targets([model.path], prepared.path, f"us-encoder:{encoder.path}",
-                                yaml.safe_load(params) or {}, report.path)
+                                yaml.safe_load(params) or {}, report.path, log=lambda line: print(line, flush=True))
     shutil.copy(f"{result['report']}/gate_report.md", summary.path)
     for key, value in result["metrics"].items():
         metrics.log_metric(key, value)

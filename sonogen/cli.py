@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sonogen import cli_data, cli_serving
-from sonogen.cli_common import console, progress as _progress, user_errors as _user_errors
+from sonogen.cli_common import console, log, progress as _progress, user_errors as _user_errors
 
 app = typer.Typer(
     help="sonogen: train, gate, register and serve ultrasound image generators.",
@@ -152,8 +152,7 @@ def evaluate_command(
                                   gates_for(gates, family) if family else {}, evaluate_config, out)
         results = [{"target": str(synthetic), "report": str(out), **report}]
     elif specs and data is not None:
-        results = evaluate_targets(specs, data, extractor, read_params(config), out, dataset,
-                                   progress=_progress("evaluating"))
+        results = evaluate_targets(specs, data, extractor, read_params(config), out, dataset, log=log)
     else:
         raise ValueError("give generators (--model or trained folders) with --data, or --real and --synthetic")
     for result in results:

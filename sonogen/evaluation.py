@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -102,10 +102,13 @@ def evaluate_generator(
     subject: str,
     negative: Generator | None = None,
     history: list[dict] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Every metric of ``generator`` on its label of the prepared dataset ``data``, gated; report in ``out``.
-    The classifiers, detectors and segmenter it trains run on ``config.device``, as should ``generator``."""
+    The classifiers, detectors and segmenter it trains run on ``config.device``, as should ``generator``; each
+    step is announced to ``log``."""
     device = resolve_device(config.device)
+    log = log or (lambda message: None)
     label = generator.config.label
     train, _, _ = split_images(data, "train", [label])
     holdout, _, _ = split_images(data, "test", [label])
@@ -120,13 +123,16 @@ def evaluate_generator(
         raise ValueError(f"{data} has no {label!r} training image {', '.join(missing)}, which this generator "
                          "learned from: evaluate it on the dataset version it was trained on")
     sample = sampler(generator)
-    synthetic = sample(config.few_image_samples if learned else min(config.samples, len(train)), config.seed)
+    count = config.few_image_samples if learned else min(config.samples, len(train))
+    log(f"sampling {count} images on {device}")
+    synthetic = sample(count, config.seed)
     # a generator may draw another size than the data's (SinDDM's finest scale is the image limited to ~50k px):
     # real images meet its samples at the samples' size, the size it learned them at
     size = tuple(synthetic.shape[-2:])
     train, holdout = resized(train, size), resized(holdout, size)
     # in the generator's order, the order of its `source` condition, so a count per source names the right one
     sources = train[torch.tensor([label_images.index(image) for image in learned])] if learned else None
+    log("realism, memorisation and diversity metrics")
     metrics, reasons, details = evaluate_images(synthetic, train, holdout, extractor, config, sources)
     if "samples_nearest_each_source" in details:
         details["source_images"] = [image_id(image) for image in learned]
@@ -139,12 +145,15 @@ def evaluate_generator(
         sample, synthetic, label, load_split, extractor.classifier,
         (lambda n, seed: resized(sampler(negative)(n, seed), size)) if negative else None, config,
         generator.family, sources_mask,
-        config.few_image_samples if learned else None, device)
+        config.few_image_samples if learned else None, device, log)
     metrics.update(more)
     reasons.update(more_reasons)
     details.update(more_details)
     if generator.accepts_condition("mask"):
+        log("mask adherence: a segmenter on the real masks, then one sample per real test mask")
         metrics.update(_mask_adherence(generator, data, config.seed, device))
+    if generator.places_lesions:
+        log(f"detection: samples with boxes, then {config.detection_seeds} detectors per training set")
     detection = _detection_gain(generator, data, config, device) if generator.places_lesions else None
     if detection is not None:
         metrics.update({f"detection_{metric}_delta": detection[f"real+{generator.family}"][metric]["mean"]

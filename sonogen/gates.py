@@ -233,13 +233,14 @@ def label_metrics(
     sources: torch.Tensor | None = None,
     n_synthetic: int | None = None,
     device: str | torch.device = "cpu",
+    log: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, float], dict[str, str], dict]:
     """Confidence of the real-data classifier on ``synthetic`` and downstream usefulness of ``sample``.
 
     ``split_images(split)`` gives a split's images, labels and patient ids. Where the downstream config cuts
     the real positives of ``family`` to a fraction (the few-image setting), the ``sources`` mask of training
     images the generator learned from stays in the kept part. ``n_synthetic`` synthetic positives are added
-    (default: ``synthetic_per_real`` per real positive before any cut)."""
+    (default: ``synthetic_per_real`` per real positive before any cut). Long steps are announced to ``log``."""
     metrics: dict[str, float] = {}
     reasons: dict[str, str] = {}
     details: dict[str, Any] = {}
@@ -261,12 +262,15 @@ def label_metrics(
     if fraction < 1:
         keep = keep_positives(is_positive, fraction, sources, config.seed)
         train, is_positive = train[keep], is_positive[keep]
+    if log:
+        log(f"sampling {n_synthetic} synthetic positives for the downstream classifiers"
+            + (f" and {int((~is_positive).sum())} negatives" if negative_sample else ""))
     try:
         result = downstream_usefulness(
             train, is_positive, test, torch.tensor([name == label for name in test_labels]), test_patients,
             sample(n_synthetic, config.seed + 1),
             negative_sample(int((~is_positive).sum()), config.seed + 2) if negative_sample else None,
-            config.downstream, device,
+            config.downstream, device, log,
         )
     except ValueError as err:
         reasons["auc_delta_lower_ci"] = reasons["auc_delta"] = str(err)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -242,10 +242,12 @@ def _target(spec: str, device: torch.device) -> dict:
 
 
 def evaluate_targets(targets: list[str], data: str | Path, extractor_spec: str | None, params: dict,
-                     out: str | Path, dataset: str | None = None, progress=None) -> list[dict]:
+                     out: str | Path, dataset: str | None = None,
+                     log: Callable[[str], None] | None = None) -> list[dict]:
     """Gates each target on ``data`` with the ``evaluate`` and ``gates`` sections of ``params``; generators of
     the same family and another label supply the synthetic negatives of the downstream experiment. Results go
-    to ``out/<family>-<label>/`` (``out/<model>-v<version>/`` for registry URIs) and to MLflow."""
+    to ``out/<family>-<label>/`` (``out/<model>-v<version>/`` for registry URIs) and to MLflow; each step is
+    announced to ``log``, named by its target."""
     config, gates, encoder_epochs = evaluation_config(params)
     data = Path(data)
     device = resolve_device(config.device)
@@ -254,18 +256,21 @@ def evaluate_targets(targets: list[str], data: str | Path, extractor_spec: str |
         dataset = dataset or data.name
         uri = find_encoder(data, dataset)
         if uri is None:
+            if log:
+                log(f"training the us-encoder on {data} ({encoder_epochs} epochs)")
             uri = train_encoder(data, Path("encoders") / f"{dataset}-us-encoder", dataset, encoder_epochs,
                                 device=config.device)["folder"]
         extractor_spec = f"us-encoder:{uri}"
     extractor = get_extractor(extractor_spec)
     results = []
-    for target in progress(loaded) if progress else loaded:
+    for target in loaded:
         generator = target["generator"]
         negative = next((t["generator"] for t in loaded if t["generator"].family == generator.family
                          and t["generator"].config.label != generator.config.label), None)
         report_dir = Path(out) / target["name"]
+        announce = (lambda message, name=target["name"]: log(f"{name}: {message}")) if log else None
         report = evaluate_generator(generator, data, extractor, gates_for(gates, generator.gate_set), config,
-                                    report_dir, target["name"], negative, target["history"])
+                                    report_dir, target["name"], negative, target["history"], announce)
         record_in_mlflow(report, report_dir, target["run_id"], target["version"])
         results.append({"target": target["name"], "report": str(report_dir), **report})
     return results

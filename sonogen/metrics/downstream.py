@@ -14,6 +14,7 @@ as in the "AUC with vs without synthetic data" comparisons of Yu et al. and Basa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -58,9 +59,10 @@ def downstream_usefulness(
     synthetic_negatives: torch.Tensor | None,
     config: DownstreamConfig,
     device: str | torch.device = "cpu",
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """AUC per training condition and the delta of ``real+synthetic`` over ``real`` with its patient bootstrap;
-    the classifiers train on ``device``."""
+    the classifiers train on ``device``, each announced to ``log`` (they are most of an evaluation's time)."""
     train_positive, test_positive = train_positive.bool(), test_positive.bool().numpy()
     if test_positive.all() or not test_positive.any():
         raise ValueError("the real test split needs both positive and negative images for an AUC")
@@ -75,11 +77,15 @@ def downstream_usefulness(
     if synthetic_negatives is not None:
         conditions["synthetic"] = (synthetic_positives, synthetic_negatives)
     scores: dict[str, list[np.ndarray]] = {}
-    for name, (positives, negatives) in conditions.items():
+    total = len(conditions) * config.seeds
+    for index, (name, (positives, negatives)) in enumerate(conditions.items()):
         images = torch.cat([negatives, positives])
         targets = torch.cat([torch.zeros(len(negatives)), torch.ones(len(positives))]).long()
         scores[name] = []
         for seed in range(config.seeds):
+            if log:
+                log(f"downstream classifier {index * config.seeds + seed + 1}/{total}: {name}, seed {seed}, "
+                    f"{len(images)} images of {images.shape[-1]} px, {config.epochs} epochs")
             model = train_classifier(images, targets, ClassifierConfig(
                 classes=["negative", "positive"], epochs=config.epochs, seed=seed), device)
             scores[name].append(predict_proba(model, test_images)[:, 1].numpy())
