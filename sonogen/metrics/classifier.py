@@ -75,7 +75,11 @@ def train_classifier(images: torch.Tensor, targets: torch.Tensor, config: Classi
         raise ValueError(f"need at least two images with one target each, got {len(images)} and {len(targets)}")
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # weight init and dropout
-    model = ReducedVGG(config).to(device)
+    device = torch.device(device)
+    # channels-last on the CPU: its pooling and normalisation run vectorised over channels, a third less time
+    # per step at 223 px (bench/classifier_speed.py); not measured on a GPU, so GPUs keep the default layout
+    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    model = ReducedVGG(config).to(device, memory_format=layout)
     counts = torch.bincount(targets, minlength=len(config.classes)).double()
     weights = torch.where(counts > 0, counts.sum() / (len(config.classes) * counts.clamp(min=1)), 0).float().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -86,7 +90,7 @@ def train_classifier(images: torch.Tensor, targets: torch.Tensor, config: Classi
             batch = order[start : start + config.batch_size]
             x = images[batch].to(device)
             flip = (torch.rand(len(batch), generator=generator) < 0.5).to(device)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x).contiguous(memory_format=layout)
             loss = F.cross_entropy(model(x), targets[batch].to(device), weight=weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
