@@ -95,7 +95,8 @@ def train_classifier(images: torch.Tensor, targets: torch.Tensor, config: Classi
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return model.eval()
+    # back to the default layout, so the model predicts exactly as it does once saved and loaded
+    return model.to(memory_format=torch.contiguous_format).eval()
 
 
 @torch.no_grad()
