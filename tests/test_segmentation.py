@@ -40,8 +40,11 @@ def test_a_sampler_that_follows_the_masks_scores_near_the_real_ceiling_and_one_t
     healthy = test_images[test_masks.flatten(1).sum(1) == 0][0]
     ignoring = mask_adherence(lambda mask, seed: healthy[None], train_images, train_masks, test_images, test_masks,
                               epochs=40)
-    assert honest["mask_dice_real"] > 0.5 and honest["mask_requests"] > 0
-    assert honest["mask_dice"] > 0.5 and ignoring["mask_dice"] < 0.2
+    assert honest["mask_dice_real"] > 0.4 and honest["mask_requests"] > 0
+    # answered with the real frames of its masks, a sampler reaches the segmenter's own ceiling; one healthy
+    # frame for every mask scores only the segmenter's false positives on it
+    assert honest["mask_dice"] == pytest.approx(honest["mask_dice_real"])
+    assert ignoring["mask_dice"] < honest["mask_dice"] - 0.15
     assert honest["mask_dice_gain"] > 0.1 and abs(ignoring["mask_dice_gain"]) < 1e-6
 
 

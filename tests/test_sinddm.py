@@ -200,7 +200,8 @@ def test_same_seed_same_samples_in_any_batch_and_after_save_load(tmp_path):
     model = SinDDM(MultiScaleDDMConfig(label="x", images=("a",), **TINY))
     model.begin_training(torch.rand(1, 1, 32, 32) * 2 - 1, total_steps=10)
     first = model.sample(3, seed=5)
-    assert first.shape == (3, 1, 32, 32) and torch.equal(first[:2], model.sample(2, seed=5))
+    # a smaller request draws the same noise; kernels may round differently at another batch size
+    assert first.shape == (3, 1, 32, 32) and torch.allclose(first[:2], model.sample(2, seed=5), atol=1e-5)
     assert not torch.equal(first, model.sample(3, seed=6)) and not torch.equal(first[0], first[1])
     loaded = load_generator(model.save(tmp_path / "g"))
     assert torch.equal(loaded.sample(3, seed=5), first) and loaded.config.blur_gaps == model.config.blur_gaps
