@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from sonogen.cli_common import console, progress, user_errors
+from sonogen.export import MAX_MMD_RATIO, PARITY_TOLERANCE
 
 export_app = typer.Typer(help="Export registered generators for serving.", no_args_is_help=True)
 
@@ -19,15 +20,23 @@ Token = Annotated[str | None, typer.Option(envvar="SONOGEN_SERVE_TOKEN", help="B
 @user_errors
 def export_onnx_command(
     model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION.")],
-    tolerance: Annotated[float, typer.Option(help="Largest ONNX Runtime vs torch difference accepted.")] = 1e-4,
+    precision: Annotated[str, typer.Option(help="fp32, or int8: quantised, for ONNX Runtime on CPUs.")] = "fp32",
+    tolerance: Annotated[float, typer.Option(help="fp32: largest ONNX Runtime vs torch difference accepted.")] = PARITY_TOLERANCE,
+    max_mmd_ratio: Annotated[float, typer.Option(
+        help="int8: largest kernel MMD of its samples to torch's, as a share of two torch draws' MMD.")] = MAX_MMD_RATIO,
 ):
     """Export a GAN generator to ONNX, check it against torch, and log it to the same model version."""
     from sonogen.export import export_registered
 
-    result = export_registered(model, tolerance)
-    console.print(f"{result['model_name']} v{result['version']}: ONNX opset {result['opset']}, "
-                  f"{result['bytes'] / 1e6:.1f} MB, max |ONNX − torch| = {result['max_abs_diff']:.2g} "
-                  f"(≤ {tolerance:g}); logged as {result['artifact']}")
+    result = export_registered(model, tolerance, precision, max_mmd_ratio)
+    if precision == "int8":
+        agreement = (f"samples' kernel MMD to torch's {result['mmd_ratio']:.2g} of two torch draws' "
+                     f"(≤ {max_mmd_ratio:g}), max pixel difference {result['max_grey_diff']} grey levels "
+                     f"(mean {result['mean_grey_diff']:.2f})")
+    else:
+        agreement = f"max |ONNX − torch| = {result['max_abs_diff']:.2g} (≤ {tolerance:g})"
+    console.print(f"{result['model_name']} v{result['version']}: ONNX {precision}, opset {result['opset']}, "
+                  f"{result['bytes'] / 1e6:.1f} MB, {agreement}; logged as {result['artifact']}")
 
 
 @user_errors

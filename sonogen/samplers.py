@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from sonogen.export import ONNX_TAG
+from sonogen.export import ONNX_TAG, PRECISION_TAG
 from sonogen.sampling import gaussian_latents, to_uint8
 
 
@@ -40,7 +40,7 @@ class Backend:
         return self.draw(n, seed, condition)[0]
 
 
-def _onnx_backend(path: str, version: str, family: str, label: str) -> Backend:
+def _onnx_backend(path: str, version: str, family: str, label: str, precision: str) -> Backend:
     import onnxruntime
 
     available = onnxruntime.get_available_providers()
@@ -51,7 +51,8 @@ def _onnx_backend(path: str, version: str, family: str, label: str) -> Backend:
     def run(batch: np.ndarray) -> np.ndarray:
         return to_uint8(session.run(["images"], {"latents": batch})[0])
 
-    return Backend(version, family, label, (label,), frozenset({"label"}), f"onnxruntime:{session.get_providers()[0]}",
+    runtime = f"onnxruntime:{session.get_providers()[0]}{'' if precision == 'fp32' else ':' + precision}"
+    return Backend(version, family, label, (label,), frozenset({"label"}), runtime,
                    latent_dim=int(latents.shape[1]), run=run)
 
 
@@ -88,7 +89,9 @@ def load_backend(model_uri: str) -> Backend | None:
     except NotRegistered:
         return None
     if ONNX_TAG in tags:
-        return _onnx_backend(mlflow.artifacts.download_artifacts(tags[ONNX_TAG]), version, tags["family"], tags["label"])
+        # versions exported before int8 existed carry no precision tag
+        return _onnx_backend(mlflow.artifacts.download_artifacts(tags[ONNX_TAG]), version, tags["family"], tags["label"],
+                             tags.get(PRECISION_TAG, "fp32"))
     try:
         from sonogen.generators.trainer import resolve_device
     except ImportError:  # the serving image: ONNX only, no torch

@@ -49,6 +49,18 @@ def test_paper_architecture_at_256px():
     assert weights.std().item() == pytest.approx(0.02, rel=0.05)
 
 
+def test_the_convolutional_form_draws_the_images_of_the_transposed_convolutions():
+    model = tiny(64)
+    for norm in (m for m in model.generator.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.running_mean.normal_(0, 0.5), norm.running_var.uniform_(0.5, 2), norm.bias.data.normal_(0, 0.5)
+    network, latents = model.int8_sampling_network()
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in network.modules())
+    latents = model.latents(4, seed=1)
+    with torch.no_grad():
+        expected = model.generator.eval()(latents)
+        assert expected.std() > 0.01 and torch.allclose(network(latents), expected, atol=1e-6)
+
+
 def test_one_training_step_changes_both_networks():
     model = tiny()
     before = {k: v.clone() for k, v in model._weights().items()}

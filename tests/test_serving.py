@@ -332,6 +332,32 @@ def test_export_command_reports_parity(registry):
     assert "max |ONNX − torch|" in result.output and f"runs:/" in result.output
 
 
+def test_int8_export_is_gated_on_its_samples_batch_invariant_and_replaced_by_fp32(registry, monkeypatch):
+    from sonogen.samplers import load_backend
+
+    monkeypatch.chdir(registry["root"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    version = register_trained(registry["root"] / "trained")["version"]
+    uri = f"models:/{NAME}/{version}"
+    export = CliRunner().invoke(app, ["export", "onnx", uri, "--precision", "int8", "--max-mmd-ratio", "0"])
+    assert export.exit_code == 1 and "not logged" in export.output
+    assert CliRunner().invoke(app, ["export", "onnx", uri, "--precision", "fp16"]).exit_code == 1
+    export = CliRunner().invoke(app, ["export", "onnx", uri, "--precision", "int8"])
+    assert export.exit_code == 0 and "ONNX int8" in export.output, export.output
+    tags = mlflow.MlflowClient().get_model_version(NAME, version).tags
+    assert tags["onnx_precision"] == "int8" and float(tags["onnx_mmd_ratio"]) <= 0.1
+    backend = load_backend(uri)
+    assert backend.runtime == "onnxruntime:CPUExecutionProvider:int8"
+    images = backend.images(5, 7)
+    # activation ranges are fixed at export, so an image does not depend on the batch it is drawn in
+    assert np.array_equal(images[:2], backend.images(2, 7))
+    assert np.abs(images.astype(int) - to_uint8(load_sampler(uri).sample(5, 7))).mean() < 2
+    assert CliRunner().invoke(app, ["export", "onnx", uri]).exit_code == 0
+    tags = mlflow.MlflowClient().get_model_version(NAME, version).tags
+    assert tags["onnx_precision"] == "fp32" and "onnx_mmd_ratio" not in tags
+    assert load_backend(uri).runtime == "onnxruntime:CPUExecutionProvider"
+
+
 def test_the_serving_image_path_samples_an_exported_generator_without_torch(registry, server):
     """The serve image has no torch: resolving the champion's ONNX export and sampling must not need it."""
     script = (

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from sonogen.cli import app
 from sonogen.evaluation import evaluate_generator
+from sonogen.export import export_to_onnx
 from sonogen.gates import EvaluateConfig
 from sonogen.generators import load_generator
 from sonogen.generators.base import config_from_dict
@@ -193,6 +194,13 @@ def test_fewddm_starts_each_samples_coarsest_scale_from_the_source_it_drew():
     coarsest, drawn = next(model.scale_samples(16, seed=3)), model.layout_sources(16, seed=3)
     nearest = torch.stack([(coarsest - layout).abs().mean(dim=(1, 2, 3)) for layout in model.layouts]).argmin(dim=0)
     assert sorted(set(drawn.tolist())) == [0, 1] and torch.equal(nearest, drawn)
+
+
+def test_a_sampling_loop_is_not_exported_to_onnx(tmp_path):
+    model = SinDDM(MultiScaleDDMConfig(label="x", images=("a",), **TINY))
+    for precision in ("fp32", "int8"):
+        with pytest.raises(ValueError, match="no .*sampling network to export; serve it on torch"):
+            export_to_onnx(model, tmp_path / "sinddm.onnx", precision)
 
 
 def test_same_seed_same_samples_in_any_batch_and_after_save_load(tmp_path):

@@ -147,6 +147,11 @@ class Generator(ABC):
         whose sampling is more than one network call (a diffusion loop) raises ``NotImplementedError``."""
         raise NotImplementedError(f"the {self.family} family has no single sampling network to export")
 
+    def int8_sampling_network(self) -> tuple[nn.Module, torch.Tensor]:
+        """``sampling_network`` in a form whose every layer ONNX Runtime quantises to int8; families without one
+        raise ``NotImplementedError``."""
+        raise NotImplementedError(f"the {self.family} family has no int8 sampling network to export")
+
     def to(self, device: torch.device | str) -> Generator:
         self.device = torch.device(device)
         for module in self.networks().values():

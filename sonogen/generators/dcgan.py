@@ -86,6 +86,57 @@ class DCGANGenerator(nn.Module):
         return self.net(z[:, :, None, None])
 
 
+# A transposed convolution (kernel 4, stride 2, padding 1) writes output row 2i + phase from input rows i - 1, i
+# (phase 0: kernel rows 3, 1) or i, i + 1 (phase 1: kernel rows 2, 0): (phase, row of a 3-row window) → kernel row
+_PHASE_TAPS = {(0, 0): 3, (0, 1): 1, (1, 1): 2, (1, 2): 0}
+
+
+def _fold_batch_norm(weight: torch.Tensor, norm: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A transposed convolution's weight ``(in, out, k, k)`` and bias with the BatchNorm after it folded in."""
+    if norm is None:
+        return weight, weight.new_zeros(weight.shape[1])
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    return weight * scale[None, :, None, None], norm.bias - norm.running_mean * scale
+
+
+class ConvolutionalDCGANGenerator(nn.Module):
+    """The function of a ``DCGANGenerator`` in eval mode, built from a linear layer and stride-1 3×3 convolutions
+    whose four output phases a pixel shuffle interleaves, with the BatchNorms folded in.
+
+    ONNX Runtime quantises convolutions to int8 but leaves transposed convolutions in float between its
+    (de)quantise nodes; this form runs every layer in int8, at 2.25× the multiply-adds (each phase reads 4 of
+    the window's 9 taps).
+    """
+
+    def __init__(self, generator: DCGANGenerator):
+        super().__init__()
+        layers = list(generator.net)
+        transposed = [i for i, layer in enumerate(layers) if isinstance(layer, nn.ConvTranspose2d)]
+        with torch.no_grad():
+            weight, bias = _fold_batch_norm(layers[0].weight, layers[1])
+            self.seed_channels = weight.shape[1]
+            self.seed = nn.Linear(weight.shape[0], weight[0].numel())
+            self.seed.weight.copy_(weight.flatten(1).T)
+            self.seed.bias.copy_(bias.repeat_interleave(weight[0, 0].numel()))
+            blocks: list[nn.Module] = []
+            for index in transposed[1:]:
+                norm = layers[index + 1] if isinstance(layers[index + 1], nn.BatchNorm2d) else None
+                weight, bias = _fold_batch_norm(layers[index].weight, norm)
+                c_in, c_out = weight.shape[:2]
+                kernel = weight.new_zeros(c_out, 2, 2, c_in, 3, 3)
+                for (row_phase, row), kernel_row in _PHASE_TAPS.items():
+                    for (col_phase, col), kernel_col in _PHASE_TAPS.items():
+                        kernel[:, row_phase, col_phase, :, row, col] = weight[:, :, kernel_row, kernel_col].T
+                conv = nn.Conv2d(c_in, 4 * c_out, 3, padding=1)
+                conv.weight.copy_(kernel.flatten(0, 2))
+                conv.bias.copy_(bias.repeat_interleave(4))
+                blocks += [conv, nn.PixelShuffle(2), nn.ReLU() if norm is not None else nn.Tanh()]
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.blocks(torch.relu(self.seed(z)).unflatten(1, (self.seed_channels, 4, 4)))
+
+
 class DCGANDiscriminator(nn.Module):
     def __init__(self, config: DCGANConfig):
         super().__init__()
@@ -136,6 +187,9 @@ class DCGAN(Generator):
 
     def sampling_network(self) -> tuple[nn.Module, torch.Tensor]:
         return self.generator, self.latents(2, 0)
+
+    def int8_sampling_network(self) -> tuple[nn.Module, torch.Tensor]:
+        return ConvolutionalDCGANGenerator(self.generator), self.latents(2, 0)
 
     def train_step(self, images: torch.Tensor) -> dict[str, float]:
         optimizers = self.optimizers()
