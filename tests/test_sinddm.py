@@ -382,6 +382,33 @@ def test_train_command_registers_serves_and_gates_one_image_model(lus, tmp_path,
                                                            "min_scan_iou_to_train"]
 
 
+def test_train_command_learns_fewddm_from_max_images_of_the_label(lus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"train": {"fewddm": {
+        "model": {**TINY, "max_images": 3, "layout_per_source": True},  # --max-images overrides the 3
+        "train": {"epochs": 1, "steps_per_epoch": 6, "batch_size": 4, "eval_samples": 2}}}}))
+    runner = CliRunner()
+    args = ["train", "fewddm", "--data", str(lus), "--label", "normal", "--config", "tiny.yaml", "--dataset", "lus"]
+    result = runner.invoke(app, args + ["--max-images", "2"])
+    assert result.exit_code == 0, result.output
+    from sonogen.data import UltrasoundDataset
+    from sonogen.registry import model_version
+
+    patients = {r.image: r.patient_id for r in UltrasoundDataset(lus, split="train", labels=["normal"]).records}
+    model = load_generator(tmp_path / "models" / "fewddm-normal" / "generator")
+    images = model.config.images
+    assert model.config.max_images == 2 and len(set(images)) == 2 and set(images) <= set(patients)
+    assert len({patients[image] for image in images}) == min(2, len(set(patients.values())))
+    assert model.layouts.shape[0] == 2 and model_version("lus-fewddm-normal", "1").tags["training_images"] == \
+        ",".join(images)
+    assert model.sample(1, 0, {"source": 1}).shape[0] == 1
+    with pytest.raises(ValueError, match="source"):  # the source vector has the K images' entries only
+        model.sample(1, 0, {"source": 2})
+    named = runner.invoke(app, args + ["--max-images", "1", "--image", images[0], "--image", images[1]])
+    assert named.exit_code == 1 and "max_images" in named.output
+
+
 def test_an_interrupted_run_resumes_to_the_same_weights(lus, tmp_path):
     config = TrainConfig(epochs=2, batch_size=4, steps_per_epoch=5, eval_samples=2, eval_every=2)
 
