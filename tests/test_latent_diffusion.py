@@ -4,6 +4,8 @@ model and a BPE tokenizer written here) for fine-tuning and ControlNet, and a fr
 import base64
 import io
 import json
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sonogen.data import UltrasoundDataset
-from sonogen.data.manifest import boxes_from_mask
+from sonogen.data.manifest import boxes_from_mask, read_manifest, write_manifest
 from sonogen.generators import load_generator
 from sonogen.generators.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, decode_mask
 from sonogen.generators.trainer import TrainConfig, held_out_images, train
@@ -59,6 +61,15 @@ def tiny_sd(tmp_path_factory):
                             unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def unmasked(lus, tmp_path_factory):
+    """The phantom without its masks, as a dataset annotated with boxes alone comes."""
+    root = tmp_path_factory.mktemp("unmasked") / "lus"
+    shutil.copytree(lus, root, ignore=shutil.ignore_patterns("masks"))
+    write_manifest(root, [replace(record, mask="") for record in read_manifest(root)])
+    return root
 
 
 def _mask_png(mask: np.ndarray) -> str:
@@ -172,6 +183,15 @@ def test_controlnet_on_masks_trains_only_the_controlnet_and_samples_with_and_wit
         if len(found := boxes_from_mask(m)) == 1:
             x0, y0, x1, y1 = found[0]
             assert m.sum() == (x1 - x0) * (y1 - y0)
+
+
+def test_a_controlnet_on_masks_refuses_training_images_without_any(unmasked, tiny_sd, tmp_path):
+    model = LatentDiffusion(LatentDiffusionConfig(label="consolidation", mode="controlnet", base_model=str(tiny_sd),
+                                                  image_size=32))
+    with pytest.raises(ValueError, match="control 'mask': the 12 training images have no lesion masks, .*; "
+                                         "they have lesion boxes: train with --control boxes"):
+        train(model, unmasked, "consolidation", TWO_STEPS, tmp_path / "run")
+    assert not (tmp_path / "run" / "generator").exists()
 
 
 def test_the_held_out_mask_gain_is_zero_for_a_controlnet_that_ignores_its_mask_and_signed_by_where_it_is_right(

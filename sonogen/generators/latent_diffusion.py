@@ -130,6 +130,17 @@ def _of_other_patients(patients: list[str]) -> list[int] | None:
     return None if None in partners else partners
 
 
+def _blank_control(control: str, items: Sequence[dict]) -> str:
+    """Why a ControlNet on ``control`` has nothing to learn from these training items, and the other source when
+    they have it."""
+    sources = {"mask": ("lesion masks", any(item["mask"].any() for item in items)),
+               "boxes": ("lesion boxes", any(len(item["boxes"]) for item in items))}
+    other = next(source for source in sources if source != control)
+    hint = f"; they have {sources[other][0]}: train with --control {other}" if sources[other][1] else ""
+    return (f"control {control!r}: the {len(items)} training images have no {sources[control][0]}, so every "
+            f"condition would be blank{hint}")
+
+
 @register_family
 class LatentDiffusion(Generator):
     family = "ldm"
@@ -306,6 +317,8 @@ class LatentDiffusion(Generator):
             raise ValueError(f"vae_steps {c.vae_steps} leaves none of the {total_steps} steps to the latent UNet")
         self._labels = torch.tensor([c.labels.index(item["label"]) + 1 for item in items])
         self._maps = self._control_maps(images, items).to(self.device) if c.mode == "controlnet" else None
+        if self.accepts_condition("mask") and not self._maps.any():  # diffultra renders its own conditions
+            raise ValueError(_blank_control(c.control, items))
         self._scale_images = images[:64]
         if c.gradient_checkpointing:
             for module in self._trained_modules():
