@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from sonogen.data import UltrasoundDataset
-from sonogen.data.manifest import MANIFEST, file_sha256, load_grey
+from sonogen.data.manifest import MANIFEST, file_sha256, load_grey, mask_from_boxes
 from sonogen.gate_report import REPORT_JSON, write_report
 from sonogen.gates import EvaluateConfig, Sampler, apply_gates, evaluate_images, label_metrics
 from sonogen.generators import Generator
@@ -27,6 +27,7 @@ from sonogen.metrics.similarity import resized
 from sonogen.tracking import configure_mlflow, dataset_identity, git_commit
 
 SAMPLE_BATCH = 64  # bounds the memory one sampling call takes, whatever `samples` is
+MASK_METRICS = ("mask_dice", "mask_dice_chance", "mask_dice_gain", "mask_dice_real", "mask_requests")
 
 
 def split_images(data: str | Path, split: str, labels: list[str] | None = None):
@@ -150,8 +151,10 @@ def evaluate_generator(
     reasons.update(more_reasons)
     details.update(more_details)
     if generator.accepts_condition("mask"):
-        log("mask adherence: a segmenter on the real masks, then one sample per real test mask")
-        metrics.update(_mask_adherence(generator, data, config.seed, device))
+        log("mask adherence: a segmenter on the real masks, then one sample per real test lesion")
+        more, more_reasons = _mask_adherence(generator, data, config.seed, device)
+        metrics.update(more)
+        reasons.update(more_reasons)
     if generator.places_lesions:
         log(f"detection: samples with boxes, then {config.detection_seeds} detectors per training set")
     detection = _detection_gain(generator, data, config, device) if generator.places_lesions else None
@@ -168,16 +171,31 @@ def evaluate_generator(
     return report
 
 
-def _mask_adherence(generator: Generator, data: str | Path, seed: int, device: torch.device) -> dict[str, float]:
+def _mask_adherence(generator: Generator, data: str | Path, seed: int,
+                    device: torch.device) -> tuple[dict[str, float], dict[str, str]]:
+    """Mask adherence on the test images with a lesion mask, or why it was not measured. A ControlNet on boxes is
+    asked for each lesion's boxes filled, the condition it learned from, and read against the lesion's mask."""
     from sonogen.metrics.segmentation import mask_adherence
 
-    def pairs(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def items(split: str) -> list[dict]:
         dataset = UltrasoundDataset(data, split=split, with_mask=True)
-        items = [dataset[k] for k in range(len(dataset))]
+        return [dataset[k] for k in range(len(dataset))]
+
+    def pairs(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack([i["image"] for i in items]), torch.stack([i["mask"] for i in items])
 
-    return mask_adherence(lambda mask, k: generator.sample(1, k, {"mask": mask.numpy()}), *pairs("train"),
-                          *pairs("test"), seed=seed, device=device)
+    on_boxes = getattr(generator.config, "control", "mask") == "boxes"
+    train = items("train")
+    test = [i for i in items("test") if i["mask"].any() and (len(i["boxes"]) or not on_boxes)]
+    if len(test) < 2:
+        what = "a lesion mask and boxes" if on_boxes else "a lesion mask"
+        return {}, dict.fromkeys(MASK_METRICS, f"the test split has {len(test)} image(s) with {what}; 2 are needed")
+    if not train:
+        return {}, dict.fromkeys(MASK_METRICS, "the training split has no masks to train the segmenter on")
+    requests = torch.stack([torch.from_numpy(mask_from_boxes(i["boxes"].int().tolist(), *i["mask"].shape[-2:]))
+                            .float()[None] for i in test]) if on_boxes else None
+    return mask_adherence(lambda mask, k: generator.sample(1, k, {"mask": mask.numpy()}), *pairs(train),
+                          *pairs(test), seed=seed, device=device, requests=requests), {}
 
 
 def boxed_images(data: str | Path, split: str) -> tuple[torch.Tensor, list]:

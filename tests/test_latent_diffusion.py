@@ -14,10 +14,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sonogen.data import UltrasoundDataset
-from sonogen.data.manifest import boxes_from_mask, read_manifest, write_manifest
+from sonogen.data.manifest import boxes_from_mask, mask_from_boxes, read_manifest, write_manifest
+from sonogen.evaluation import evaluate_generator
+from sonogen.gates import EvaluateConfig
 from sonogen.generators import load_generator
 from sonogen.generators.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, decode_mask
 from sonogen.generators.trainer import TrainConfig, held_out_images, train
+from sonogen.metrics.features import pixel_extractor
 
 TINY_SCRATCH = {"image_size": 32, "vae_channels": (8, 16), "unet_channels": (16, 32), "embedding_dim": 16,
                 "vae_steps": 2, "steps": 3, "train_timesteps": 40}
@@ -192,6 +195,38 @@ def test_a_controlnet_on_masks_refuses_training_images_without_any(unmasked, tin
                                          "they have lesion boxes: train with --control boxes"):
         train(model, unmasked, "consolidation", TWO_STEPS, tmp_path / "run")
     assert not (tmp_path / "run" / "generator").exists()
+
+
+def test_mask_adherence_without_test_masks_is_not_measured_and_fails_its_gate(unmasked, tiny_sd, tmp_path):
+    model = LatentDiffusion(LatentDiffusionConfig(label="consolidation", mode="controlnet", base_model=str(tiny_sd),
+                                                  image_size=32, steps=3))
+    report = evaluate_generator(model, unmasked, pixel_extractor(), {"min_mask_dice": 0.0},
+                                EvaluateConfig(samples=4, downstream=None, device="cpu"), tmp_path / "gates", "ldm")
+    reason = "the test split has 0 image(s) with a lesion mask; 2 are needed"
+    assert "mask_dice" not in report["metrics"] and report["not_measured"]["mask_dice"] == reason
+    assert not report["passed"] and report["gates"][0]["note"] == f"not measured: {reason}"
+
+
+def test_mask_adherence_asks_a_controlnet_on_boxes_for_each_test_lesion_s_boxes_filled(lus, tiny_sd, tmp_path,
+                                                                                       monkeypatch):
+    model = LatentDiffusion(LatentDiffusionConfig(label="consolidation", mode="controlnet", control="boxes",
+                                                  base_model=str(tiny_sd), image_size=32, steps=3))
+    asked, sample = [], model.sample
+
+    def recorded(n, seed, condition=None):
+        asked.extend([condition["mask"]] if condition and "mask" in condition else [])
+        return sample(n, seed, condition)
+
+    monkeypatch.setattr(model, "sample", recorded)
+    report = evaluate_generator(model, lus, pixel_extractor(), {"min_mask_dice": 0.0},
+                                EvaluateConfig(samples=4, downstream=None, device="cpu"), tmp_path / "gates", "ldm")
+    test = UltrasoundDataset(lus, split="test", with_mask=True)
+    lesions = [item for item in map(test.__getitem__, range(len(test))) if item["mask"].any()]
+    assert report["metrics"]["mask_requests"] == len(asked) == len(lesions) == 3
+    for request, item in zip(asked, lesions):
+        assert np.array_equal(request, mask_from_boxes(item["boxes"].int().tolist(), 32, 32))
+        assert not np.array_equal(request, item["mask"][0].numpy())  # the box, not the lesion's outline
+    assert 0 <= report["metrics"]["mask_dice"] <= 1 and report["metrics"]["mask_dice_real"] > 0
 
 
 def test_the_held_out_mask_gain_is_zero_for_a_controlnet_that_ignores_its_mask_and_signed_by_where_it_is_right(
