@@ -72,8 +72,9 @@ def build_model_card(name: str, version: str, info: dict, tags: dict[str, str], 
     config = described["config"]
     base = []
     if config.get("base_model"):
-        base = [f"- base checkpoint: `{config['base_model']}`, licence: {config.get('base_licence') or 'not given'}"
-                " (its terms bind this model and its images too)"]
+        origin = f" (on `{config['base_origin']}`)" if config.get("base_origin") else ""
+        base = [f"- base checkpoint: `{config['base_model']}`{origin}, licence: "
+                f"{config.get('base_licence') or 'not given'} (its terms bind this model and its images too)"]
     lines = [
         f"# {name} v{version}",
         "",

@@ -285,18 +285,21 @@ def test_train_command_fine_tunes_registers_and_serves_prompts_and_masks(lus, ti
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"train": {"ldm": {
-        "model": {"image_size": 32, "steps": 3, "base_licence": "CreativeML Open RAIL-M"},
-        "train": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "eval_samples": 2, "precision": "fp32"}}}}))
+    tiny = {"model": {"image_size": 32, "steps": 3},
+            "train": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "eval_samples": 2, "precision": "fp32"}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"train": {"ldm": tiny}}))
+    licensed = {**tiny, "model": {**tiny["model"], "base_licence": "CreativeML Open RAIL-M"}}
+    (tmp_path / "licensed.yaml").write_text(yaml.safe_dump({"train": {"ldm": licensed}}))
     runner = CliRunner()
-    common = ["--data", str(lus), "--label", "consolidation", "--config", "tiny.yaml", "--dataset", "lus"]
-    missing = runner.invoke(app, ["train", "ldm", *common, "--mode", "fine-tune"])
+    common = ["--data", str(lus), "--label", "consolidation", "--dataset", "lus"]
+    missing = runner.invoke(app, ["train", "ldm", *common, "--config", "tiny.yaml", "--mode", "fine-tune"])
     assert missing.exit_code == 1 and "base_model" in missing.output
-    lora = runner.invoke(app, ["train", "ldm", *common, "--mode", "fine-tune", "--base-model", str(tiny_sd),
-                               "--lora-rank", "4", "--out", "models/lora", "--no-register"])
+    lora = runner.invoke(app, ["train", "ldm", *common, "--config", "licensed.yaml", "--mode", "fine-tune",
+                               "--base-model", str(tiny_sd), "--lora-rank", "4", "--out", "models/lora",
+                               "--no-register"])
     assert lora.exit_code == 0, lora.output
-    result = runner.invoke(app, ["train", "ldm", *common, "--mode", "controlnet", "--base-model",
-                                 "models/lora/generator", "--control", "mask"])
+    result = runner.invoke(app, ["train", "ldm", *common, "--config", "tiny.yaml", "--mode", "controlnet",
+                                 "--base-model", "models/lora/generator", "--control", "mask"])
     assert result.exit_code == 0, result.output
 
     card = model_version("lus-ldm-consolidation", "1")
@@ -326,7 +329,8 @@ def test_train_command_fine_tunes_registers_and_serves_prompts_and_masks(lus, ti
     finally:
         stop_server(process)
     text = model_card("lus-ldm-consolidation", "1")
-    assert "base checkpoint: `models/lora/generator`" in text and "CreativeML Open RAIL-M" in text
+    # the ControlNet keeps the licence and the name of the checkpoint its base ldm was fine-tuned from
+    assert f"base checkpoint: `models/lora/generator` (on `{tiny_sd}`), licence: CreativeML Open RAIL-M" in text
 
     from sonogen.jobs import evaluate_targets
 

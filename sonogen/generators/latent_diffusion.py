@@ -51,6 +51,7 @@ class LatentDiffusionConfig:
     image_size: int = 64
     base_model: str = ""  # fine-tune / controlnet: a diffusers SD folder or s3:// URI, or a saved ldm generator
     base_licence: str = ""
+    base_origin: str = ""  # on a saved ldm: the checkpoint under that ldm, if any, whose licence this model keeps
     lora_rank: int = 0  # fine-tune: 0 trains the whole UNet
     control: str = "mask"  # controlnet: condition on the dataset's masks or on its boxes, filled
     prompt_template: str = "ultrasound, {label}"
@@ -165,8 +166,11 @@ class LatentDiffusion(Generator):
             base = local_folder(config.base_model, "base model")
             if (base / CONFIG).is_file():  # a saved ldm generator: its own pipeline, LoRA merged
                 self._read_pipeline(base / "pipeline", base, merge_lora=True)
-                # its label embedding's rows are its labels, in its order
-                config.labels = config.labels or tuple(json.loads((base / CONFIG).read_text())["config"]["labels"])
+                saved = json.loads((base / CONFIG).read_text())["config"]
+                # its label embedding's rows are its labels, in its order; its checkpoint's terms bind this model too
+                config.labels = config.labels or tuple(saved["labels"])
+                config.base_licence = config.base_licence or saved.get("base_licence", "")
+                config.base_origin = config.base_origin or saved.get("base_origin") or saved.get("base_model", "")
             else:
                 self._read_pipeline(base, None)
         if folder is None and config.mode == "fine-tune" and config.lora_rank:
