@@ -102,14 +102,18 @@ def arguments_from_params(params_text: str) -> dict:
     dataset = params.get("dataset") or {}
     train = params.get("train") or {}
     raw = dataset.get("raw", "data/raw/phantom")
-    families = train.get("families", [])
+    families, lesion_families = train.get("families", []), train.get("lesion_families") or []
+    if "diffultra" in families:
+        raise ValueError("train.families: diffultra trains once, on lesion_bank.label; list it in "
+                         "train.lesion_families")
+    if set(lesion_families) - {"diffultra"}:
+        raise ValueError(f"train.lesion_families: only diffultra trains on the lesion bank, got {lesion_families}")
     return {
         "params": params_text,
+        "runs": [{"family": f, "label": lb} for f, lb in itertools.product(families, train.get("labels", []))],
         # diffultra trains once, for the lesion bank's label, on its own branch
-        "runs": [{"family": f, "label": lb} for f, lb in itertools.product([f for f in families if f != "diffultra"],
-                                                                           train.get("labels", []))],
         "diffultra_label": ((params.get("lesion_bank") or {}).get("label", "consolidation")
-                            if "diffultra" in families else ""),
+                            if lesion_families else ""),
         # the DVC phantom stage's output is simulated inside the pipeline from the same parameters
         "raw": "phantom" if raw == "data/raw/phantom" else raw,
         "dataset_name": dataset.get("name", "lus"),

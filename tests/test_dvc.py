@@ -14,6 +14,7 @@ from PIL import Image
 
 from sonogen.data.lesion_bank import LesionBank
 from sonogen.data.manifest import file_sha256, read_manifest
+from sonogen.generators import load_generator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,6 +117,26 @@ def test_dvc_repro_prepares_trains_evaluates_and_registers_what_passes(project):
     assert _version_tags(project, "lus-dcgan-normal", "1")["gate"] == "failed"
     with Image.open(prepared / records[0].image) as im:
         assert im.size == (32, 32)
+
+
+def test_dvc_repro_trains_diffultra_on_the_bank_and_its_own_base_ldm(project):
+    tiny_train = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "eval_samples": 2, "precision": "fp32"}
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["phantom"].update(frames_per_patient=2)
+    params["train"].update(families=[], lesion_families=["diffultra"])
+    params["train"]["ldm"] = {"model": {"image_size": 32, "vae_channels": [8, 16], "unet_channels": [16, 32],
+                                        "embedding_dim": 16, "vae_steps": 1, "steps": 2}, "train": tiny_train}
+    params["train"]["diffultra"] = {"model": {"image_size": 32, "steps": 2}, "train": tiny_train}
+    params["evaluate"].update(samples=4, downstream=None, detection_seeds=2, detection_steps=2)
+    params["gates"] = {"diffultra": {"min_detection_ap50_delta": -1.0}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    out = dvc("repro", cwd=project)
+    assert "registered lus-diffultra-consolidation version 1 as @candidate (gate passed)" in out
+    assert [r["registered_model"] for r in json.loads((project / "reports" / "registered.json").read_text())] == [
+        "lus-diffultra-consolidation"]  # its base ldm is neither gated nor registered
+    trained = load_generator(project / "models" / "diffultra-consolidation" / "generator")
+    assert trained.bank.source["data"] == "data/prepared/lus"  # the lesion_bank stage's, not one built inline
+    assert trained.config.base_model == "bases/diffultra-consolidation/generator"
 
 
 def test_push_and_pull_through_s3(project, s3_server, aws_env):

@@ -89,12 +89,19 @@ def test_diffultra_runs_on_its_own_branch_after_its_bank_and_base_ldm(compiled):
                                                        next(n for n, f in families.items() if f == "ldm")}
     assert set(tasks[diffultra]["inputs"]["artifacts"]) == {"prepared", "base", "bank"}
 
-    params = {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "families": ["dcgan", "diffultra"]},
+    params = {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "lesion_families": ["diffultra"]},
               "lesion_bank": {"label": "consolidation"}}
     arguments = arguments_from_params(yaml.safe_dump(params))
     assert arguments["diffultra_label"] == "consolidation"
     assert {run["family"] for run in arguments["runs"]} == {"dcgan"}
     assert arguments_from_params(yaml.safe_dump(TINY_PARAMS))["diffultra_label"] == ""
+    # as in dvc.yaml, families train on every label: diffultra there has no base or bank
+    params["train"]["families"] = ["dcgan", "diffultra"]
+    with pytest.raises(ValueError, match="train.families: diffultra .* train.lesion_families"):
+        arguments_from_params(yaml.safe_dump(params))
+    params["train"].update(families=["dcgan"], lesion_families=["ldm"])
+    with pytest.raises(ValueError, match="train.lesion_families"):
+        arguments_from_params(yaml.safe_dump(params))
 
 
 def test_the_component_image_is_the_one_the_dockerfile_builds(compiled, tmp_path):
@@ -134,7 +141,7 @@ def test_local_run_trains_gates_and_registers_like_dvc(tmp_path):
 def test_local_run_of_the_diffultra_branch_builds_the_bank_trains_gates_and_registers(tmp_path):
     tiny_train = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "eval_samples": 2, "precision": "fp32"}
     params = {**TINY_PARAMS,
-              "train": {"families": ["diffultra"], "labels": ["consolidation"],
+              "train": {"families": [], "lesion_families": ["diffultra"], "labels": ["consolidation"],
                         "ldm": {"model": {"image_size": 32, "vae_channels": [8, 16], "unet_channels": [16, 32],
                                           "embedding_dim": 16, "vae_steps": 1, "steps": 2}, "train": tiny_train},
                         "diffultra": {"model": {"image_size": 32, "steps": 2}, "train": tiny_train}},
