@@ -8,17 +8,19 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from sonogen.data.manifest import encode_boxes
 from sonogen.sampling import chunk_seed
 
-MANIFEST_COLUMNS = ("image", "seed", "index", "model_name", "model_version", "label")
+MANIFEST_COLUMNS = ("image", "seed", "index", "model_name", "model_version", "label", "boxes")
 
 
 def sample(url: str, model: str, n: int, seed: int = 0, label: str | None = None,
            condition: dict[str, Any] | None = None, token: str | None = None, per_request: int = 16,
            timeout_s: float = 300) -> list[dict[str, Any]]:
     """``n`` images from ``url``'s ``model``: one dict per image with its ``png`` bytes, the ``seed`` and
-    ``index`` that reproduce it, ``model_name``, ``model_version`` and ``label``. Large draws are split into
-    requests of ``per_request`` images, request ``k`` with seed ``chunk_seed(seed, k)``."""
+    ``index`` that reproduce it, ``model_name``, ``model_version``, ``label`` and ``boxes`` (its lesion boxes from
+    families that place lesions, else ``[]``). Large draws are split into requests of ``per_request`` images,
+    request ``k`` with seed ``chunk_seed(seed, k)``."""
     import requests
 
     if n < 1:
@@ -45,10 +47,11 @@ def sample(url: str, model: str, n: int, seed: int = 0, label: str | None = None
                     message = response.text
                 raise ValueError(f"{endpoint} answered HTTP {response.status_code}: {message}")
             [prediction] = response.json()["predictions"]
+            boxes = prediction.get("boxes")
             for index, encoded in enumerate(prediction["images"]):
                 images.append({"png": base64.b64decode(encoded), "seed": prediction["seed"], "index": index,
                                "model_name": prediction["model_name"], "model_version": prediction["model_version"],
-                               "label": prediction["label"]})
+                               "label": prediction["label"], "boxes": boxes[index] if boxes else []})
     return images
 
 
@@ -60,7 +63,8 @@ def save_samples(images: list[dict[str, Any]], out: str | Path) -> Path:
     for number, image in enumerate(images):
         name = f"{number:05d}.png"
         (out / name).write_bytes(image["png"])
-        rows.append({"image": name, **{k: image[k] for k in MANIFEST_COLUMNS[1:]}})
+        rows.append({**{k: image[k] for k in MANIFEST_COLUMNS[1:]}, "image": name,
+                     "boxes": encode_boxes(image["boxes"])})
     manifest = out / "manifest.csv"
     with manifest.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)

@@ -2,7 +2,9 @@
 conditions of the phantom's positives, sampling images with their lesion boxes."""
 
 import base64
+import csv
 import io
+import json
 
 import numpy as np
 import pytest
@@ -168,6 +170,11 @@ def test_train_command_builds_on_a_bank_registers_serves_boxes_and_gates_on_dete
         refused = requests.post(f"{url}/v1/models/lus-diffultra-consolidation:predict",
                                 json={"instances": [{"n": 1, "size_bias": "huge"}]}, timeout=60)
         assert refused.status_code == 400 and "size_bias" in refused.text
+        sampled = runner.invoke(app, ["sample", "--url", url, "--model", "lus-diffultra-consolidation", "-n", "2",
+                                      "--seed", "4", "--condition", '{"size_bias": "large"}', "--out", "sampled"])
+        assert sampled.exit_code == 0, sampled.output
+        rows = list(csv.DictReader((tmp_path / "sampled" / "manifest.csv").open()))
+        assert [json.loads(row["boxes"]) for row in rows] == boxes
     finally:
         stop_server(process)
 

@@ -215,6 +215,7 @@ def test_sample_command_writes_pngs_and_a_manifest_over_one_connection(server, t
     rows = list(__import__("csv").DictReader((out / "manifest.csv").open()))
     assert len(rows) == 10 and len(list(out.glob("*.png"))) == 10
     assert {r["model_version"] for r in rows} == {"1"} and {r["label"] for r in rows} == {"consolidation"}
+    assert {r["boxes"] for r in rows} == {"[]"}  # a GAN places no lesions
     assert len({r["seed"] for r in rows}) == 3 and rows[0]["seed"] == "1"
     first = predict(server, {"instances": [{"n": 4, "seed": 1}]}).json()["predictions"][0]["images"]
     assert (out / "00000.png").read_bytes() == base64.b64decode(first[0])

@@ -43,10 +43,13 @@ class Record:
 COLUMNS = tuple(f.name for f in fields(Record))
 
 
+def encode_boxes(boxes: list[Box]) -> str:
+    """The ``boxes`` column: a JSON list of ``[x0, y0, x1, y1]``, ``[]`` when there are none."""
+    return json.dumps([[int(v) for v in box] for box in boxes])
+
+
 def _encode(record: Record) -> dict[str, str]:
-    row = asdict(record)
-    row["boxes"] = json.dumps([[int(v) for v in box] for box in record.boxes])
-    return row
+    return {**asdict(record), "boxes": encode_boxes(record.boxes)}
 
 
 def _decode(row: dict[str, str], where: str) -> Record:
