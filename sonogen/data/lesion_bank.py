@@ -3,8 +3,8 @@
 Per image, the *anatomy*: the scan fan and the pleural line (one row per column), with the image's anchor
 ``(X, Y)``: the fan's centre column on the pleura. Per lesion box: its *structure map* (the lesion's hyper-/
 hypo-echoic pattern, band-passed and normalised, at a fixed size), its size, and its offset from the anatomy:
-``lateral`` (box centre from the anchor, in fan half-widths) and ``depth`` (box top below the pleura, in image
-heights). Sampling for a target anatomy draws a lesion from the kernel-conditional
+``lateral`` (box centre from the anchor, in half-widths of the detected pleural line) and ``depth`` (box top
+below the pleura, in image heights). Sampling for a target anatomy draws a lesion from the kernel-conditional
 ``P(lateral, depth, size | X, Y)`` and places it there, below the pleura and inside the fan. The choices and
 their reasons are in ``docs/diffultra.md``.
 """
@@ -182,7 +182,7 @@ class Lesion:
     patient_id: str
     box: Box
     anchor: tuple[float, float]  # the image's (X, Y), fractions of its width and height
-    lateral: float  # box centre from the anchor column, in fan half-widths at the pleura
+    lateral: float  # box centre from the anchor column, in half-widths of the detected pleural line
     depth: float  # box top below the highest pleura row over the box, fraction of the image height
     width: float  # box size, fractions of the image width and height
     height: float
