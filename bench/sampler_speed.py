@@ -57,7 +57,7 @@ def onnx_int8_gemm_rate(size: int, repeats: int, path: Path) -> float:
                               [helper.make_tensor_value_info("a", TensorProto.UINT8, [size, size])],
                               [helper.make_tensor_value_info("c", TensorProto.INT32, [size, size])],
                               [numpy_helper.from_array(weights, "b")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     a = np.random.default_rng(1).integers(0, 256, (size, size), dtype=np.uint8)
     for _ in range(2):
