@@ -10,8 +10,9 @@ initialisation). Those make nearly flat images, so compare bf16 with fp32 on a t
 the folder `sonogen train dcgan --out FOLDER` wrote as ``--generator``.
 
 On CUDA the ONNX Runtime fp32 row uses its CUDA execution provider and is left out where the installed onnxruntime
-has none (the CPU build), and there is no int8 row (its quantised convolutions are CPU kernels); another row replays the bf16 network as a CUDA graph (``torch.compile``, mode
-``reduce-overhead``), which removes the per-kernel launch cost that dominates small batches on a GPU.
+has none (the CPU build), and there is no int8 row (its quantised convolutions are CPU kernels); another row
+replays the bf16 network as a CUDA graph (``torch.compile``, mode ``reduce-overhead``), which removes the
+per-kernel launch cost that dominates small batches on a GPU.
 """
 
 from __future__ import annotations
@@ -152,8 +153,8 @@ def main() -> None:
     print(f"GEMM {gemm_size}²: " + ", ".join(f"{p} {rate / 1e9:.1f} GFLOP/s" for p, rate in gemm.items())
           + f"; generator {flops / 1e9:.2f} GFLOP per image; ONNX export parity {parity:.2g}")
     if device.type == "cpu":
-        print(f"int8 export: {int8['bytes'] / 1e6:.0f} MB; its samples' kernel MMD to fp32's {int8['mmd_ratio']:.3g} of "
-              f"two fp32 draws', max pixel difference {int8['max_grey_diff']} grey levels "
+        print(f"int8 export: {int8['bytes'] / 1e6:.0f} MB; its samples' kernel MMD to fp32's "
+              f"{int8['mmd_ratio']:.3g} of two fp32 draws', max pixel difference {int8['max_grey_diff']} grey levels "
               f"(mean {int8['mean_grey_diff']:.3f}); its convolutions do 2.25x the generator's multiply-adds, "
               "counted here as the generator's")
     print("| path | batch | images/s | × torch eager | GFLOP/s | fraction of GEMM (same precision) |")

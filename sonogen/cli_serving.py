@@ -21,9 +21,10 @@ Token = Annotated[str | None, typer.Option(envvar="SONOGEN_SERVE_TOKEN", help="B
 def export_onnx_command(
     model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION.")],
     precision: Annotated[str, typer.Option(help="fp32, or int8: quantised, for ONNX Runtime on CPUs.")] = "fp32",
-    tolerance: Annotated[float, typer.Option(help="fp32: largest ONNX Runtime vs torch difference accepted.")] = PARITY_TOLERANCE,
+    tolerance: Annotated[float, typer.Option(
+        help="fp32: largest ONNX Runtime vs torch difference accepted.")] = PARITY_TOLERANCE,
     max_mmd_ratio: Annotated[float, typer.Option(
-        help="int8: largest kernel MMD of its samples to torch's, as a share of two torch draws' MMD.")] = MAX_MMD_RATIO,
+        help="int8: largest kernel MMD of its samples to torch's, as a share of two torch draws'.")] = MAX_MMD_RATIO,
 ):
     """Export a GAN generator to ONNX, check it against torch, and log it to the same model version."""
     from sonogen.export import export_registered

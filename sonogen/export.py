@@ -71,7 +71,8 @@ def export_to_onnx(generator, path: str | Path, precision: str = "fp32") -> dict
               "opset": next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import
                             if o.domain in ("", "ai.onnx"))}
     if precision == "int8":
-        report |= _sample_fidelity(*both(FIDELITY_SEEDS[0], FIDELITY_SAMPLES), both(FIDELITY_SEEDS[1], FIDELITY_SAMPLES)[0])
+        exact, reduced = both(FIDELITY_SEEDS[0], FIDELITY_SAMPLES)
+        report |= _sample_fidelity(exact, reduced, other_draw=both(FIDELITY_SEEDS[1], FIDELITY_SAMPLES)[0])
     generator.to(generator.device)
     return report
 
@@ -147,6 +148,7 @@ def export_registered(model_uri: str, tolerance: float = PARITY_TOLERANCE, preci
         tags |= dict(zip(INT8_TAGS, (f"{report['mmd_ratio']:.3g}", str(report["max_grey_diff"]))))
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    for key in set(INT8_TAGS) - set(tags) & set(model_version(name, version).tags):  # left by an earlier int8 export
+    left_by_int8 = (set(INT8_TAGS) - set(tags)) & set(model_version(name, version).tags)
+    for key in left_by_int8:
         client.delete_model_version_tag(name, version, key)
     return {"model_name": name, "version": version, "artifact": artifact, **report}

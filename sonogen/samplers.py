@@ -89,9 +89,9 @@ def load_backend(model_uri: str) -> Backend | None:
     except NotRegistered:
         return None
     if ONNX_TAG in tags:
+        path = mlflow.artifacts.download_artifacts(tags[ONNX_TAG])
         # versions exported before int8 existed carry no precision tag
-        return _onnx_backend(mlflow.artifacts.download_artifacts(tags[ONNX_TAG]), version, tags["family"], tags["label"],
-                             tags.get(PRECISION_TAG, "fp32"))
+        return _onnx_backend(path, version, tags["family"], tags["label"], tags.get(PRECISION_TAG, "fp32"))
     try:
         from sonogen.generators.trainer import resolve_device
     except ImportError:  # the serving image: ONNX only, no torch
