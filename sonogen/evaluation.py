@@ -190,8 +190,8 @@ def _mask_adherence(generator: Generator, data: str | Path, seed: int,
     if len(test) < 2:
         what = "a lesion mask and boxes" if on_boxes else "a lesion mask"
         return {}, dict.fromkeys(MASK_METRICS, f"the test split has {len(test)} image(s) with {what}; 2 are needed")
-    if not train:
-        return {}, dict.fromkeys(MASK_METRICS, "the training split has no masks to train the segmenter on")
+    if not any(i["mask"].any() for i in train):
+        return {}, dict.fromkeys(MASK_METRICS, "the training split has no lesion masks to train the segmenter on")
     requests = torch.stack([torch.from_numpy(mask_from_boxes(i["boxes"].int().tolist(), *i["mask"].shape[-2:]))
                             .float()[None] for i in test]) if on_boxes else None
     return mask_adherence(lambda mask, k: generator.sample(1, k, {"mask": mask.numpy()}), *pairs(train),
