@@ -23,6 +23,7 @@ def train_generator(
     bank: Optional[Input[Artifact]] = None,
 ):
     import tempfile
+    import time
 
     from sonogen.jobs import train_generator as run_training
 
@@ -31,7 +32,8 @@ def train_generator(
     overrides = {**({"base_model": f"{base.path}/generator"} if base is not None else {}),
                  **({"bank": bank.path} if bank is not None else {})}
     info = run_training(family, prepared.path, label, model.path, config.name, dataset=dataset_name,
-                        register=False, model_overrides=overrides)
+                        register=False, model_overrides=overrides,
+                        log=lambda line: print(time.strftime("%H:%M:%S"), line, flush=True))
     model.metadata.update({"family": family, "label": label, "run_id": info["run_id"]})
     for key, value in info["final"].items():
         if isinstance(value, float):

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -79,7 +80,8 @@ def train_command(
     overrides = {k: v for k, v in chosen.items() if v not in (None, ())}
     out = out or Path("models") / generator_name(family, label, overrides.get("images", ()))
     info = train_generator(family, data, label, out, config, dataset, experiment, register, resume,
-                           progress=_progress(f"training {family} on {label}"), model_overrides=overrides)
+                           progress=_progress(f"training {family} on {label}"), model_overrides=overrides,
+                           log=None if console.is_terminal else log)
     final = info.get("final", {})
     scores = ", ".join(f"{key} {final[key]:.4g}" for key in ("kmmd", "one_nn_acc", "ssim_to_train", "scan_iou_to_train")
                        if key in final)
@@ -203,21 +205,38 @@ def registry_list_command():
 
     rows = list_models()
     uri = configure_mlflow()
-    table = Table(title=f"MLflow Model Registry ({uri})")
-    for column in ("model", "version", "aliases", "gate", "kMMD", "1-NN acc", "data (dvc md5)", "code"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        tags = row["tags"]
-        table.add_row(row["name"], row["version"], ", ".join("@" + a for a in row["aliases"]), tags.get("gate", ""),
-                      tags.get("gate.kmmd", tags.get("metric.kmmd", "")),
-                      tags.get("gate.one_nn_acc", tags.get("metric.one_nn_acc", "")),
-                      tags.get("data_dvc_md5", "")[:12], tags.get("code_version", "")[:12])
-    Console(soft_wrap=True).print(table)
+    out = Console(soft_wrap=True)
+    out.print(f"MLflow Model Registry ({uri})")
+    # one narrow table per model, under its name: readable at 80 columns, in a terminal or a log alike
+    for name in sorted({row["name"] for row in rows}):
+        table = Table(title=name, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in ("version", "aliases", "gate", "kMMD", "1-NN", "data md5", "code"):
+            table.add_column(column, overflow="fold")
+        for row in (row for row in rows if row["name"] == name):
+            tags = row["tags"]
+            table.add_row(row["version"], " ".join("@" + a for a in row["aliases"]), tags.get("gate", ""),
+                          _short(tags.get("gate.kmmd", tags.get("metric.kmmd", ""))),
+                          _short(tags.get("gate.one_nn_acc", tags.get("metric.one_nn_acc", ""))),
+                          _short_hash(tags.get("data_dvc_md5", "")), _short_hash(tags.get("code_version", "")))
+        out.print(table)
     if not rows:
         console.print("no registered models yet: run `make run` or `sonogen train ...`")
     elif uri.startswith("sqlite:///"):
         console.print(f"browse runs, curves and sample grids: mlflow ui --backend-store-uri {uri}")
-        console.print("load one: sonogen.registry.load_sampler('models:/<model>@candidate').sample(16, seed=0)")
+        console.print("load one: sonogen.registry.load_sampler('models:/<model>@candidate')")
+
+
+def _short_hash(value: str) -> str:
+    """A digest's first 8 characters; other values (``untracked``) whole."""
+    return value[:8] if all(c in "0123456789abcdef" for c in value) else value
+
+
+def _short(value: str) -> str:
+    """A metric tag in 3 significant digits."""
+    try:
+        return f"{float(value):.3g}"
+    except ValueError:
+        return value
 
 
 Image = Annotated[str | None, typer.Option(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import time
 from datetime import datetime
-from typing import Callable
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import typer
 from rich.console import Console
@@ -22,8 +23,28 @@ def log(message: str) -> None:
     console.print(Text.assemble((f"{datetime.now():%H:%M:%S}", "dim"), " ", message))
 
 
+Item = TypeVar("Item")
+LOG_EVERY_S = 30.0  # outside a terminal, a progress line at least this often while items are done
+
+
+def _logged(items: Iterable[Item], description: str) -> Iterator[Item]:
+    """``items``, with a time-stamped ``description: k/N`` line now and then and one at the end."""
+    items = list(items)
+    last = time.monotonic()
+    for done, item in enumerate(items):
+        if time.monotonic() - last >= LOG_EVERY_S:
+            log(f"{description}: {done}/{len(items)}")
+            last = time.monotonic()
+        yield item
+    log(f"{description}: {len(items)}/{len(items)} done")
+
+
 def progress(description: str) -> Callable:
-    return functools.partial(track, description=description, console=console, transient=True)
+    """A progress bar in a terminal; elsewhere (a log file, CI, a pod) time-stamped lines, which a bar would not
+    leave behind."""
+    if console.is_terminal:
+        return functools.partial(track, description=description, console=console, transient=True)
+    return functools.partial(_logged, description=description)
 
 
 def user_errors(command: Callable) -> Callable:

@@ -77,7 +77,7 @@ def train_encoder(data: str | Path, out: str | Path, dataset: str, epochs: int =
     version = client.create_model_version(name, f"{run.info.artifact_uri}/encoder", run.info.run_id).version
     client.set_model_version_tag(name, version, "data_manifest_sha256", file_sha256(Path(data) / MANIFEST))
     save_classifier(model, folder, {"registered_model": name, "version": str(version), "classes": classes,
-                                    "val_accuracy": accuracy, "run_id": run.info.run_id})
+                                    "val_accuracy": accuracy})
     return {"registered_model": name, "version": str(version), "val_accuracy": accuracy, "folder": str(folder)}
 
 

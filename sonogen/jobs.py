@@ -59,8 +59,10 @@ def train_generator(
     resume: bool = False,
     progress=None,
     model_overrides: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Trains one generator for one label with MLflow tracking; registers it unless ``register`` is False."""
+    """Trains one generator for one label with MLflow tracking; registers it unless ``register`` is False.
+    ``progress`` wraps the epochs (a progress bar), ``log`` receives progress lines (see ``trainer.train``)."""
     import mlflow
 
     data, out = Path(data), Path(out)
@@ -81,8 +83,10 @@ def train_generator(
         info = {"run_id": run.info.run_id, "tracking_uri": tracking_uri, "family": family, "label": label,
                 "dataset": dataset, "data": str(data)}
         info_path.write_text(json.dumps(info, indent=2) + "\n")
+        torch.manual_seed(train_config.seed)  # the networks' initial weights repeat with the run
         generator = get_generator(family)(model_config)
-        summary = train(generator, data, label, train_config, out, MlflowTracker(), resume=resume, progress=progress)
+        summary = train(generator, data, label, train_config, out, MlflowTracker(), resume=resume, progress=progress,
+                        log=log)
         mlflow.log_artifact(str(out / "history.json"))
         info["final"] = summary["final"]
         info["name"] = generator_name(family, label, getattr(generator.config, "images", ()))

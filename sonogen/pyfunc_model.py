@@ -6,19 +6,17 @@ images ``(n, H, W)``; the same seed gives the same images.
 
 from __future__ import annotations
 
-import warnings
-
 import mlflow
 from mlflow.pyfunc import PythonModel
 
 from sonogen.generators import load_generator, to_uint8
 
 
-# requests are plain dicts on purpose; mlflow's schema type hints cannot describe an optional condition
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
-
-
 class GeneratorModel(PythonModel):
+    # requests are plain dicts on purpose: mlflow's type hints cannot describe an optional condition, and a warnings
+    # filter cannot silence its warning (mlflow resets the filters around the check)
+    _skip_type_hint_validation = True
+
     def load_context(self, context):
         self.generator = load_generator(context.artifacts["generator"])
 

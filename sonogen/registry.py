@@ -192,6 +192,8 @@ def promote(name: str, version: str, to: str = CHAMPION, reason: str = "", force
     if force and not reason.strip():
         raise ValueError("--force needs a --reason: the audit trail must say why a gate was overridden")
     previous = _holder(client, name, to)
+    if previous == str(version):  # promoting again would overwrite the audit trail (and its previous holder)
+        raise ValueError(f"{name} version {version} is already @{to}; nothing to promote")
     client.set_registered_model_alias(name, to, str(version))
     record = {**_audit(), "reason": reason,
               "previous_version": previous or "", "forced": str(bool(force and gate != "passed")).lower()}
@@ -210,7 +212,7 @@ def rollback(name: str, alias: str = CHAMPION) -> dict:
     if current is None:
         raise ValueError(f"{name} has no @{alias} to roll back")
     previous = client.get_model_version(name, current).tags.get(f"{alias}.previous_version", "")
-    if not previous:
+    if not previous or previous == current:
         raise ValueError(f"{name}@{alias} (version {current}) has no previous holder to return to")
     client.set_registered_model_alias(name, alias, previous)
     record = {**_audit(), "from_version": current}

@@ -122,6 +122,40 @@ def test_resume_continues_exactly_where_it_stopped(dataset, tmp_path):
         assert torch.equal(value, resumed._weights()[key]), key
 
 
+def test_checkpoints_repeat_byte_for_byte_and_the_older_two_key_form_still_loads(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sonogen.generators.base import CHECKPOINT_METADATA
+
+    model = tiny()
+    model.train_step(torch.rand(2, 1, 32, 32) * 2 - 1)
+    model.save_checkpoint(tmp_path / "a.safetensors")
+    model.save_checkpoint(tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        saved = json.loads(f.metadata()[CHECKPOINT_METADATA])
+    old = {key: json.dumps(value) for key, value in saved.items()}  # "describe" and "param_groups", as before
+    save_file(load_file(str(tmp_path / "a.safetensors")), str(tmp_path / "old.safetensors"), metadata=old)
+    restored = tiny()
+    restored.load_checkpoint(tmp_path / "old.safetensors")
+    assert restored.step == 1 and all(torch.equal(v, model._weights()[k]) for k, v in restored._weights().items())
+
+
+def test_a_log_gets_a_line_every_30_s_of_training_and_one_per_epoch(dataset, tmp_path, monkeypatch):
+    import sonogen.generators.trainer as trainer
+
+    clock = iter(range(0, 100_000, 40))  # every reading of the clock 40 s after the last
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: next(clock))
+    lines = []
+    train(tiny(), dataset, "consolidation", TrainConfig(epochs=2, batch_size=2, eval_samples=4), tmp_path / "run",
+          log=lines.append)
+    steps = [line for line in lines if line.startswith("epoch ")]
+    epochs = [line for line in lines if line.startswith("finished epoch")]
+    assert [line.split(",")[0] for line in epochs] == ["finished epoch 1/2", "finished epoch 2/2"]
+    assert steps and all("loss_generator" in line and " s: " in line for line in steps)
+
+
 def test_training_records_quality_curves(dataset, tmp_path):
     summary = train(tiny(), dataset, "consolidation", TrainConfig(epochs=2, batch_size=4, eval_samples=8),
                     tmp_path / "run")

@@ -21,7 +21,7 @@ from sonogen.evaluation import evaluate_generator
 from sonogen.export import export_to_onnx
 from sonogen.gates import EvaluateConfig
 from sonogen.generators import load_generator
-from sonogen.generators.base import config_from_dict
+from sonogen.generators.base import CHECKPOINT_METADATA, config_from_dict
 from sonogen.generators.multiscale_scheduler import MultiScaleScheduler, cosine_alphas_cumprod
 from sonogen.generators.sinddm import (FewDDM, FewDDMConfig, MultiScaleDDMConfig, MultiScaleDenoiser, SinDDM,
                                       build_pyramid, image_id, scale_sizes)
@@ -427,9 +427,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights(lus, tmp_path):
     checkpoint = str(tmp_path / "resumed" / "checkpoint.safetensors")
     with safe_open(checkpoint, framework="pt") as f:
         metadata = f.metadata()
-    described = json.loads(metadata["describe"])
-    del described["config"]["layout_per_source"]  # as written before that field existed: its default applies
-    save_file(load_file(checkpoint), checkpoint, metadata={**metadata, "describe": json.dumps(described)})
+    saved = json.loads(metadata[CHECKPOINT_METADATA])
+    del saved["describe"]["config"]["layout_per_source"]  # as written before that field existed: its default applies
+    save_file(load_file(checkpoint), checkpoint, metadata={CHECKPOINT_METADATA: json.dumps(saved)})
     resumed = fresh()
     train(resumed, lus, "normal", config, tmp_path / "resumed", resume=True)
     assert resumed.step == straight.step == 10

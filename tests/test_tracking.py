@@ -67,8 +67,11 @@ def test_second_training_adds_a_version_and_moves_the_alias(workdir):
     rows = list_models()
     assert [(r["version"], r["aliases"]) for r in rows] == [("2", ["candidate"]), ("1", [])]
     assert "version" not in json.loads((workdir / "m2" / "run.json").read_text()), "training output is not modified"
-    result = CliRunner().invoke(app, ["registry", "list"], env={"COLUMNS": "200"})
-    assert result.exit_code == 0 and "lus-dcgan-normal" in result.output and "@candidate" in result.output
+    result = CliRunner().invoke(app, ["registry", "list"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0 and "@candidate" in result.output
+    lines = [line.rstrip() for line in result.output.splitlines() if "mlflow.db" not in line]  # (paths run long)
+    assert max(map(len, lines)) <= 80 and "lus-dcgan-normal" in lines  # no name folded into narrow cells
+    assert any(line.split()[:2] == ["2", "@candidate"] for line in lines)
 
 
 def test_resume_continues_the_same_run(workdir):
@@ -81,6 +84,34 @@ def test_resume_continues_the_same_run(workdir):
                               register=False, resume=True)
     assert resumed["run_id"] == first["run_id"] and resumed["final"]["epoch"] == 3
     assert [m.step for m in mlflow.MlflowClient().get_metric_history(first["run_id"], "kmmd")] == [1, 2, 3]
+
+
+def test_the_same_training_command_gives_the_same_weights_and_a_resumed_run_equals_an_uninterrupted_one(workdir):
+    config = yaml.safe_load((workdir / "tiny.yaml").read_text())
+    runs = [train_generator("dcgan", workdir / "lus", "normal", workdir / name, config_path=workdir / "tiny.yaml",
+                            register=False) for name in ("a", "b")]
+    assert runs[0]["run_id"] != runs[1]["run_id"]
+    weights = [(workdir / name / "generator" / "weights.safetensors").read_bytes() for name in ("a", "b")]
+    assert weights[0] == weights[1], "two runs of one command differ"
+    assert (workdir / "a" / "history.json").read_text() == (workdir / "b" / "history.json").read_text()
+    assert (workdir / "a" / "checkpoint.safetensors").read_bytes() == (workdir / "b" / "checkpoint.safetensors"
+                                                                        ).read_bytes()
+    config["train"]["epochs"] = 1
+    (workdir / "one.yaml").write_text(yaml.safe_dump(config))
+    train_generator("dcgan", workdir / "lus", "normal", workdir / "c", config_path=workdir / "one.yaml",
+                    register=False)
+    train_generator("dcgan", workdir / "lus", "normal", workdir / "c", config_path=workdir / "tiny.yaml",
+                    register=False, resume=True)
+    assert (workdir / "c" / "generator" / "weights.safetensors").read_bytes() == weights[0]
+
+
+def test_training_outside_a_terminal_prints_time_stamped_progress_lines(workdir):
+    result = CliRunner().invoke(app, ["train", "dcgan", "--data", "lus", "--label", "normal", "--config", "tiny.yaml",
+                                      "--out", "m", "--no-register"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "finished epoch" in line]
+    assert [line.split()[3] for line in lines] == ["1/2,", "2/2,"]
+    assert all(line[:8].count(":") == 2 and "loss_generator" in line and "kmmd" in line for line in lines)
 
 
 def test_config_errors_are_clear(workdir):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
@@ -25,6 +26,7 @@ from sonogen import sampling
 CONFIG = "config.json"
 WEIGHTS = "weights.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_METADATA = "sonogen.checkpoint"
 FORMAT_VERSION = 1
 
 
@@ -82,6 +84,7 @@ class Generator(ABC):
         self.step = 0
         self.epoch = 0
         self.device = torch.device("cpu")
+        self._mode_lock = threading.Lock()
 
     @abstractmethod
     def networks(self) -> dict[str, nn.Module]:
@@ -182,21 +185,39 @@ class Generator(ABC):
     @torch.no_grad()
     def sample_with_boxes(self, n: int, seed: int, condition: dict[str, Any] | None = None
                           ) -> tuple[torch.Tensor, list | None]:
-        """``sample`` and, from families that place lesions, each image's list of lesion boxes."""
+        """``sample`` and, from families that place lesions, each image's list of lesion boxes.
+
+        Safe to call from many threads: a generator whose networks are all in eval mode (as loaded) samples
+        without touching them; one in training mode is switched to eval and back under a lock, so no
+        concurrent call ever runs a network in training mode (where BatchNorm would update its statistics).
+        """
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
         if seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed}")
         condition = self.check_condition(condition)
-        modes = {name: module.training for name, module in self.networks().items()}
-        for module in self.networks().values():
-            module.eval()
-        try:
-            images, boxes = self.generate_with_boxes(n, seed, condition)
-            return images.float().cpu(), boxes
-        finally:
-            for name, module in self.networks().items():
-                module.train(modes[name])
+        with self._mode_lock:
+            modes = {name: module.training for name, module in self.networks().items()}
+            if any(modes.values()):
+                for module in self.networks().values():
+                    module.eval()
+                try:
+                    return self._generate_on_cpu(n, seed, condition)
+                finally:
+                    for name, module in self.networks().items():
+                        module.train(modes[name])
+        return self._generate_on_cpu(n, seed, condition)
+
+    def _generate_on_cpu(self, n: int, seed: int, condition: dict[str, Any]) -> tuple[torch.Tensor, list | None]:
+        images, boxes = self.generate_with_boxes(n, seed, condition)
+        return images.float().cpu(), boxes
+
+    def eval_mode(self) -> Generator:
+        """Every network in eval mode, as a loaded generator samples."""
+        with self._mode_lock:
+            for module in self.networks().values():
+                module.eval()
+        return self
 
     # persistence -------------------------------------------------------------------------------------------
 
@@ -245,7 +266,8 @@ class Generator(ABC):
             for index, values in state["state"].items():
                 for key, value in values.items():
                     tensors[f"optim.{name}.{index}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
-        metadata = {"describe": json.dumps(self.describe()), "param_groups": json.dumps(groups)}
+        # one metadata key: safetensors writes several in a random order, and the file must repeat byte for byte
+        metadata = {CHECKPOINT_METADATA: json.dumps({"describe": self.describe(), "param_groups": groups})}
         _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -254,14 +276,18 @@ class Generator(ABC):
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata()
         tensors = load_file(str(path))
-        described = json.loads(metadata["describe"])
+        if CHECKPOINT_METADATA in metadata:
+            saved = json.loads(metadata[CHECKPOINT_METADATA])
+        else:  # written before the metadata became one key
+            saved = {key: json.loads(metadata[key]) for key in ("describe", "param_groups")}
+        described = saved["describe"]
         if described["family"] != self.family:
             raise ValueError(f"{path} was written by {described['family']}, not {self.family}; cannot resume from it")
         # with defaults filled in, so that a checkpoint written before a config field was added still matches
         if _as_saved(config_from_dict(self.config_class, described["config"])) != _as_saved(self.config):
             raise ValueError(f"{path} was written with another config; cannot resume from it")
         self._load_weights(tensors)
-        groups = json.loads(metadata["param_groups"])
+        groups = saved["param_groups"]
         for name, optimizer in self.optimizers().items():
             state: dict[int, dict[str, torch.Tensor]] = {}
             prefix = f"optim.{name}."
@@ -290,7 +316,7 @@ def load_generator(folder: str | Path, device: str | torch.device = "cpu") -> Ge
     family = get_generator(described["family"])
     generator = family.from_folder(folder, config_from_dict(family.config_class, described["config"]))
     generator.step, generator.epoch = described["step"], described["epoch"]
-    return generator.to(device)
+    return generator.to(device).eval_mode()
 
 
 def _atomic(path: Path, write) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -58,6 +59,33 @@ class Tracker(Protocol):
 def image_grid(images: torch.Tensor, columns: int = 8) -> np.ndarray:
     """``(N, 1, H, W)`` in [-1, 1] as one uint8 grid image with a 2-pixel black border between tiles."""
     return tile(to_uint8(images), columns)
+
+
+class Heartbeat:
+    """Progress lines for logs (a pod, CI, ``| tee``) where no progress bar shows: one every ``every_s`` seconds
+    of training, with the epoch, step and losses, and one when each epoch ends with its quality readings."""
+
+    SHOWN = ("kmmd", "one_nn_acc", "ssim_to_train", "scan_iou_to_train")  # of the epoch's quality readings
+
+    def __init__(self, log: Callable[[str], None] | None, epochs: int, every_s: float = 30.0):
+        self.log, self.epochs, self.every_s = log, epochs, every_s
+        self.started = self.last = time.monotonic()
+        self.losses: tuple[str, ...] = ()
+
+    def _say(self, what: str, epoch: int, step: int, values: dict[str, float]) -> None:
+        self.last = time.monotonic()
+        shown = ", ".join(f"{key} {value:.4g}" for key, value in values.items())
+        self.log(f"{what} {epoch}/{self.epochs}, step {step}, {self.last - self.started:.0f} s: {shown}")
+
+    def step(self, epoch: int, step: int, losses: dict[str, float]) -> None:
+        self.losses = tuple(losses)
+        if self.log and time.monotonic() - self.last >= self.every_s:
+            self._say("epoch", epoch, step, losses)
+
+    def epoch_done(self, record: dict) -> None:
+        if self.log:
+            self._say("finished epoch", record["epoch"], record["step"],
+                      {k: record[k] for k in (*self.losses, *self.SHOWN) if k in record})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,13 +143,15 @@ def train(
     tracker: Tracker | None = None,
     resume: bool = False,
     progress=None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Trains on the ``train`` split images of ``label`` (or of every label the family learns; those it selects);
     writes ``out/generator``, checkpoints and history.
 
     Per epoch it logs the losses, a sample grid of fixed latents, ``quality`` against the real training images
     and the family's ``held_out_losses`` on the ``val`` split. ``resume`` continues from
-    ``out/checkpoint.safetensors``.
+    ``out/checkpoint.safetensors``. ``progress`` wraps the epochs (a progress bar); ``log`` receives progress
+    lines at least every 30 s and at each epoch's end (for logs, where no bar shows).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,6 +193,7 @@ def train(
         raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
 
     epochs = range(generator.epoch, config.epochs)
+    heartbeat = Heartbeat(log, config.epochs)
     for epoch in progress(epochs) if progress else epochs:
         # seeded per epoch so a resumed run draws the same batches and noise as an uninterrupted one
         torch.manual_seed(config.seed * 100_003 + epoch)
@@ -179,6 +210,7 @@ def train(
                 sums[key] = sums.get(key, 0.0) + value
             if tracker and generator.step % config.log_every_steps == 0:
                 tracker.log_metrics(losses, step=generator.step)
+            heartbeat.step(epoch + 1, generator.step, losses)
         generator.epoch = epoch + 1
         record = {"epoch": generator.epoch, "step": generator.step, **{k: v / batches for k, v in sums.items()}}
         if generator.epoch % config.eval_every == 0 or generator.epoch == config.epochs:
@@ -192,6 +224,7 @@ def train(
                 tracker.log_metrics(metrics, step=generator.epoch)
                 tracker.log_image(grid, f"samples/epoch_{generator.epoch:04d}.png")
         history.append(record)
+        heartbeat.epoch_done(record)
         if generator.epoch % config.checkpoint_every == 0 or generator.epoch == config.epochs:
             generator.save_checkpoint(checkpoint)
             history_path.write_text(json.dumps(history, indent=2) + "\n")
