@@ -1,18 +1,20 @@
 """``python -m serving --model NAME``: the serving image's entry point, run by a KServe InferenceService.
 
-In a pod kserve's own ``ModelServer`` serves on all interfaces (the mesh in front of it does auth); the local
-``sonogen serve`` binds loopback instead. Settings come from flags or ``SONOGEN_SERVE_*`` variables.
+The same application as the local ``sonogen serve`` (kserve's REST server and data plane behind the request limits,
+the bearer token and without the model-repository routes), on the interface a pod must listen on. Settings come
+from flags or ``SONOGEN_SERVE_*`` variables; the token from ``SONOGEN_SERVE_TOKEN`` (a Secret in the manifest).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
-from serving.app import MAX_BODY_BYTES, RequestLimits, model_uri, watch_alias
-from sonogen.registry import model_name_of
+from serving.app import MAX_BODY_BYTES, model_uri, run_server, watch_alias
 from serving.predictor import SamplerModel
+from sonogen.registry import model_name_of
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,7 +24,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="registered model name, a models:/ URI, or a saved generator's folder / s3:// URI")
     parser.add_argument("--alias", default=env("SONOGEN_SERVE_ALIAS", "champion"))
     parser.add_argument("--version", default=env("SONOGEN_SERVE_VERSION"))
+    # a pod is reached on its own address (kubelet probes, the Service), so all interfaces by default
+    parser.add_argument("--host", default=env("SONOGEN_SERVE_HOST", "0.0.0.0"))
     parser.add_argument("--http_port", type=int, default=int(env("SONOGEN_SERVE_PORT", "8080")))
+    parser.add_argument("--token", default=env("SONOGEN_SERVE_TOKEN") or None,
+                        help="require 'Authorization: Bearer TOKEN' on everything but the health probes")
     parser.add_argument("--max-n", type=int, default=int(env("SONOGEN_SERVE_MAX_N", "256")))
     parser.add_argument("--max-batch", type=int, default=int(env("SONOGEN_SERVE_MAX_BATCH", "16")))
     parser.add_argument("--max-body-bytes", type=int, default=int(env("SONOGEN_SERVE_MAX_BODY_BYTES", MAX_BODY_BYTES)))
@@ -30,17 +36,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="poll the alias every this many seconds and reload on promotion (0: off)")
     args = parser.parse_args(argv)
 
-    import kserve
-    import kserve.model_server
-
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     uri = model_uri(args.model, args.alias, args.version)
     model = SamplerModel(model_name_of(uri), uri, max_n=args.max_n, max_batch=args.max_batch)
     if not model.load():
         sys.exit(f"{uri} does not exist in the registry at {os.environ.get('MLFLOW_TRACKING_URI', 'the default store')}")
     if args.watch:
         watch_alias(model, args.watch)
-    kserve.model_server.app.add_middleware(RequestLimits, max_body_bytes=args.max_body_bytes)
-    kserve.ModelServer(http_port=args.http_port, enable_grpc=False).start([model])
+    if not args.token:
+        logging.getLogger("sonogen.serving").warning(
+            "no SONOGEN_SERVE_TOKEN: whoever reaches %s:%d can sample; rely on the mesh in front of it, or set one",
+            args.host, args.http_port)
+    run_server(model, args.host, args.http_port, max_body_bytes=args.max_body_bytes, token=args.token)
 
 
 if __name__ == "__main__":

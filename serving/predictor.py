@@ -48,6 +48,20 @@ class SamplerModel(Model):
             self.ready = True
         return True
 
+    def get_input_types(self) -> list[dict]:
+        """The v2 inputs, as ``GET /v2/models/NAME`` lists them (shape [1] each; the condition a JSON object)."""
+        return [{"name": "n", "datatype": "INT64", "shape": [1]}, {"name": "seed", "datatype": "INT64", "shape": [1]},
+                {"name": "label", "datatype": "BYTES", "shape": [1]},
+                {"name": "condition", "datatype": "BYTES", "shape": [1]}]
+
+    def get_output_types(self) -> list[dict]:
+        """``images`` (n, H, W) uint8, and ``boxes`` (n, most boxes of an image, 4) from families that place
+        lesions; -1 marks a size that depends on the request."""
+        outputs = [{"name": "images", "datatype": "UINT8", "shape": [-1, -1, -1]}]
+        if self.ready and self.backend.places_lesions:
+            outputs.append({"name": "boxes", "datatype": "INT32", "shape": [-1, -1, 4]})
+        return outputs
+
     async def _sample(self, request: SamplingRequest) -> tuple[np.ndarray, list | None]:
         """The request's images, with each image's lesion boxes from families that place lesions."""
         backend, batcher = self.backend, self.batcher
@@ -79,13 +93,15 @@ class SamplerModel(Model):
                 outputs[-1].set_data_from_numpy(table, binary_data=False)
             return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
                                  infer_outputs=outputs, model_version=self.version,
+                                 use_binary_outputs=payload.use_binary_outputs,
+                                 requested_outputs=payload.request_outputs,
                                  parameters={k: v for k, v in self._echo(request).items()
                                              if k in ("model_version", "seed", "label")})
         if isinstance(payload, (bytes, str)):  # kserve leaves bodies of other content types (curl -d) undecoded
             try:
                 payload = json.loads(payload)
-            except ValueError as err:
-                raise InvalidInput(f"request body: not JSON ({err})") from err
+            except (ValueError, RecursionError) as err:
+                raise InvalidInput(f"request body: not JSON ({err})") from None
         if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list) or not payload["instances"]:
             raise InvalidInput('instances: expected {"instances": [{"n": ..., "seed": ..., ...}]}')
         requests = [parse_request(item, self.backend, self.max_n, f"instances[{i}]")

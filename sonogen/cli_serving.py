@@ -55,7 +55,7 @@ def serve_command(
                                                 "(0: load once).")] = 0,
 ):
     """Serve a registered generator with KServe's v1 and v2 protocols on this machine."""
-    from serving.app import model_uri, serve_local, watch_alias
+    from serving.app import model_uri, run_server, watch_alias
     from serving.predictor import SamplerModel
     from sonogen.registry import model_name_of
 
@@ -71,7 +71,7 @@ def serve_command(
         console.print(f"serving {sampler.name} version {sampler.version} ({sampler.backend.runtime})")
     console.print(f"v1: POST http://{host}:{port}/v1/models/{sampler.name}:predict   "
                   f"v2: POST http://{host}:{port}/v2/models/{sampler.name}/infer")
-    serve_local(sampler, host, port, max_body_bytes=max_body_bytes, token=token)
+    run_server(sampler, host, port, max_body_bytes=max_body_bytes, token=token)
 
 
 @user_errors

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 FIXTURES = Path(__file__).parent / "fixtures"
+NAME = "lus-dcgan-consolidation"  # the registered model of the `registry` fixture
 
 
 def fan_frame(rng: np.random.Generator, size: tuple[int, int] = (72, 96), shift: int = 0) -> np.ndarray:
@@ -154,27 +155,30 @@ def aws_env(monkeypatch, tmp_path) -> dict[str, str]:
 
 
 def start_server(root: Path, tracking_uri: str, model: str, *args: str) -> tuple[subprocess.Popen, str]:
-    """``sonogen serve --model MODEL ARGS`` as a real process on a free loopback port, once it answers."""
+    """``sonogen serve --model MODEL ARGS`` as a real process on a free loopback port, once it answers; its output
+    goes to ``root/serve-PORT.log`` (a pipe nobody reads would fill and stop the server)."""
     import requests
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "sonogen.cli", "serve", "--model", model, "--port", str(port),
-                                *args], cwd=root, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = root / f"serve-{port}.log"
+    with log.open("w") as output:
+        process = subprocess.Popen([sys.executable, "-m", "sonogen.cli", "serve", "--model", model, "--port",
+                                    str(port), *args], cwd=root, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+                                   stdout=output, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"server exited: {process.stdout.read()}")
+            raise AssertionError(f"server exited: {log.read_text()}")
         try:
             if requests.get(f"{url}/v2/health/live", timeout=1).status_code == 200:
                 return process, url
         except requests.ConnectionError:
             time.sleep(0.2)
     process.kill()
-    raise AssertionError("server did not start in 60 s")
+    raise AssertionError(f"server did not start in 60 s: {log.read_text()}")
 
 
 def stop_server(process: subprocess.Popen) -> None:
@@ -192,3 +196,34 @@ def lus(tmp_path_factory) -> Path:
     generate(root / "raw", patients=8, frames_per_patient=3, seed=0)
     prepare(root / "raw", root / "lus", size=32, split="0.7,0.15,0.15", seed=0, stratify=True)
     return root / "lus"
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory):
+    """Two versions of one tiny generator: v1 passed its gates and is exported to ONNX, v2 was never gated."""
+    import mlflow
+    import yaml
+
+    from sonogen.data.phantom import generate
+    from sonogen.data.prepare import prepare
+    from sonogen.export import export_registered
+    from sonogen.jobs import register_trained, train_generator
+
+    root = tmp_path_factory.mktemp("registry")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        generate(root / "raw", patients=6, frames_per_patient=2, seed=0)
+        prepare(root / "raw", root / "lus", size=32, stratify=True)
+        (root / "tiny.yaml").write_text(yaml.safe_dump({
+            "model": {"image_size": 32, "base_channels": 4},
+            "train": {"epochs": 1, "batch_size": 4, "eval_samples": 4},
+        }))
+        train_generator("dcgan", root / "lus", "consolidation", root / "trained", config_path=root / "tiny.yaml",
+                        register=False)
+        assert register_trained(root / "trained")["version"] == "1"
+        assert register_trained(root / "trained")["version"] == "2"
+        # stands for a version that went through `sonogen evaluate` and passed (tests/test_gates.py covers that path)
+        mlflow.MlflowClient().set_model_version_tag(NAME, "1", "gate", "passed")
+        export = export_registered(f"models:/{NAME}/1")
+        yield {"root": root, "uri": os.environ["MLFLOW_TRACKING_URI"], "export": export}

@@ -35,7 +35,7 @@ MAY_APPEAR_LATER = {"serving"}
 # The namespaces objects may live in: sonogen's own, and the one standalone KFP runs pipeline pods in.
 NAMESPACES = {"sonogen", "kubeflow"}
 # Secrets referred to by name; created by hand (infra/README.md), never in git.
-EXTERNAL_SECRETS = {"sonogen-s3", "sonogen-postgres"}
+EXTERNAL_SECRETS = {"sonogen-s3", "sonogen-postgres", "sonogen-serve"}
 KUSTOMIZATION_KINDS = {"Kustomization", "Component"}
 CLUSTER_SCOPED_KINDS = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
                         "PersistentVolume", "StorageClass", "PriorityClass"}
@@ -1020,9 +1020,11 @@ def test_inference_service_env_references():
         assert "MLFLOW_TRACKING_URI" in generated[(namespace, "sonogen-env")], "infra/base renders no sonogen-env here"
         secret_keys = {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
                        for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
-        assert secret_keys == {("sonogen-s3", "AWS_ACCESS_KEY_ID"), ("sonogen-s3", "AWS_SECRET_ACCESS_KEY")}
-        assert "sonogen-s3" in EXTERNAL_SECRETS
-        assert readme_secret_commands()[("sonogen-s3", namespace)] >= {k for _, k in secret_keys}
+        assert secret_keys == {("sonogen-s3", "AWS_ACCESS_KEY_ID"), ("sonogen-s3", "AWS_SECRET_ACCESS_KEY"),
+                               ("sonogen-serve", "SONOGEN_SERVE_TOKEN")}
+        for secret in {name for name, _ in secret_keys}:
+            assert secret in EXTERNAL_SECRETS
+            assert readme_secret_commands()[(secret, namespace)] >= {k for s, k in secret_keys if s == secret}
 
 
 def test_inference_service_probes_and_security():

@@ -14,46 +14,18 @@ import mlflow
 import numpy as np
 import pytest
 import requests
-import yaml
 from PIL import Image
-from conftest import start_server, stop_server
+from conftest import NAME, start_server, stop_server
 from typer.testing import CliRunner
 
 from sonogen.cli import app
-from sonogen.data.phantom import generate
-from sonogen.data.prepare import prepare
-from sonogen.export import export_registered
 from sonogen.generators import to_uint8
-from sonogen.jobs import register_trained, train_generator
+from sonogen.jobs import register_trained
 from sonogen.registry import load_sampler
 from sonogen.sampling import png_bytes
 
-NAME = "lus-dcgan-consolidation"
 TOKEN = "s3cret"
 MAX_N, MAX_BATCH = 24, 4
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    """Two versions of one tiny generator: v1 passed its gates and is exported to ONNX, v2 was never gated."""
-    root = tmp_path_factory.mktemp("registry")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        generate(root / "raw", patients=6, frames_per_patient=2, seed=0)
-        prepare(root / "raw", root / "lus", size=32, stratify=True)
-        (root / "tiny.yaml").write_text(yaml.safe_dump({
-            "model": {"image_size": 32, "base_channels": 4},
-            "train": {"epochs": 1, "batch_size": 4, "eval_samples": 4},
-        }))
-        train_generator("dcgan", root / "lus", "consolidation", root / "trained", config_path=root / "tiny.yaml",
-                        register=False)
-        assert register_trained(root / "trained")["version"] == "1"
-        assert register_trained(root / "trained")["version"] == "2"
-        # stands for a version that went through `sonogen evaluate` and passed (tests/test_gates.py covers that path)
-        mlflow.MlflowClient().set_model_version_tag(NAME, "1", "gate", "passed")
-        export = export_registered(f"models:/{NAME}/1")
-        yield {"root": root, "uri": os.environ["MLFLOW_TRACKING_URI"], "export": export}
 
 
 def _start_server(registry, *args):
@@ -237,6 +209,7 @@ def test_promotion_is_gated_audited_picked_up_by_a_watching_server_and_rolled_ba
                 time.sleep(0.2)
 
         assert served_version() == (503, None)  # no champion yet
+        assert requests.get(f"{url}/v2/health/ready").status_code == 503  # and the probe says so
 
         refused = runner.invoke(app, ["registry", "promote", NAME, "2", "--to", "champion"], env=env)
         assert refused.exit_code == 1 and "gate 'not evaluated'" in refused.output
@@ -245,6 +218,17 @@ def test_promotion_is_gated_audited_picked_up_by_a_watching_server_and_rolled_ba
 
         assert runner.invoke(app, ["registry", "promote", NAME, "1", "--reason", "first gated"], env=env).exit_code == 0
         wait_for("1")
+        assert requests.get(f"{url}/v2/health/ready").status_code == 200
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+            audit = mlflow.MlflowClient().get_model_version(NAME, "1").tags
+        again = runner.invoke(app, ["registry", "promote", NAME, "1", "--reason", "once more"], env=env)
+        assert again.exit_code == 1 and "already @champion" in again.output
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+            assert mlflow.MlflowClient().get_model_version(NAME, "1").tags == audit, "the audit trail is kept"
+        no_previous = runner.invoke(app, ["registry", "rollback", NAME], env=env)
+        assert no_previous.exit_code == 1 and "no previous holder" in no_previous.output
         forced = runner.invoke(app, ["registry", "promote", NAME, "2", "--force", "--reason", "clinical review"],
                                env=env)
         assert forced.exit_code == 0 and "was version 1" in forced.output
@@ -330,7 +314,7 @@ def test_generate_to_s3_resumes_from_what_is_there(registry, s3_server, aws_env,
 def test_export_command_reports_parity(registry):
     result = CliRunner().invoke(app, ["export", "onnx", f"models:/{NAME}/2"], env={"MLFLOW_TRACKING_URI": registry["uri"]})
     assert result.exit_code == 0, result.output
-    assert "max |ONNX − torch|" in result.output and f"runs:/" in result.output
+    assert "max |ONNX − torch|" in result.output and "runs:/" in result.output
 
 
 def test_int8_export_is_gated_on_its_samples_batch_invariant_and_replaced_by_fp32(registry, monkeypatch):
@@ -385,6 +369,35 @@ def test_a_saved_generator_folder_is_served_by_torch(registry):
     backend = load_backend(str(folder))
     assert (backend.runtime, backend.family, backend.label) == ("torch:cpu", "dcgan", "consolidation")
     assert np.array_equal(backend.images(3, 11), to_uint8(load_generator(folder).sample(3, 11)))
+
+
+def test_the_image_entry_point_serves_with_a_token_from_its_environment_and_no_repository_routes(registry):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"], "SONOGEN_SERVE_TOKEN": TOKEN}
+    process = subprocess.Popen([sys.executable, "-m", "serving", "--model", NAME, "--version", "1", "--host",
+                                "127.0.0.1", "--http_port", str(port)], env=env, cwd=registry["root"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert process.poll() is None and time.time() < deadline, "python -m serving did not become ready"
+            time.sleep(0.2)
+        assert requests.post(f"{url}/v1/models/{NAME}:predict", json={"instances": [{"n": 1}]}).status_code == 401
+        assert predict(url, {"instances": [{"n": 1, "seed": 2}]}).status_code == 200
+        unload = requests.post(f"{url}/v2/repository/models/{NAME}/unload", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert unload.status_code == 404 and predict(url, {"instances": [{"n": 1}]}).status_code == 200
+    finally:
+        stop_server(process)
 
 
 def test_the_image_entry_point_refuses_a_model_that_is_not_registered(registry):
