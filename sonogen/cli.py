@@ -196,6 +196,18 @@ def register_command(
         report.write_text(json.dumps(registered, indent=2) + "\n")
 
 
+@app.command("convert-weights")
+@_user_errors
+def convert_weights_command(
+    path: Annotated[Path, typer.Argument(help="A pickle weight file (.bin, .pt, .pth, .ckpt) or a model folder.")],
+):
+    """Convert pickle weights to safetensors, the only format sonogen loads (run it once, on a file you trust)."""
+    from sonogen.weights import convert_to_safetensors
+
+    for written in convert_to_safetensors(path):
+        console.print(f"wrote {written}")
+
+
 @registry_app.command("list")
 @_user_errors
 def registry_list_command():

@@ -17,9 +17,32 @@ import_app = typer.Typer(
 )
 data_app.add_typer(import_app, name="import")
 
-Strict = Annotated[bool, typer.Option("--strict", help="Fail if any file is skipped (the report is still written).")]
+Strict = Annotated[bool, typer.Option("--strict", help="Fail if any file is skipped; nothing is written then.")]
 Fps = Annotated[float, typer.Option(min=0.01, help="Frames sampled per second of video.")]
 Licence = Annotated[str, typer.Option(help="Licence recorded for every imported image.")]
+KeyFile = Annotated[Path | None, typer.Option(
+    help="File holding the secret pseudonym key (hex); default: $SONOGEN_PSEUDONYM_KEY.")]
+NewKey = Annotated[Path | None, typer.Option(
+    help="Create a new 256-bit pseudonym key in this file (mode 0600, outside the dataset) and use it.")]
+Anonymise = Annotated[bool, typer.Option(
+    "--anonymise-names", help="Keyed pseudonyms for patients, image names and origins: no source file name "
+                              "reaches the dataset (needs a pseudonym key).")]
+MaxPixels = Annotated[int, typer.Option(min=1, help="Largest frame accepted, in pixels (read from the header, "
+                                                    "before decoding).")]
+
+
+def _key(key_file: Path | None, new_key: Path | None, out: Path, needed: bool):
+    """The pseudonym key the options name (a new one with ``new_key``); None when not ``needed``."""
+    from sonogen.data.pseudonyms import create_key, require_key
+
+    if new_key is not None:
+        if key_file is not None:
+            raise ValueError("--new-pseudonym-key and --pseudonym-key-file exclude each other")
+        key = create_key(new_key, out)
+        console.print(f"created pseudonym key {key.key_id} in {new_key}: keep it secret and keep it (the same key "
+                      f"gives the same pseudonyms when the dataset grows)")
+        return key
+    return require_key(key_file) if needed else None
 
 
 def _print_import(report: dict, out: Path) -> None:
@@ -31,8 +54,11 @@ def _print_import(report: dict, out: Path) -> None:
     console.print(table)
     console.print(
         f"files seen {report['files_seen']} = imported {report['files_imported']} + skipped "
-        f"{report['files_skipped']}; {report['images']} images from {report['patients']} patients"
+        f"{report['files_skipped']}; {report['images']} images from {report['patients']} patients; "
+        f"pseudonyms {report['pseudonyms'].split(':')[0]}"
     )
+    for flag, count in report.get("flagged", {}).items():
+        console.print(f"[yellow]flagged[/yellow] {count} images {flag} (prepare --burned-in drop|blank)")
     for skip in report["skipped"]:
         console.print(f"[yellow]skipped[/yellow] {skip['file']}: {skip['reason']}")
 
@@ -60,11 +86,17 @@ def import_pocus_command(
     out: Annotated[Path, typer.Argument(help="Output dataset folder.")],
     fps: Fps = 3.0,
     strict: Strict = False,
+    anonymise_names: Anonymise = False,
+    pseudonym_key_file: KeyFile = None,
+    new_pseudonym_key: NewKey = None,
+    max_pixels: MaxPixels = 16_000_000,
 ):
     """POCUS lung ultrasound: convex stills and videos, labels from file names, licences from the metadata."""
     from sonogen.data.importers import import_pocus
 
-    _print_import(import_pocus(src, out, fps=fps, strict=strict, progress=progress("importing")), out)
+    key = _key(pseudonym_key_file, new_pseudonym_key, out, anonymise_names)
+    _print_import(import_pocus(src, out, fps=fps, strict=strict, progress=progress("importing"), key=key,
+                               max_pixels=max_pixels), out)
 
 
 @import_app.command("busi")
@@ -74,11 +106,17 @@ def import_busi_command(
     out: Annotated[Path, typer.Argument(help="Output dataset folder.")],
     licence: Licence = "CC0-1.0",
     strict: Strict = False,
+    anonymise_names: Anonymise = False,
+    pseudonym_key_file: KeyFile = None,
+    new_pseudonym_key: NewKey = None,
+    max_pixels: MaxPixels = 16_000_000,
 ):
     """BUSI breast ultrasound: masks merged per image, boxes derived from them."""
     from sonogen.data.importers import import_busi
 
-    _print_import(import_busi(src, out, licence=licence, strict=strict, progress=progress("importing")), out)
+    key = _key(pseudonym_key_file, new_pseudonym_key, out, anonymise_names)
+    _print_import(import_busi(src, out, licence=licence, strict=strict, progress=progress("importing"), key=key,
+                              max_pixels=max_pixels), out)
 
 
 @import_app.command("folder")
@@ -93,14 +131,17 @@ def import_folder_command(
     source: Annotated[str | None, typer.Option(help="Source name (default: the folder name).")] = None,
     licence: Licence = "unknown",
     strict: Strict = False,
+    anonymise_names: Anonymise = False,
+    pseudonym_key_file: KeyFile = None,
+    new_pseudonym_key: NewKey = None,
+    max_pixels: MaxPixels = 16_000_000,
 ):
     """A plain folder of stills and videos, SRC/<label>/<file>."""
     from sonogen.data.importers import import_folder
 
-    report = import_folder(
-        src, out, boxes_csv=boxes, fps=fps, source=source, licence=licence, strict=strict,
-        progress=progress("importing"),
-    )
+    key = _key(pseudonym_key_file, new_pseudonym_key, out, anonymise_names)
+    report = import_folder(src, out, boxes_csv=boxes, fps=fps, source=source, licence=licence, strict=strict,
+                           progress=progress("importing"), key=key, max_pixels=max_pixels)
     _print_import(report, out)
 
 
@@ -113,14 +154,41 @@ def import_dicom_command(
     source: Annotated[str | None, typer.Option(help="Source name (default: the folder name).")] = None,
     licence: Licence = "unknown",
     strict: Strict = False,
+    pseudonym_key_file: KeyFile = None,
+    new_pseudonym_key: NewKey = None,
+    allow_burned_in: Annotated[bool, typer.Option(
+        "--allow-burned-in", help="Import frames with burned-in annotation, flagged for prepare --burned-in.")]
+    = False,
+    max_pixels: MaxPixels = 16_000_000,
 ):
-    """Single- and multi-frame ultrasound DICOM; only a pseudonymised patient id leaves the header."""
+    """Ultrasound DICOM: keyed pseudonyms only; no name, date or file name leaves the source (docs/privacy.md)."""
     from sonogen.data.importers import import_dicom
 
-    report = import_dicom(
-        src, out, fps=fps, source=source, licence=licence, strict=strict, progress=progress("importing")
-    )
+    key = _key(pseudonym_key_file, new_pseudonym_key, out, needed=True)
+    report = import_dicom(src, out, key, fps=fps, source=source, licence=licence, strict=strict,
+                          progress=progress("importing"), allow_burned_in=allow_burned_in, max_pixels=max_pixels)
     _print_import(report, out)
+
+
+@data_app.command("locate")
+@user_errors
+def locate_command(
+    src: Annotated[Path, typer.Argument(help="The source folder that was imported.")],
+    digest: Annotated[str, typer.Argument(help="A keyed digest from a manifest's origin or a report (before '#').")],
+    pseudonym_key_file: KeyFile = None,
+):
+    """Find the source file behind an anonymised origin; only the holder of the key can."""
+    from sonogen.data.importers.common import walk
+    from sonogen.data.pseudonyms import require_key
+
+    key = require_key(pseudonym_key_file)
+    digest = digest.split("#")[0]
+    files, _ = walk(src)
+    found = [path for path in files if key.digest("path", path.relative_to(src).as_posix()) == digest]
+    if not found:
+        raise FileNotFoundError(f"no file under {src} has the digest {digest} with key {key.key_id}")
+    for path in found:
+        print(path)
 
 
 @data_app.command("prepare")
@@ -139,13 +207,15 @@ def prepare_command(
             "per-patient hashing (stable when patients are added).",
         ),
     ] = False,
+    burned_in: Annotated[str, typer.Option(
+        help="Frames flagged with burned-in annotation: drop them, or blank (keep them; everything outside the "
+             "scan area is blanked, as in every frame).")] = "drop",
 ):
     """Crop to the scan area, blank text, resize and pad, and split by patient."""
     from sonogen.data.prepare import prepare
 
-    report = prepare(
-        raw, out, size=size, split=split, seed=seed, stratify=stratify, progress=progress("preparing")
-    )
+    report = prepare(raw, out, size=size, split=split, seed=seed, stratify=stratify, progress=progress("preparing"),
+                     burned_in=burned_in)
     table = Table(title=f"{raw} → {out} ({size}×{size})")
     for column in ("split", "patients", "images", "images per label", "patients per label"):
         table.add_column(column)
@@ -166,6 +236,9 @@ def prepare_command(
     for name, entry in report["splits"].items():
         if missing := sorted(labels - set(entry["images_per_label"])):
             console.print(f"[yellow]warning:[/yellow] split {name} has no {', '.join(missing)} images")
+    if report["burned_in"]["flagged"]:
+        console.print(f"burned-in annotation: {report['burned_in']['flagged']} flagged images, "
+                      f"{report['burned_in']['dropped']} dropped")
     for skip in report["skipped"]:
         console.print(f"[yellow]skipped[/yellow] {skip['image']}: {skip['reason']}")
 

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from sonogen.data.manifest import read_manifest
+from sonogen.data.writer import PREPARE_REPORT
 
 INTENDED_USE = (
     "Synthetic ultrasound frames to augment training and testing of downstream models (classification, "
@@ -65,6 +66,13 @@ def _licences(data: Path, labels: list[str]) -> list[str]:
     return [f"{licence}: {count} training images" for licence, count in counts.most_common()]
 
 
+def _pseudonyms(data: Path) -> str:
+    try:
+        return json.loads((data / PREPARE_REPORT).read_text()).get("pseudonyms", "unknown")
+    except (OSError, ValueError):
+        return "unknown (the prepare report was not available at registration)"
+
+
 def build_model_card(name: str, version: str, info: dict, tags: dict[str, str], generator_dir: Path,
                      gate_report: dict | None, train_params: dict[str, str]) -> str:
     """Markdown for ``name`` version ``version``; ``info`` is the training run's record (family, label, data)."""
@@ -84,6 +92,7 @@ def build_model_card(name: str, version: str, info: dict, tags: dict[str, str], 
         "## Data",
         f"- prepared dataset: `{info['data']}`",
         f"- DVC md5: `{tags.get('data_dvc_md5', 'unknown')}`; manifest sha256: `{tags.get('data_manifest_sha256', 'unknown')}`",
+        f"- patient ids: {_pseudonyms(Path(info['data']))}",
         "- licences:",
         *[f"  - {line}" for line in _licences(Path(info["data"]), config.get("labels") or [info["label"]])],
         *base,

@@ -50,7 +50,10 @@ def write_gif(path: Path, frames: list[np.ndarray], durations_ms: list[int]) -> 
     images[0].save(path, save_all=True, append_images=images[1:], duration=durations_ms, loop=0)
 
 
-def write_dicom(path: Path, frames: np.ndarray, patient_id: str, frame_time_ms: float | None = None, rgb=False):
+def write_dicom(path: Path, frames: np.ndarray, patient_id: str, frame_time_ms: float | None = None, rgb=False,
+                burned_in: str | None = "NO"):
+    """An ultrasound DICOM shaped like an archive's: patient name, id, birth date and institution in the header;
+    ``burned_in`` is its BurnedInAnnotation (None: the tag is absent)."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
 
@@ -66,6 +69,8 @@ def write_dicom(path: Path, frames: np.ndarray, patient_id: str, frame_time_ms: 
     ds.PatientName = "Doe^Jane"
     ds.PatientBirthDate = "19700101"
     ds.InstitutionName = "General Hospital"
+    if burned_in is not None:
+        ds.BurnedInAnnotation = burned_in
     if frame_time_ms is not None:
         ds.FrameTime = frame_time_ms
     pixels = np.repeat(frames[..., None], 3, axis=-1) if rgb else frames

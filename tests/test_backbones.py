@@ -127,23 +127,26 @@ def test_feature_shapes_and_finite_on_grey_input(backbone, images):
     assert torch.allclose(model.features(images.repeat(1, 3, 1, 1)), features)
 
 
-def test_pth_and_safetensors_round_trip(backbone, images, tmp_path):
+def test_pth_is_refused_and_converted_once_it_loads_as_safetensors(backbone, images, tmp_path):
+    from sonogen.weights import convert_to_safetensors
+
     name, state = backbone
     with torch.no_grad():
         reference = build_backbone(name, state).features(images)
         torch.save(state, tmp_path / "weights.pth")
-        save_file(state, str(tmp_path / "weights.safetensors"))
-        for file in ("weights.pth", "weights.safetensors"):
-            loaded = load_weights(tmp_path / file)
-            assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
-            assert torch.equal(build_backbone(name, str(tmp_path / file)).features(images), reference)
+        with pytest.raises(ValueError, match="sonogen convert-weights"):
+            load_weights(tmp_path / "weights.pth")
+        assert convert_to_safetensors(tmp_path / "weights.pth") == [tmp_path / "weights.safetensors"]
+        loaded = load_weights(tmp_path / "weights.safetensors")
+        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+        assert torch.equal(build_backbone(name, str(tmp_path / "weights.safetensors")).features(images), reference)
 
 
 def test_files_without_batchnorm_counters_load(tmp_path):
     # weight files saved before torch 0.4.1 (the original torchvision ones among them) have no such buffer
     state = {k: v for k, v in random_state("resnet34").items() if not k.endswith("num_batches_tracked")}
-    torch.save(state, tmp_path / "legacy.pth")
-    model = build_backbone("resnet34", str(tmp_path / "legacy.pth"))
+    save_file(state, str(tmp_path / "legacy.safetensors"))
+    model = build_backbone("resnet34", str(tmp_path / "legacy.safetensors"))
     assert torch.equal(model.state_dict()["layer1.0.bn1.running_var"], state["layer1.0.bn1.running_var"])
 
 
@@ -171,6 +174,8 @@ def test_mismatched_weights_name_the_keys(tmp_path):
 
 
 def test_unknown_backbone_and_missing_or_unsafe_files(tmp_path):
+    from sonogen.weights import convert_to_safetensors
+
     with pytest.raises(ValueError, match="known: inception-v3, resnet34"):
         build_backbone("vgg16", None)
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
@@ -182,10 +187,12 @@ def test_unknown_backbone_and_missing_or_unsafe_files(tmp_path):
         load_weights(tmp_path / "weights.onnx")
     torch.save({"model": {"w": torch.zeros(1)}}, tmp_path / "checkpoint.pth")
     with pytest.raises(ValueError, match="not a flat state_dict"):
-        load_weights(tmp_path / "checkpoint.pth")
+        convert_to_safetensors(tmp_path / "checkpoint.pth")
     torch.save({"w": torch.zeros(1), "obj": Exploit()}, tmp_path / "pickle.pth")
-    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+    with pytest.raises(ValueError, match="sonogen convert-weights"):
         load_weights(tmp_path / "pickle.pth")
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        convert_to_safetensors(tmp_path / "pickle.pth")  # even converting never runs what a file names
     assert not Exploit.ran
 
 
@@ -216,9 +223,9 @@ def s3(s3_server, aws_env):
 def test_load_weights_from_s3(s3, s3_server, monkeypatch, tmp_path, endpoint_var):
     monkeypatch.setenv(endpoint_var, s3_server)
     state = {"conv.weight": torch.randn(4, 3, 3, 3), "bn.num_batches_tracked": torch.tensor(7)}
-    torch.save(state, tmp_path / "small.pth")
-    s3.upload_file(str(tmp_path / "small.pth"), "sonogen-weights", f"{endpoint_var}/small.pth")
-    loaded = load_weights(f"s3://sonogen-weights/{endpoint_var}/small.pth")
+    save_file(state, str(tmp_path / "small.safetensors"))
+    s3.upload_file(str(tmp_path / "small.safetensors"), "sonogen-weights", f"{endpoint_var}/small.safetensors")
+    loaded = load_weights(f"s3://sonogen-weights/{endpoint_var}/small.safetensors")
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 from conftest import fan_frame, write_dicom, write_video
 from sonogen.data.frames import read_video, to_grey
 from sonogen.data.importers import import_busi, import_dicom, import_folder, import_pocus
-from sonogen.data.importers.dicom import pseudonym
+from sonogen.data.pseudonyms import PseudonymKey
 from sonogen.data.importers.pocus import group_patients, label_of, series_of
 from sonogen.data.manifest import file_sha256, load_grey, read_manifest
 from sonogen.data.writer import StrictImportError
@@ -80,12 +80,13 @@ def test_pocus_names_and_grouping():
     assert len(set(ids.values())) == 4
 
 
-def test_strict_import_fails_but_reports(pocus_tree, tmp_path):
+def test_strict_import_fails_naming_every_skip_and_writes_nothing(pocus_tree, tmp_path):
     out = tmp_path / "raw"
-    with pytest.raises(StrictImportError, match="4 file"):
+    with pytest.raises(StrictImportError, match="4 file") as failure:
         import_pocus(pocus_tree, out, strict=True)
-    assert json.loads((out / "import_report.json").read_text())["files_skipped"] == 4
-    assert not (out / "manifest.csv").exists()
+    for name in ("Cov_empty_clip.mp4", "Cov_truncated_clip.mp4", "Reg_notes.txt", "Unlabelled_clip.mp4"):
+        assert f"data/pocus_videos/convex/{name}: " in str(failure.value)
+    assert not out.exists() and not list(tmp_path.glob(".raw.*"))
 
 
 def test_busi_merges_masks_derives_boxes_and_reports_orphans(busi_tree, tmp_path):
@@ -143,15 +144,19 @@ def test_dicom_single_multiframe_and_no_personal_data(tmp_path, rng):
     write_dicom(src / "normal" / "still.dcm", cine[:1], "MRN-0042", rgb=True)
     write_dicom(src / "normal" / "other.dcm", cine[:1], "MRN-0099")
     (src / "normal" / "broken.dcm").write_bytes(b"DICM" + b"\x01" * 40)
-    report = import_dicom(src, tmp_path / "raw", fps=3)
+    key = PseudonymKey(b"k" * 32)
+    report = import_dicom(src, tmp_path / "raw", key, fps=3)
     _reconciles(report)
-    assert [s["file"] for s in report["skipped"]] == ["normal/broken.dcm"]
+    assert [s["file"] for s in report["skipped"]] == [key.digest("path", "normal/broken.dcm")]
     records = _valid_dataset(tmp_path / "raw")
-    cine_frames = sorted(int(r.origin.split("#")[1]) for r in records if "cine" in r.origin)
+    cine_origin = key.digest("path", "consolidation/cine.dcm")
+    cine_frames = sorted(int(r.origin.split("#")[1]) for r in records if r.origin.startswith(cine_origin))
     assert cine_frames == [0, 4, 7, 10]  # 100 ms frames sampled at 3 per second
-    still = next(r for r in records if "still" in r.origin)
+    still = next(r for r in records if r.origin.startswith(key.digest("path", "normal/still.dcm")))
     assert np.array_equal(load_grey(tmp_path / "raw" / still.image), cine[0])  # RGB grey → same luminance
-    assert {r.patient_id for r in records if "other" not in r.origin} == {pseudonym("MRN-0042")}
+    other = key.digest("path", "normal/other.dcm")
+    assert {r.patient_id for r in records if not r.origin.startswith(other)} == {
+        f"pid-{key.digest('patient', 'MRN-0042')}"}
     text = (tmp_path / "raw" / "manifest.csv").read_text() + (tmp_path / "raw" / "import_report.json").read_text()
     for personal in ("MRN-0042", "Doe", "19700101", "General Hospital"):
         assert personal not in text

@@ -149,6 +149,27 @@ def test_fine_tuning_a_stable_diffusion_checkpoint_in_full_or_with_lora(lus, tin
     assert not torch.equal(loaded.sample(1, 3, prompt), loaded.sample(1, 3, {"prompt": "ultrasound"}))
 
 
+def test_a_base_checkpoint_in_pickle_files_is_refused_until_converted(tiny_sd, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from typer.testing import CliRunner
+
+    from sonogen.cli import app
+
+    pickled = tmp_path / "sd"
+    shutil.copytree(tiny_sd, pickled)
+    shutil.rmtree(pickled / "unet")
+    UNet2DConditionModel.from_pretrained(tiny_sd / "unet").save_pretrained(pickled / "unet", safe_serialization=False)
+    assert [p.name for p in (pickled / "unet").glob("*.bin")] == ["diffusion_pytorch_model.bin"]
+    config = LatentDiffusionConfig(label="consolidation", mode="fine-tune", base_model=str(pickled), image_size=32)
+    with pytest.raises(ValueError, match=r"pickle weights.*sonogen convert-weights .*diffusion_pytorch_model.bin"):
+        LatentDiffusion(config)
+    result = CliRunner().invoke(app, ["convert-weights", str(pickled)])
+    assert result.exit_code == 0 and "diffusion_pytorch_model.safetensors" in result.output
+    converted = LatentDiffusion(config)
+    assert torch.equal(_weights(converted.unet)["conv_in.weight"], _weights(LatentDiffusion(
+        replace(config, base_model=str(tiny_sd))).unet)["conv_in.weight"])
+
+
 def test_controlnet_on_masks_trains_only_the_controlnet_and_samples_with_and_without_a_mask(lus, tiny_sd, tmp_path):
     torch.manual_seed(0)
     config = LatentDiffusionConfig(label="consolidation", mode="controlnet", base_model=str(tiny_sd), image_size=32,

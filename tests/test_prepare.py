@@ -101,13 +101,12 @@ def test_geometry_maps_boxes_like_pixels():
 def test_blank_images_are_reported_not_dropped_silently(tmp_path):
     from sonogen.data.writer import DatasetWriter, Sample
 
-    writer = DatasetWriter(tmp_path / "raw", source="t")
-    writer.add_file("black.png", lambda: [Sample(np.zeros((32, 32), np.uint8), "black.png#0")],
-                    label="normal", patient_id="p", licence="x")
-    patient = make_patient(seed=0, index=0, consolidation=False)
-    writer.add_file("fan.png", lambda: [Sample(render(patient, 0, 0)[0], "fan.png#0")],
-                    label="normal", patient_id="q", licence="x")
-    writer.close()
+    with DatasetWriter(tmp_path / "raw", source="t") as writer:
+        writer.add_file("black.png", lambda: [Sample(np.zeros((32, 32), np.uint8), "black.png#0")],
+                        label="normal", patient_id="p", licence="x")
+        patient = make_patient(seed=0, index=0, consolidation=False)
+        writer.add_file("fan.png", lambda: [Sample(render(patient, 0, 0)[0], "fan.png#0")],
+                        label="normal", patient_id="q", licence="x")
     report = prepare(tmp_path / "raw", tmp_path / "prep", size=32)
     assert report["images_in"] == 2 and report["images"] == 1
     assert report["skipped"] == [{"image": "images/black.png_0.png", "reason": "no scan region found (image is blank)"}]

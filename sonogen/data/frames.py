@@ -11,6 +11,15 @@ from sonogen.data.writer import SkipFile
 
 STILL_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mpeg", ".mpg", ".mov", ".m4v", ".mkv", ".webm", ".gif"})
+# the largest ultrasound frames (4K screen captures, 8.3 Mpx) with room; larger ones are refused from their header,
+# before a decoder allocates them (a 140 KB PNG can declare 144 Mpx)
+MAX_PIXELS = 16_000_000
+
+
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise SkipFile(f"{width}x{height} = {width * height / 1e6:.1f} Mpx, over the {max_pixels / 1e6:g} Mpx limit "
+                       f"(--max-pixels)")
 
 
 def to_grey(array: np.ndarray) -> np.ndarray:
@@ -37,10 +46,11 @@ def _check_nonempty(path: Path) -> None:
         raise SkipFile("empty file")
 
 
-def read_still(path: str | Path) -> np.ndarray:
+def read_still(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     path = Path(path)
     _check_nonempty(path)
     with Image.open(path) as im:
+        check_pixels(*im.size, max_pixels)  # from the header: nothing is decoded yet
         im.load()  # decodes fully here so a truncated file fails now, not later
         if im.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "1"):
             im = im.convert("RGB")
@@ -70,7 +80,7 @@ class FrameSampler:
         return True
 
 
-def read_video(path: str | Path, fps: float) -> list[tuple[int, np.ndarray]]:
+def read_video(path: str | Path, fps: float, max_pixels: int = MAX_PIXELS) -> list[tuple[int, np.ndarray]]:
     """Frames sampled at ``fps`` per second of video time, as ``(frame_index, grey)`` pairs.
 
     Uses the container's timestamps, so variable-rate GIFs are sampled by time, not by frame count.
@@ -85,6 +95,7 @@ def read_video(path: str | Path, fps: float) -> list[tuple[int, np.ndarray]]:
         if not container.streams.video:
             raise SkipFile("no video stream")
         stream = container.streams.video[0]
+        check_pixels(stream.codec_context.width, stream.codec_context.height, max_pixels)
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         for index, frame in enumerate(container.decode(stream)):
             if sampler.keep(frame.time if frame.time is not None else index / rate):

@@ -38,9 +38,12 @@ class Record:
     origin: str = ""
     licence: str = ""
     sha256: str = ""
+    flags: str = ""  # space-separated notes prepare acts on, e.g. "burned_in_annotation"
 
 
 COLUMNS = tuple(f.name for f in fields(Record))
+OPTIONAL_COLUMNS = ("flags",)  # manifests written before these columns existed still read
+BURNED_IN = "burned_in_annotation"
 
 
 def encode_boxes(boxes: list[Box]) -> str:
@@ -53,10 +56,10 @@ def _encode(record: Record) -> dict[str, str]:
 
 
 def _decode(row: dict[str, str], where: str) -> Record:
-    missing = [c for c in COLUMNS if c not in row]
+    missing = [c for c in COLUMNS if c not in row and c not in OPTIONAL_COLUMNS]
     if missing:
         raise ValueError(f"{where}: manifest lacks columns {missing}")
-    values = {c: row[c] or "" for c in COLUMNS}
+    values = {c: row.get(c) or "" for c in COLUMNS}
     try:
         boxes = json.loads(values["boxes"] or "[]")
     except json.JSONDecodeError as err:

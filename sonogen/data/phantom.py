@@ -259,26 +259,26 @@ def generate(
         raise ValueError("patients and frames_per_patient must be at least 1")
     if not 0 <= consolidation_fraction <= 1:
         raise ValueError(f"consolidation_fraction must be in [0, 1], got {consolidation_fraction}")
-    writer = DatasetWriter(out, source="phantom")
-    for index in progress(range(patients)) if progress else range(patients):
-        # a fixed share of patients is ill, spread evenly so any prefix of patients keeps the ratio
-        consolidation = int((index + 1) * consolidation_fraction) > int(index * consolidation_fraction)
-        patient = make_patient(seed, index, consolidation)
+    with DatasetWriter(out, source="phantom") as writer:
+        for index in progress(range(patients)) if progress else range(patients):
+            # a fixed share of patients is ill, spread evenly so any prefix of patients keeps the ratio
+            consolidation = int((index + 1) * consolidation_fraction) > int(index * consolidation_fraction)
+            patient = make_patient(seed, index, consolidation)
 
-        def read(patient=patient) -> list[Sample]:
-            samples = []
-            for frame in range(frames_per_patient):
-                image, mask = render(patient, seed, frame)
-                samples.append(
-                    Sample(image, f"phantom-p{patient.index:04d}#{frame}", boxes_from_mask(mask), mask)
-                )
-            return samples
+            def read(patient=patient) -> list[Sample]:
+                samples = []
+                for frame in range(frames_per_patient):
+                    image, mask = render(patient, seed, frame)
+                    samples.append(
+                        Sample(image, f"phantom-p{patient.index:04d}#{frame}", boxes_from_mask(mask), mask)
+                    )
+                return samples
 
-        writer.add_file(
-            f"phantom-p{index:04d}",
-            read,
-            label="consolidation" if consolidation else "normal",
-            patient_id=f"phantom-{index:04d}",
-            licence=LICENCE,
-        )
-    return writer.close()
+            writer.add_file(
+                f"phantom-p{index:04d}",
+                read,
+                label="consolidation" if consolidation else "normal",
+                patient_id=f"phantom-{index:04d}",
+                licence=LICENCE,
+            )
+    return writer.report

@@ -13,9 +13,10 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from sonogen.data.manifest import Record, file_sha256, load_grey, read_manifest, save_png, write_manifest
+from sonogen.data.manifest import (BURNED_IN, Record, file_sha256, load_grey, read_manifest, save_png,
+                                   write_manifest)
 from sonogen.data.splits import assign_splits, parse_fractions, split_summary
-from sonogen.data.writer import PREPARE_REPORT, reset_dataset_folder
+from sonogen.data.writer import IMPORT_REPORT, PREPARE_REPORT, staged_folder
 
 SCAN_THRESHOLD = 12  # grey level above which a pixel counts as echo rather than the screen's black background
 
@@ -91,6 +92,14 @@ class Geometry:
         return [nx0, ny0, nx1, ny1] if nx1 > nx0 and ny1 > ny0 else None
 
 
+def _pseudonyms(raw: Path) -> str:
+    """How the imported dataset's patient ids were made, as its import report says (carried to model cards)."""
+    try:
+        return json.loads((raw / IMPORT_REPORT).read_text()).get("pseudonyms", "unknown")
+    except (OSError, ValueError):
+        return "unknown (no import report)"
+
+
 def recording_of(record: Record) -> str:
     return record.origin.rsplit("#", 1)[0] or record.image
 
@@ -103,16 +112,30 @@ def prepare(
     seed: int = 0,
     stratify: bool = False,
     progress=None,
+    burned_in: str = "drop",
 ) -> dict:
-    """Writes the prepared dataset to ``out`` and returns the report also saved as ``prepare_report.json``."""
+    """Writes the prepared dataset to ``out`` (staged beside it, so a failure leaves ``out`` as it was) and returns
+    the report also saved as ``prepare_report.json``. Frames flagged with burned-in annotation (names and dates
+    drawn into the pixels) are dropped, or with ``burned_in="blank"`` kept with everything outside their scan area
+    blanked, as every frame is (text inside the scan area stays)."""
     raw, out = Path(raw), Path(out)
     if size < 8:
         raise ValueError(f"size must be at least 8 pixels, got {size}")
+    if burned_in not in ("drop", "blank"):
+        raise ValueError(f"burned_in must be drop or blank, got {burned_in!r}")
     fractions = parse_fractions(split)
-    records = read_manifest(raw)
     if raw.resolve() == out.resolve():
         raise ValueError("prepare writes a new dataset: OUT must differ from RAW")
-    reset_dataset_folder(out)
+    with staged_folder(out) as stage:
+        return _prepare(raw, stage, size, fractions, seed, stratify, progress, burned_in)
+
+
+def _prepare(raw: Path, out: Path, size: int, fractions: tuple[float, float, float], seed: int, stratify: bool,
+             progress, burned_in: str) -> dict:
+    records = read_manifest(raw)
+    flagged = [r for r in records if BURNED_IN in r.flags.split()]
+    if burned_in == "drop":
+        records = [r for r in records if BURNED_IN not in r.flags.split()]
     labels_of: dict[str, set[str]] = defaultdict(set)
     for record in records:
         labels_of[record.patient_id].add(record.label)
@@ -157,7 +180,10 @@ def prepare(
         "split_fractions": list(fractions),
         "seed": seed,
         "stratified": stratify,
-        "images_in": len(records),
+        "images_in": len(records) + (len(flagged) if burned_in == "drop" else 0),
+        "pseudonyms": _pseudonyms(raw),
+        "burned_in": {"flagged": len(flagged), "handling": burned_in,
+                      "dropped": len(flagged) if burned_in == "drop" else 0},
         "skipped": skipped,
         **split_summary(prepared),
     }

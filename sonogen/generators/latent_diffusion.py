@@ -32,6 +32,7 @@ from sonogen.generators.base import CONFIG, Generator, batch_indices, image_gene
 from sonogen.generators.registry import register_family
 from sonogen.sampling import decode_png, gaussian_latents
 from sonogen.tracking import local_folder
+from sonogen.weights import check_safetensors_folder
 
 MODES = ("from-scratch", "fine-tune", "controlnet")
 SCHEDULERS = ("ddim", "dpmpp", "dpmpp-sde", "ddpm")
@@ -159,7 +160,7 @@ class LatentDiffusion(Generator):
         if folder is not None:  # a saved generator
             self._read_pipeline(folder / "pipeline", folder)
             if (folder / "controlnet").is_dir():
-                self.controlnet = ControlNetModel.from_pretrained(folder / "controlnet")
+                self.controlnet = ControlNetModel.from_pretrained(folder / "controlnet", use_safetensors=True)
         elif config.mode == "from-scratch":
             self._build_from_scratch()
         else:
@@ -222,13 +223,15 @@ class LatentDiffusion(Generator):
     def _read_pipeline(self, path: Path, saved: Path | None, merge_lora: bool = False) -> None:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        for part in ("vae", "unet", "text_encoder"):
+            check_safetensors_folder(path / part, f"the {part} of {path}")
+        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
+        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
         self.scheduler_config = DDPMScheduler.from_pretrained(path, subfolder="scheduler").config
         if (path / "text_encoder").is_dir():
             from transformers import CLIPTextModel, CLIPTokenizer
 
-            self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+            self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True)
             self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         self._base_pipeline = path
         if saved is not None and (saved / LABEL_EMBEDDING).is_file():

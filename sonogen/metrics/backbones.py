@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sonogen.weights import PICKLE_SUFFIXES, pickle_refused
+
 
 def _as_rgb(x: Tensor, size: int, antialias: bool = False) -> Tensor:
     """Grey → 3 identical channels, bilinearly resized to the network's training resolution."""
@@ -236,21 +238,18 @@ def _download_s3(uri: str, folder: Path) -> Path:
 
 def _read(path: Path, source: str) -> dict[str, Tensor]:
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if suffix in PICKLE_SUFFIXES:
+        raise pickle_refused(path, f"a {suffix} file from {source}")
+    if suffix != ".safetensors":
+        raise ValueError(f"unsupported weights format {suffix!r} in {source}; use .safetensors")
+    from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
-    if suffix not in (".pth", ".pt"):
-        raise ValueError(f"unsupported weights format {suffix!r} in {source}; use .safetensors, .pth or .pt")
-    # weights_only: a weight file from a bucket must not be able to run code when unpickled
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{source} is not a flat state_dict of tensors")
-    return dict(state)
+    return load_file(str(path), device="cpu")
 
 
 def load_weights(source: str | os.PathLike) -> dict[str, Tensor]:
-    """A state_dict from a local ``.safetensors`` / ``.pth`` / ``.pt`` file or an ``s3://bucket/key`` URI."""
+    """A state_dict from a local ``.safetensors`` file or an ``s3://bucket/key`` URI (pickle files are refused:
+    ``sonogen convert-weights`` converts them)."""
     source = str(source)
     if source.startswith("s3://"):
         with tempfile.TemporaryDirectory(prefix="sonogen-weights-") as folder:

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sonogen.data.frames import STILL_SUFFIXES, read_still
+from sonogen.data.frames import MAX_PIXELS, STILL_SUFFIXES, read_still
+from sonogen.data.importers.common import walk
 from sonogen.data.manifest import boxes_from_mask
+from sonogen.data.pseudonyms import PseudonymKey
 from sonogen.data.writer import DatasetWriter, Sample, SkipFile, slug
 
 LABELS = ("benign", "malignant", "normal")
@@ -21,18 +23,21 @@ _MASK = re.compile(r"^(?P<stem>.+)_mask(_\d+)?$", re.IGNORECASE)
 
 
 def import_busi(
-    src: str | Path, out: str | Path, licence: str = "CC0-1.0", strict: bool = False, progress=None
+    src: str | Path, out: str | Path, licence: str = "CC0-1.0", strict: bool = False, progress=None,
+    key: PseudonymKey | None = None, max_pixels: int = MAX_PIXELS,
 ) -> dict:
+    """``key``: anonymise names (patients, image names and origins become keyed pseudonyms)."""
     src = Path(src)
     folders = [src / label for label in LABELS if (src / label).is_dir()]
     if not folders:
         raise FileNotFoundError(f"{src} has none of the BUSI folders {', '.join(LABELS)}")
-    writer = DatasetWriter(out, source="busi", strict=strict)
     images: dict[Path, list[Path]] = {}
     orphans: list[Path] = []
     others: list[Path] = []
+    unreadable: list[tuple[Path, str]] = []
     for folder in folders:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        files, problems = walk(folder)
+        unreadable += problems
         stems = {p.stem: p for p in files if not _MASK.match(p.stem)}
         for path in files:
             if path.suffix.lower() not in STILL_SUFFIXES:
@@ -42,35 +47,38 @@ def import_busi(
                 (images.setdefault(image, []) if image else orphans).append(path)
             else:
                 images.setdefault(path, [])
-    for path in others:
-        writer.skip(path.relative_to(src).as_posix(), f"unknown file type {path.suffix!r}")
-    for path in orphans:
-        writer.skip(path.relative_to(src).as_posix(), "mask without an image")
-    for image_path in progress(sorted(images)) if progress else sorted(images):
-        relative = image_path.relative_to(src).as_posix()
-        label = image_path.parent.name
-        masks = images[image_path]
+    with DatasetWriter(out, source="busi", strict=strict, key=key) as writer:
+        for path, reason in unreadable:
+            writer.skip(path.relative_to(src).as_posix(), reason)
+        for path in others:
+            writer.skip(path.relative_to(src).as_posix(), f"unknown file type {path.suffix!r}")
+        for path in orphans:
+            writer.skip(path.relative_to(src).as_posix(), "mask without an image")
+        for image_path in progress(sorted(images)) if progress else sorted(images):
+            relative = image_path.relative_to(src).as_posix()
+            label = image_path.parent.name
+            masks = images[image_path]
 
-        def read(image_path=image_path, relative=relative, masks=masks, label=label) -> list[Sample]:
-            image = read_still(image_path)
-            if not masks:
-                raise SkipFile("no mask beside the image")
-            merged = np.zeros(image.shape, dtype=bool)
-            for mask_path in masks:
-                mask = read_still(mask_path)
-                if mask.shape != image.shape:
-                    raise SkipFile(f"mask {mask_path.name} is {mask.shape}, image is {image.shape}")
-                merged |= mask > 127
-            if label == "normal" and merged.any():
-                raise SkipFile("a normal image with a non-empty mask")
-            return [Sample(image, f"{relative}#0", boxes_from_mask(merged), merged)]
+            def read(image_path=image_path, relative=relative, masks=masks, label=label) -> list[Sample]:
+                image = read_still(image_path, max_pixels)
+                if not masks:
+                    raise SkipFile("no mask beside the image")
+                merged = np.zeros(image.shape, dtype=bool)
+                for mask_path in masks:
+                    mask = read_still(mask_path, max_pixels)
+                    if mask.shape != image.shape:
+                        raise SkipFile(f"mask {mask_path.name} is {mask.shape}, image is {image.shape}")
+                    merged |= mask > 127
+                if label == "normal" and merged.any():
+                    raise SkipFile("a normal image with a non-empty mask")
+                return [Sample(image, f"{relative}#0", boxes_from_mask(merged), merged)]
 
-        writer.add_file(
-            relative,
-            read,
-            label=label,
-            patient_id=f"busi-{slug(image_path.stem)}",
-            licence=licence,
-            companions=tuple(m.relative_to(src).as_posix() for m in masks),
-        )
-    return writer.close()
+            writer.add_file(
+                relative,
+                read,
+                label=label,
+                patient_id=f"busi-{slug(image_path.stem)}",
+                licence=licence,
+                companions=tuple(m.relative_to(src).as_posix() for m in masks),
+            )
+    return writer.report

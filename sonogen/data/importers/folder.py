@@ -9,8 +9,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from sonogen.data.frames import STILL_SUFFIXES, VIDEO_SUFFIXES
+from sonogen.data.frames import MAX_PIXELS, STILL_SUFFIXES, VIDEO_SUFFIXES
 from sonogen.data.importers.common import import_files, labelled_files
+from sonogen.data.pseudonyms import PseudonymKey
 from sonogen.data.writer import slug
 
 
@@ -43,9 +44,12 @@ def import_folder(
     licence: str = "unknown",
     strict: bool = False,
     progress=None,
+    key: PseudonymKey | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> dict:
+    """``key``: anonymise names (patients, image names and origins become keyed pseudonyms)."""
     src = Path(src)
-    files = labelled_files(src, "SRC/<label>/<image>")
+    files, unreadable = labelled_files(src, "SRC/<label>/<image>")
     boxes, patients = read_boxes_csv(Path(boxes_csv)) if boxes_csv else ({}, {})
     source = source or src.name
 
@@ -56,6 +60,5 @@ def import_folder(
         label = path.relative_to(src).parts[0]
         return label, patients.get(relative) or f"{slug(source)}-{slug(relative)}", licence
 
-    return import_files(
-        src, files, out, source=source, describe=describe, fps=fps, strict=strict, progress=progress, boxes=boxes
-    )
+    return import_files(src, files, out, source=source, describe=describe, fps=fps, strict=strict,
+                        progress=progress, boxes=boxes, unreadable=unreadable, key=key, max_pixels=max_pixels)

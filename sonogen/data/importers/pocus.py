@@ -12,8 +12,9 @@ import csv
 import re
 from pathlib import Path
 
-from sonogen.data.frames import STILL_SUFFIXES, VIDEO_SUFFIXES
-from sonogen.data.importers.common import import_files
+from sonogen.data.frames import MAX_PIXELS, STILL_SUFFIXES, VIDEO_SUFFIXES
+from sonogen.data.importers.common import import_files, walk
+from sonogen.data.pseudonyms import PseudonymKey
 
 LABELS = {"cov": "covid", "pneu": "pneumonia", "vir": "viral", "reg": "normal"}
 FOLDERS = ("data/pocus_images/convex", "data/pocus_videos/convex")
@@ -87,12 +88,19 @@ def group_patients(stems: list[str], metadata: dict[str, dict[str, str]]) -> dic
     return ids
 
 
-def import_pocus(src: str | Path, out: str | Path, fps: float = 3.0, strict: bool = False, progress=None) -> dict:
+def import_pocus(src: str | Path, out: str | Path, fps: float = 3.0, strict: bool = False, progress=None,
+                 key: PseudonymKey | None = None, max_pixels: int = MAX_PIXELS) -> dict:
+    """The convex stills and videos; ``key``: anonymise names (patients, image names and origins become keyed
+    pseudonyms)."""
     src = Path(src)
     folders = [src / f for f in FOLDERS if (src / f).is_dir()]
     if not folders:
         raise FileNotFoundError(f"{src} has none of {', '.join(FOLDERS)}: is it the POCUS repository root?")
-    files = sorted(p for folder in folders for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    files, unreadable = [], []
+    for folder in folders:
+        found, problems = walk(folder)
+        files += found
+        unreadable += problems
     metadata = read_metadata(src)
     patients = group_patients([p.stem for p in files], metadata)
 
@@ -105,4 +113,5 @@ def import_pocus(src: str | Path, out: str | Path, fps: float = 3.0, strict: boo
         licence = metadata.get(path.stem, {}).get("License", "").strip() or "unknown"
         return label, patients[path.stem], licence
 
-    return import_files(src, files, out, source="pocus", describe=describe, fps=fps, strict=strict, progress=progress)
+    return import_files(src, files, out, source="pocus", describe=describe, fps=fps, strict=strict, progress=progress,
+                        unreadable=unreadable, key=key, max_pixels=max_pixels)
