@@ -52,7 +52,7 @@ def in_process(uri: str) -> tuple[float, float, str]:
     script = f"""
 import json, time
 import numpy as np
-from sonogen.samplers import load_backend
+from sonogen.backends import load_backend
 backend = load_backend({uri!r})
 backend.images({MAX_BATCH}, 0)
 single = []

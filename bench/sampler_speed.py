@@ -28,7 +28,7 @@ import torch
 from dcgan_throughput import gemm_rate
 
 from sonogen.export import export_to_onnx
-from sonogen.generators.base import load_generator
+from sonogen.generators import load_generator
 from sonogen.generators.dcgan import DCGAN, DCGANConfig, generator_flops
 from sonogen.metrics import kernel_mmd
 from sonogen.sampling import gaussian_latents, to_uint8

@@ -1,11 +1,9 @@
 """train_generator: one generator family on one label, tracked in MLflow (registration is a later step).
 
-Families built on another model (diffultra on an ldm) take it as ``base``, and a lesion bank as ``bank``."""
-
-from typing import Optional
+What the family needs first (a lesion bank, a model it builds on) is made in the same task, inside its output."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from components import IMAGE
 
@@ -19,8 +17,6 @@ def train_generator(
     label: str,
     params: str,
     dataset_name: str = "lus",
-    base: Optional[Input[Model]] = None,
-    bank: Optional[Input[Artifact]] = None,
 ):
     import tempfile
     import time
@@ -29,10 +25,8 @@ def train_generator(
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as config:
         config.write(params)  # read as `dvc repro` reads params.yaml: train.<family>.{model,train}
-    overrides = {**({"base_model": f"{base.path}/generator"} if base is not None else {}),
-                 **({"bank": bank.path} if bank is not None else {})}
     info = run_training(family, prepared.path, label, model.path, config.name, dataset=dataset_name,
-                        register=False, model_overrides=overrides,
+                        register=False, build_prerequisites=True,
                         log=lambda line: print(time.strftime("%H:%M:%S"), line, flush=True))
     model.metadata.update({"family": family, "label": label, "run_id": info["run_id"]})
     for key, value in info["final"].items():

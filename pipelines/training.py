@@ -1,5 +1,7 @@
-"""The training pipeline: prepare → us-encoder → for each (family, label): train → evaluate → if passed: register;
-with DiffUltra: lesion bank → its base ldm → diffultra on both → evaluate → if passed: register.
+"""The training pipeline: prepare → us-encoder → for each (family, label): train → evaluate → if passed: register.
+
+What a family needs before training (a lesion bank, a model it builds on: ``Generator.prerequisites``) is made by
+its train task; the (family, label) runs a family declines (``Generator.declines``) are left out of the list.
 
 The same definition runs on a Kubeflow cluster (GPU training tasks, credentials from Kubernetes) and on a laptop
 through ``kfp.local`` with no cluster. Its arguments come from ``params.yaml``, so ``dvc repro`` and a pipeline
@@ -13,7 +15,6 @@ from pathlib import Path
 import yaml
 from kfp import compiler, dsl, kubernetes
 
-from components.build_lesion_bank import build_lesion_bank
 from components.evaluate_gates import evaluate_gates
 from components.prepare_data import prepare_data
 from components.register_model import register_model
@@ -56,11 +57,9 @@ def training_pipeline(
     dvc_repo: str = "",
     dvc_rev: str = "",
     dataset_name: str = "lus",
-    diffultra_label: str = "",
 ):
     """``params`` is the text of a params.yaml: KFP passes dict parameters as protobuf Structs, which turn every
-    integer into a float, so the sections travel as YAML and each step reads them as ``dvc repro`` does.
-    ``diffultra_label`` (empty: none) trains DiffUltra for that lesion label on an ldm of the same data."""
+    integer into a float, so the sections travel as YAML and each step reads them as ``dvc repro`` does."""
     prepared = _cluster_environment(
         prepare_data(params=params, raw=raw, dvc_repo=dvc_repo, dvc_rev=dvc_rev)
     ).set_cpu_request("2").set_memory_request("8G")
@@ -77,51 +76,38 @@ def training_pipeline(
             params=params,
         ))).set_cpu_request("4").set_memory_request("8G")
         _register_if_passed(trained, gated)
-    with dsl.If(diffultra_label != "", name="diffultra"):
-        bank = _cluster_environment(build_lesion_bank(
-            prepared=prepared.outputs["prepared"], params=params, dataset_name=dataset_name,
-        )).set_cpu_request("2").set_memory_request("4G")
-        anatomy = _gpu_training(train_generator(
-            prepared=prepared.outputs["prepared"], family="ldm", label=diffultra_label, params=params,
-            dataset_name=dataset_name,
-        ))
-        lesions = _gpu_training(train_generator(
-            prepared=prepared.outputs["prepared"], family="diffultra", label=diffultra_label, params=params,
-            dataset_name=dataset_name, base=anatomy.outputs["model"], bank=bank.outputs["bank"],
-        ))
-        gated = _cluster_environment(_on_gpu(evaluate_gates(
-            prepared=prepared.outputs["prepared"], model=lesions.outputs["model"], encoder=encoder.outputs["encoder"],
-            params=params,
-        ))).set_cpu_request("4").set_memory_request("8G")
-        _register_if_passed(lesions, gated)
 
 
 def arguments_from_params(params_text: str) -> dict:
     """Pipeline arguments from the text of params.yaml (the same parameters ``dvc repro`` uses)."""
+    from sonogen.generators import get_generator
+    from sonogen.jobs import model_settings
+
     params = yaml.safe_load(params_text) or {}
     dataset = params.get("dataset") or {}
     train = params.get("train") or {}
     raw = dataset.get("raw", "data/raw/phantom")
-    families, lesion_families = train.get("families", []), train.get("lesion_families") or []
-    if "diffultra" in families:
-        raise ValueError("train.families: diffultra trains once, on lesion_bank.label; list it in "
-                         "train.lesion_families")
-    if set(lesion_families) - {"diffultra"}:
-        raise ValueError(f"train.lesion_families: only diffultra trains on the lesion bank, got {lesion_families}")
+    runs = [{"family": family, "label": label}
+            for family, label in itertools.product(train.get("families", []), train.get("labels", []))
+            if not get_generator(family).declines(model_settings(params, family, label))]
     return {
         "params": params_text,
-        "runs": [{"family": f, "label": lb} for f, lb in itertools.product(families, train.get("labels", []))],
-        # diffultra trains once, for the lesion bank's label, on its own branch
-        "diffultra_label": ((params.get("lesion_bank") or {}).get("label", "consolidation")
-                            if lesion_families else ""),
+        "runs": runs,
         # the DVC phantom stage's output is simulated inside the pipeline from the same parameters
         "raw": "phantom" if raw == "data/raw/phantom" else raw,
         "dataset_name": dataset.get("name", "lus"),
     }
 
 
-def compile_pipeline(package_path: str | Path) -> Path:
-    compiler.Compiler().compile(training_pipeline, str(package_path))
+def compile_pipeline(package_path: str | Path, params_text: str | None = None) -> Path:
+    """The pipeline as KFP IR YAML; with ``params_text`` (a params.yaml) its runs, raw data and dataset name become
+    the defaults, so an uploaded pipeline runs those families and labels unless told otherwise. (The params text
+    itself stays a required argument: KFP writes defaults into the file's header comment line by line, and a
+    multi-line default breaks the YAML.)"""
+    defaults = None
+    if params_text is not None:
+        defaults = {k: v for k, v in arguments_from_params(params_text).items() if k != "params"}
+    compiler.Compiler().compile(training_pipeline, str(package_path), pipeline_parameters=defaults)
     return Path(package_path)
 
 

@@ -35,7 +35,7 @@ class SamplerModel(Model):
 
     def load(self) -> bool:
         """Resolves ``model_uri`` and loads the sampler; False (not ready) while the model is not there yet."""
-        from sonogen.samplers import load_backend
+        from sonogen.backends import load_backend
 
         with self._lock:
             backend = load_backend(self.model_uri)

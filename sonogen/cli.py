@@ -34,6 +34,12 @@ registry_app.command("rollback")(cli_serving.rollback_command)
 registry_app.command("show")(cli_serving.show_command)
 
 
+# the flags `train` had per family, kept for one release as aliases of --set
+OLD_FLAGS = {"image": "images", "max_images": "max_images", "mode": "mode", "base_model": "base_model",
+             "lora_rank": "lora_rank", "control": "control", "condition": "condition", "bank": "bank",
+             "size_bias": "size_bias"}
+
+
 @app.command("train")
 @_user_errors
 def train_command(
@@ -43,45 +49,54 @@ def train_command(
     config: Annotated[
         Path | None, typer.Option(help="YAML with model/train sections, or params.yaml (train.<family>).")
     ] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="A model setting of the family's config, KEY=VALUE (YAML value), repeatable; wins over "
+                      "--config. An unknown key or a wrong type lists the family's keys (docs/<family>.md).")]
+    = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default models/<family>-<label>).")] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset name in model names (default: data folder name).")] = None,
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default <dataset>-<family>).")] = None,
     register: Annotated[bool, typer.Option(help="Register the trained model with alias 'candidate'.")] = True,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the output folder.")] = False,
-    image: Annotated[list[str] | None, typer.Option(
-        help="sinddm/fewddm: a training image to learn (manifest path or file stem); repeatable for fewddm.")]
-    = None,
-    max_images: Annotated[int | None, typer.Option(
-        min=1, help="fewddm: how many training images to draw (from different patients) when none is named.")]
-    = None,
-    mode: Annotated[str | None, typer.Option(help="ldm: from-scratch, fine-tune or controlnet.")] = None,
-    base_model: Annotated[str | None, typer.Option(
-        help="ldm fine-tune/controlnet: a diffusers Stable Diffusion folder or s3:// URI, or a trained ldm folder.")]
-    = None,
-    lora_rank: Annotated[int | None, typer.Option(min=0, help="ldm fine-tune: LoRA rank (0: the whole UNet).")]
-    = None,
-    control: Annotated[str | None, typer.Option(help="ldm controlnet: condition on the dataset's mask or boxes.")]
-    = None,
-    condition: Annotated[str | None, typer.Option(
-        help="diffultra: structure (the bank's structure maps) or binary (filled boxes, the paper's baseline).")]
-    = None,
-    bank: Annotated[str | None, typer.Option(
-        help="diffultra: a lesion bank folder (sonogen data lesion-bank); default: built from the training data.")]
-    = None,
-    size_bias: Annotated[str | None, typer.Option(help="diffultra: none, or large to over-sample large lesions.")]
-    = None,
+    build_prerequisites: Annotated[bool, typer.Option(
+        "--build-prerequisites", help="Train the model the family builds on when none is given (diffultra's "
+                                      "ldm), inside the output folder; a lesion bank is always built if missing.")]
+    = False,
+    skip_declined: Annotated[bool, typer.Option(
+        "--skip-declined", help="For a label the family does not train on, write declined.json and succeed "
+                                "(a DVC matrix of families × labels) instead of failing.")] = False,
+    image: Annotated[list[str] | None, typer.Option(hidden=True)] = None,
+    max_images: Annotated[int | None, typer.Option(hidden=True)] = None,
+    mode: Annotated[str | None, typer.Option(hidden=True)] = None,
+    base_model: Annotated[str | None, typer.Option(hidden=True)] = None,
+    lora_rank: Annotated[int | None, typer.Option(hidden=True)] = None,
+    control: Annotated[str | None, typer.Option(hidden=True)] = None,
+    condition: Annotated[str | None, typer.Option(hidden=True)] = None,
+    bank: Annotated[str | None, typer.Option(hidden=True)] = None,
+    size_bias: Annotated[str | None, typer.Option(hidden=True)] = None,
 ):
     """Train a generator on one label of a prepared dataset, tracked in MLflow."""
+    from sonogen.config import parse_assignments
     from sonogen.jobs import generator_name, train_generator
 
-    chosen = {"images": tuple(image or ()), "max_images": max_images, "mode": mode, "base_model": base_model,
-              "lora_rank": lora_rank, "control": control, "condition": condition, "bank": bank,
-              "size_bias": size_bias}
-    overrides = {k: v for k, v in chosen.items() if v not in (None, ())}
-    out = out or Path("models") / generator_name(family, label, overrides.get("images", ()))
+    overrides = parse_assignments(set_ or [])
+    given = {"image": list(image or ()), "max_images": max_images, "mode": mode, "base_model": base_model,
+             "lora_rank": lora_rank, "control": control, "condition": condition, "bank": bank, "size_bias": size_bias}
+    for flag, value in given.items():
+        if value in (None, []):
+            continue
+        key = OLD_FLAGS[flag]
+        shown = f"[{', '.join(map(str, value))}]" if isinstance(value, list) else value
+        console.print(f"[yellow]--{flag.replace('_', '-')} is deprecated:[/yellow] write --set {key}={shown}")
+        overrides.setdefault(key, value)
+    out = out or Path("models") / generator_name(family, label, overrides)
     info = train_generator(family, data, label, out, config, dataset, experiment, register, resume,
                            progress=_progress(f"training {family} on {label}"), model_overrides=overrides,
-                           log=None if console.is_terminal else log)
+                           log=None if console.is_terminal else log, build_prerequisites=build_prerequisites,
+                           skip_declined=skip_declined)
+    if "declined" in info:
+        console.print(f"not trained: {info['declined']} ({out / 'declined.json'})")
+        return
     final = info.get("final", {})
     scores = ", ".join(f"{key} {final[key]:.4g}" for key in ("kmmd", "one_nn_acc", "ssim_to_train", "scan_iou_to_train")
                        if key in final)
@@ -180,9 +195,13 @@ def register_command(
     import json
 
     from sonogen.jobs import register_trained, trained_name
+    from sonogen.tracking import declined
 
     registered = []
     for folder in trained:
+        if reason := declined(folder):
+            console.print(f"[yellow]nothing to register[/yellow] in {folder}: {reason}")
+            continue
         entry = register_trained(folder, alias=alias, gate_report=gates / trained_name(folder) if gates else None)
         registered.append({"folder": str(folder), **entry})
         if entry["registered_model"] is None:
@@ -235,12 +254,15 @@ def registry_list_command():
         console.print("no registered models yet: run `make run` or `sonogen train ...`")
     elif uri.startswith("sqlite:///"):
         console.print(f"browse runs, curves and sample grids: mlflow ui --backend-store-uri {uri}")
-        console.print("load one: sonogen.registry.load_sampler('models:/<model>@candidate')")
+        console.print("in Python: sonogen.registry.load_registered_generator('models:/NAME@ALIAS')")
 
 
 def _short_hash(value: str) -> str:
-    """A digest's first 8 characters; other values (``untracked``) whole."""
-    return value[:8] if all(c in "0123456789abcdef" for c in value) else value
+    """A digest's first 8 characters (a commit keeps its ``-dirty``); other values (``untracked``) whole."""
+    digest, dash, rest = value.partition("-")
+    if digest and all(c in "0123456789abcdef" for c in digest):
+        return digest[:8] + dash + rest[:5]
+    return value
 
 
 def _short(value: str) -> str:
@@ -267,13 +289,15 @@ def _set_image(image: str | None) -> None:
 def pipeline_compile_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the pipeline IR YAML.")]
     = Path("training_pipeline.yaml"),
+    params: Annotated[Path | None, typer.Option(
+        help="params.yaml whose families, labels and settings become the compiled pipeline's defaults.")] = None,
     image: Image = None,
 ):
     """Compile the training pipeline to KFP IR YAML."""
     _set_image(image)
     from pipelines.training import compile_pipeline
 
-    console.print(f"wrote {compile_pipeline(out)}")
+    console.print(f"wrote {compile_pipeline(out, params.read_text() if params else None)}")
 
 
 @pipeline_app.command("run")

@@ -14,11 +14,10 @@ import numpy as np
 import torch
 
 from sonogen.data import UltrasoundDataset
-from sonogen.data.manifest import MANIFEST, file_sha256, load_grey, mask_from_boxes
+from sonogen.data.manifest import MANIFEST, file_sha256, image_id, load_grey
 from sonogen.gate_report import REPORT_JSON, write_report
 from sonogen.gates import EvaluateConfig, Sampler, apply_gates, evaluate_images, label_metrics
 from sonogen.generators import Generator
-from sonogen.generators.sinddm import image_id
 from sonogen.generators.trainer import resolve_device
 from sonogen.metrics.classifier import ClassifierConfig, predict_proba, save_classifier, train_classifier
 from sonogen.metrics.features import Extractor
@@ -110,13 +109,12 @@ def evaluate_generator(
     step is announced to ``log``."""
     device = resolve_device(config.device)
     log = log or (lambda message: None)
-    label = generator.config.label
+    label = generator.label
     train, _, _ = split_images(data, "train", [label])
     holdout, _, _ = split_images(data, "test", [label])
     if len(train) < 2:
         raise ValueError(f"{data} has {len(train)} training image(s) of {label!r}: nothing to compare with")
-    # single- and few-image families name the images they learned from
-    learned = tuple(getattr(generator.config, "images", ()))
+    learned = generator.learned_images()  # single- and few-image models name the images they learned from
     train_records = UltrasoundDataset(data, split="train").records
     sources_mask = torch.tensor([r.image in learned for r in train_records]) if learned else None
     label_images = [r.image for r in train_records if r.label == label]
@@ -150,7 +148,7 @@ def evaluate_generator(
     metrics.update(more)
     reasons.update(more_reasons)
     details.update(more_details)
-    if generator.accepts_condition("mask"):
+    if generator.draws_requested_lesions:
         log("mask adherence: a segmenter on the real masks, then one sample per real test lesion")
         more, more_reasons = _mask_adherence(generator, data, config.seed, device)
         metrics.update(more)
@@ -173,8 +171,8 @@ def evaluate_generator(
 
 def _mask_adherence(generator: Generator, data: str | Path, seed: int,
                     device: torch.device) -> tuple[dict[str, float], dict[str, str]]:
-    """Mask adherence on the test images with a lesion mask, or why it was not measured. A ControlNet on boxes is
-    asked for each lesion's boxes filled, the condition it learned from, and read against the lesion's mask."""
+    """Mask adherence on the test images with a lesion mask that the generator can be asked for (its
+    ``lesion_request``), or why it was not measured."""
     from sonogen.metrics.segmentation import mask_adherence
 
     def items(split: str) -> list[dict]:
@@ -184,18 +182,19 @@ def _mask_adherence(generator: Generator, data: str | Path, seed: int,
     def pairs(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack([i["image"] for i in items]), torch.stack([i["mask"] for i in items])
 
-    on_boxes = getattr(generator.config, "control", "mask") == "boxes"
     train = items("train")
-    test = [i for i in items("test") if i["mask"].any() and (len(i["boxes"]) or not on_boxes)]
+    lesions = [(i, generator.lesion_request(i["mask"][0], i["boxes"].int().tolist()))
+               for i in items("test") if i["mask"].any()]
+    test = [(item, request) for item, request in lesions if request is not None]
     if len(test) < 2:
-        what = "a lesion mask and boxes" if on_boxes else "a lesion mask"
-        return {}, dict.fromkeys(MASK_METRICS, f"the test split has {len(test)} image(s) with {what}; 2 are needed")
+        askable = "" if len(test) == len(lesions) else f" that this generator can be asked for (of {len(lesions)})"
+        return {}, dict.fromkeys(MASK_METRICS, f"the test split has {len(test)} image(s) with a lesion mask{askable};"
+                                               " 2 are needed")
     if not any(i["mask"].any() for i in train):
         return {}, dict.fromkeys(MASK_METRICS, "the training split has no lesion masks to train the segmenter on")
-    requests = torch.stack([torch.from_numpy(mask_from_boxes(i["boxes"].int().tolist(), *i["mask"].shape[-2:]))
-                            .float()[None] for i in test]) if on_boxes else None
-    return mask_adherence(lambda mask, k: generator.sample(1, k, {"mask": mask.numpy()}), *pairs(train),
-                          *pairs(test), seed=seed, device=device, requests=requests), {}
+    return mask_adherence(lambda request, k: generator.sample(1, k, request), *pairs(train),
+                          *pairs([item for item, _ in test]), seed=seed, device=device,
+                          requests=[request for _, request in test]), {}
 
 
 def boxed_images(data: str | Path, split: str) -> tuple[torch.Tensor, list]:

@@ -125,11 +125,11 @@ def export_registered(model_uri: str, tolerance: float = PARITY_TOLERANCE, preci
     more than ``max_mmd_ratio``; nothing is logged then."""
     import mlflow
 
-    from sonogen.registry import load_sampler, model_version, resolve_version
+    from sonogen.registry import load_registered_generator, model_version, resolve_version
 
     name, version = resolve_version(model_uri)
     run_id = model_version(name, version).run_id
-    generator = load_sampler(f"models:/{name}/{version}")
+    generator = load_registered_generator(f"models:/{name}/{version}")
     client = mlflow.MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}-v{version}{'' if precision == 'fp32' else '-' + precision}.onnx"

@@ -67,7 +67,7 @@ def markdown(report: dict) -> str:
     lines = [f"# Gate report: {report['subject']} — {verdict}", ""]
     lines += [f"- {key}: {report[key]}" for key in ("family", "gate_set", "label", "data", "extractor")
               if report.get(key)]
-    lines += [f"- samples: " + ", ".join(f"{k} {v}" for k, v in report["samples"].items()), ""]
+    lines += ["- samples: " + ", ".join(f"{k} {v}" for k, v in report["samples"].items()), ""]
     lines += ["| gate | metric | value | threshold | result | extractor |", "|---|---|---|---|---|---|"]
     for row in report["gates"]:
         result = "pass" if row["passed"] else f"**FAIL** {row['note']}".strip()

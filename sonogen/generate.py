@@ -61,7 +61,7 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
                      condition: dict[str, Any] | None = None, progress=None) -> dict:
     """Writes ``n`` images of ``model_uri`` to ``out``; returns a summary (written, skipped chunks, manifest)."""
     from sonogen.registry import model_name_of
-    from sonogen.samplers import load_backend
+    from sonogen.backends import load_backend
 
     if n < 1 or batch < 1:
         raise ValueError(f"n and batch must be at least 1, got n={n}, batch={batch}")

@@ -10,41 +10,81 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from sonogen.config import config_from_dict
 from sonogen.evaluation import (
     evaluate_generator, find_encoder, gate_tags, read_report, record_in_mlflow, train_encoder,
 )
 from sonogen.gates import EvaluateConfig, check_gates, gates_for, variant_of
-from sonogen.generators import config_from_dict, families, get_generator, load_generator
+from sonogen.generators import families, get_generator, load_generator
+from sonogen.generators.base import CONFIG
 from sonogen.generators.trainer import GENERATOR_DIR, TrainConfig, resolve_device, train
 from sonogen.metrics.features import get_extractor
 from sonogen.model_card import build_model_card
-from sonogen.registry import load_sampler, model_name, register_generator, resolve_version, write_model_card
-from sonogen.tracking import MlflowTracker, configure_mlflow, dataset_identity, git_commit
+from sonogen.registry import load_registered_generator, model_name, register_generator, resolve_version, write_model_card
+from sonogen.tracking import (
+    RUN_INFO, MlflowTracker, RunRecord, configure_mlflow, dataset_identity, declined, git_commit, write_declined,
+)
 
-RUN_INFO = "run.json"
+def family_sections(source: str | Path | dict | None, family: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``model`` and ``train`` settings of ``family`` in a YAML file (or its loaded content):
+    ``train: {<family>: {model, train}}`` (params.yaml) or top-level ``model`` and ``train`` sections."""
+    if source is None:
+        return {}, {}
+    loaded = source if isinstance(source, dict) else yaml.safe_load(Path(source).read_text()) or {}
+    path = "params" if isinstance(source, dict) else source
+    nested = loaded.get("train", {})
+    if isinstance(nested, dict) and (family in nested or "families" in nested):  # params.yaml
+        sections = nested.get(family) or {}
+    else:  # a file of one family's settings
+        sections = loaded
+    if not isinstance(sections, dict):
+        raise ValueError(f"{path}: train.{family} must be a mapping with 'model' and 'train'")
+    unknown = sorted(set(sections) - {"model", "train"})
+    if unknown:
+        raise ValueError(f"{path}: unexpected sections {unknown} for {family}; expected 'model' and 'train'")
+    return dict(sections.get("model") or {}), dict(sections.get("train") or {})
+
+
+def model_settings(path: str | Path | dict | None, family: str, label: str,
+                   model_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model settings of ``family`` for ``label``: the file's, with ``model_overrides`` (the command line's
+    ``--set``) winning; what the family's ``prerequisites`` and ``declines`` read."""
+    return {**family_sections(path, family)[0], **(model_overrides or {}), "label": label}
 
 
 def load_family_config(path: str | Path | None, family: str, label: str,
                        model_overrides: dict[str, Any] | None = None) -> tuple[Any, TrainConfig]:
-    """Model and training configs from a YAML file: either ``train: {<family>: {model, train}}`` (params.yaml)
-    or top-level ``model`` and ``train`` sections. Without a file, the family's defaults. ``model_overrides``
-    (command-line choices such as the training image) win over the file."""
-    sections: dict[str, Any] = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        nested = loaded.get("train", {})
-        sections = nested[family] if isinstance(nested, dict) and family in nested else loaded
-        unknown = sorted(set(sections) - {"model", "train"})
-        if unknown:
-            raise ValueError(f"{path}: unexpected sections {unknown} for {family}; expected 'model' and 'train'")
-    family_class = get_generator(family)
-    model = config_from_dict(family_class.config_class,
-                             {**(sections.get("model") or {}), **(model_overrides or {}), "label": label})
-    return model, config_from_dict(TrainConfig, sections.get("train") or {})
+    """Model and training configs of ``family`` from a YAML file (see ``family_sections``); without a file, the
+    family's defaults. ``model_overrides`` win over the file."""
+    settings = model_settings(path, family, label, model_overrides)
+    return (config_from_dict(get_generator(family).config_class, settings),
+            config_from_dict(TrainConfig, family_sections(path, family)[1]))
 
 
 def _flatten(prefix: str, values: dict) -> dict[str, Any]:
     return {f"{prefix}.{k}": v for k, v in values.items()}
+
+
+def _prerequisite(what: str, key: str, family: str, data: Path, label: str, out: Path,
+                  config_path: str | Path | None, dataset: str, resume: bool,
+                  log: Callable[[str], None] | None) -> Path:
+    """Makes what ``family`` needs before training (its ``prerequisites``) inside ``out``: a lesion bank
+    (``out/bank``, with params' ``lesion_bank`` settings) or a model of another family (``out/base``)."""
+    say = log or (lambda message: None)
+    if what == "lesion_bank":
+        folder = out / "bank"
+        if not (resume and folder.is_dir()):
+            settings = {k: v for k, v in (read_params(config_path).get("lesion_bank") or {}).items()
+                        if k in ("structure_size", "bandwidth")}
+            say(f"{family} needs a lesion bank ({key}): building it from the {label} training boxes")
+            build_lesion_bank(data, folder, label, "train", dataset=dataset, **settings)
+        return folder
+    folder = out / "base"
+    if not (resume and (folder / GENERATOR_DIR / CONFIG).is_file()):
+        say(f"{family} needs a {what} model ({key}): training it first (train.{what} settings)")
+        train_generator(what, data, label, folder, config_path, dataset, register=False, log=log,
+                        build_prerequisites=True)
+    return folder / GENERATOR_DIR
 
 
 def train_generator(
@@ -60,17 +100,39 @@ def train_generator(
     progress=None,
     model_overrides: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    build_prerequisites: bool = False,
+    skip_declined: bool = False,
 ) -> dict:
     """Trains one generator for one label with MLflow tracking; registers it unless ``register`` is False.
-    ``progress`` wraps the epochs (a progress bar), ``log`` receives progress lines (see ``trainer.train``)."""
+    ``progress`` wraps the epochs (a progress bar), ``log`` receives progress lines (see ``trainer.train``).
+
+    What the family needs first (``Generator.prerequisites``) and is not given is made inside ``out``: a lesion
+    bank always, a model to train on only with ``build_prerequisites`` (else it is an error). A label the family declines is an error, or with
+    ``skip_declined`` a ``declined.json`` in ``out`` saying why (a DVC matrix of families × labels)."""
     import mlflow
 
     data, out = Path(data), Path(out)
-    model_config, train_config = load_family_config(config_path, family, label, model_overrides)
+    family_class = get_generator(family)
+    settings = model_settings(config_path, family, label, model_overrides)
     dataset = dataset or data.name
+    if reason := family_class.declines(settings):
+        if not skip_declined:
+            raise ValueError(f"{family} does not train on {label}: {reason}")
+        write_declined(out, family, label, reason)
+        return {"declined": reason, "family": family, "label": label}
+    needed = family_class.prerequisites(settings)
+    # a lesion bank is quick to build from the data; a model to train on is a run of its own, made when asked
+    models = {key: what for key, what in needed.items() if what != "lesion_bank"}
+    if models and not build_prerequisites:
+        keys = ", ".join(f"{key} (a trained {what})" for key, what in models.items())
+        raise ValueError(f"{family} needs {keys}: give it (--set KEY=FOLDER) or --build-prerequisites to train it "
+                         f"first")
+    for key, what in needed.items():
+        settings[key] = str(_prerequisite(what, key, family, data, label, out, config_path, dataset, resume, log))
+    model_config = config_from_dict(family_class.config_class, settings)
+    train_config = config_from_dict(TrainConfig, family_sections(config_path, family)[1])
     tracking_uri = configure_mlflow()
-    info_path = out / RUN_INFO
-    run_id = json.loads(info_path.read_text())["run_id"] if resume and info_path.exists() else None
+    run_id = RunRecord.read(out).run_id if resume and (out / RUN_INFO).exists() else None
     mlflow.set_experiment(experiment or f"{dataset}-{family}")
     identity = dataset_identity(data, label)
     with mlflow.start_run(run_id=run_id, run_name=f"{family}-{label}") as run:
@@ -79,21 +141,18 @@ def train_generator(
                 **_flatten("model", asdict(model_config)), **_flatten("train", asdict(train_config)), **identity,
             })
             mlflow.set_tags({"family": family, "label": label, "dataset": dataset, "code_version": git_commit()})
-        out.mkdir(parents=True, exist_ok=True)
-        info = {"run_id": run.info.run_id, "tracking_uri": tracking_uri, "family": family, "label": label,
-                "dataset": dataset, "data": str(data)}
-        info_path.write_text(json.dumps(info, indent=2) + "\n")
+        record = RunRecord(run.info.run_id, tracking_uri, family, label, dataset, str(data))
+        record.write(out)
         torch.manual_seed(train_config.seed)  # the networks' initial weights repeat with the run
-        generator = get_generator(family)(model_config)
+        generator = family_class(model_config)
         summary = train(generator, data, label, train_config, out, MlflowTracker(), resume=resume, progress=progress,
                         log=log)
         mlflow.log_artifact(str(out / "history.json"))
-        info["final"] = summary["final"]
-        info["name"] = generator_name(family, label, getattr(generator.config, "images", ()))
-        if getattr(generator.config, "images", ()):
-            info["images"] = list(generator.config.images)
-        info["feature_extractor"] = summary["feature_extractor"]
-        info_path.write_text(json.dumps(info, indent=2) + "\n")
+        record.final, record.feature_extractor = summary["final"], summary["feature_extractor"]
+        record.images = list(generator.learned_images())
+        record.name = generator_name(family, label, asdict(generator.config))
+        record.write(out)
+    info = asdict(record)
     if register:
         info.update(register_trained(out))
     return info
@@ -193,34 +252,28 @@ def build_lesion_bank(data: str | Path, out: str | Path, label: str = "consolida
             "skipped": bank.source["skipped"]}
 
 
-def generator_name(family: str, label: str, images: tuple[str, ...] | list[str] = ()) -> str:
-    """``<family>-<label>``, plus the image id for families with one model per image: the default training
-    folder and the name of the gate report folder."""
-    if get_generator(family).one_model_per_image and images:
-        from sonogen.generators.sinddm import image_id
-
-        return f"{family}-{label}-{image_id(images[0])}"
-    return f"{family}-{label}"
+def generator_name(family: str, label: str, settings: dict[str, Any] | None = None) -> str:
+    """``<family>-<label>`` and the family's ``name_suffix`` for these model settings (the training image's id
+    for one model per image): the default training folder and the name of the gate report folder."""
+    return f"{family}-{label}{get_generator(family).name_suffix({**(settings or {}), 'label': label})}"
 
 
 def trained_name(folder: str | Path) -> str:
     """The ``generator_name`` of a trained folder."""
-    if not (Path(folder) / RUN_INFO).is_file():
-        raise FileNotFoundError(f"{Path(folder) / RUN_INFO} not found: train a generator into {folder} first")
-    info = json.loads((Path(folder) / RUN_INFO).read_text())
-    return info.get("name") or generator_name(info["family"], info["label"])
+    record = RunRecord.read(folder)
+    return record.name or generator_name(record.family, record.label)
 
 
-def _check_run_is_tracked(folder: Path, info: dict) -> None:
+def _check_run_is_tracked(folder: Path, record: RunRecord) -> None:
     """The results of a trained folder go to its training run: fail before any work when this store lacks it."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     uri = configure_mlflow()
     try:
-        mlflow.MlflowClient().get_run(info["run_id"])
+        mlflow.MlflowClient().get_run(record.run_id)
     except MlflowException:
-        raise ValueError(f"{folder} was trained in MLflow run {info['run_id']} of {info.get('tracking_uri')}, "
+        raise ValueError(f"{folder} was trained in MLflow run {record.run_id} of {record.tracking_uri}, "
                          f"which the tracking store {uri} does not have: set MLFLOW_TRACKING_URI to the store it "
                          f"was trained with") from None
 
@@ -229,11 +282,11 @@ def _target(spec: str, device: torch.device) -> dict:
     """A trained folder (``models/dcgan-normal``) or a registry URI, as generator + where to record results."""
     folder = Path(spec)
     if (folder / RUN_INFO).is_file():
-        info = json.loads((folder / RUN_INFO).read_text())
-        _check_run_is_tracked(folder, info)
+        record = RunRecord.read(folder)
+        _check_run_is_tracked(folder, record)
         history = folder / "history.json"
-        return {"generator": load_generator(folder / GENERATOR_DIR, device), "run_id": info["run_id"], "version": None,
-                "name": trained_name(folder),
+        return {"generator": load_generator(folder / GENERATOR_DIR, device), "run_id": record.run_id,
+                "version": None, "name": trained_name(folder),
                 "history": json.loads(history.read_text()) if history.exists() else None}
     if not spec.startswith("models:/"):
         raise FileNotFoundError(f"{spec} is neither a trained folder (with {RUN_INFO}) nor a models:/ URI")
@@ -241,7 +294,7 @@ def _target(spec: str, device: torch.device) -> dict:
     import mlflow
 
     run_id = mlflow.MlflowClient().get_model_version(name, version).run_id
-    return {"generator": load_sampler(spec, device), "run_id": run_id, "version": (name, version),
+    return {"generator": load_registered_generator(spec, device), "run_id": run_id, "version": (name, version),
             "name": f"{name}-v{version}", "history": None}
 
 
@@ -255,7 +308,10 @@ def evaluate_targets(targets: list[str], data: str | Path, extractor_spec: str |
     config, gates, encoder_epochs = evaluation_config(params)
     data = Path(data)
     device = resolve_device(config.device)
-    loaded = [_target(spec, device) for spec in targets]
+    for spec in [spec for spec in targets if declined(spec)]:  # a DVC matrix's family × label it does not train
+        if log:
+            log(f"{Path(spec).name}: nothing to gate: {declined(spec)}")
+    loaded = [_target(spec, device) for spec in targets if not declined(spec)]
     if extractor_spec in (None, "us-encoder"):
         dataset = dataset or data.name
         uri = find_encoder(data, dataset)
@@ -270,7 +326,7 @@ def evaluate_targets(targets: list[str], data: str | Path, extractor_spec: str |
     for target in loaded:
         generator = target["generator"]
         negative = next((t["generator"] for t in loaded if t["generator"].family == generator.family
-                         and t["generator"].config.label != generator.config.label), None)
+                         and t["generator"].label != generator.label), None)
         report_dir = Path(out) / target["name"]
         announce = (lambda message, name=target["name"]: log(f"{name}: {message}")) if log else None
         report = evaluate_generator(generator, data, extractor, gates_for(gates, generator.gate_set), config,
@@ -288,38 +344,38 @@ def register_trained(out: str | Path, alias: str | None = "candidate", gate_repo
     from mlflow.exceptions import MlflowException
 
     out = Path(out)
-    if not (out / RUN_INFO).is_file():
-        raise FileNotFoundError(f"{out / RUN_INFO} not found: train a generator into {out} first")
-    info = json.loads((out / RUN_INFO).read_text())
+    if reason := declined(out):
+        return {"registered_model": None, "declined": reason}
+    record = RunRecord.read(out)
     configure_mlflow()
     try:
-        run = mlflow.MlflowClient().get_run(info["run_id"])
+        run = mlflow.MlflowClient().get_run(record.run_id)
     except MlflowException as err:
-        raise ValueError(f"the training run {info['run_id']} of {out} is not in the tracking store: {err}") from err
-    final = {k: v for k, v in info.get("final", {}).items() if k in ("kmmd", "one_nn_acc", "epoch", "step")}
+        raise ValueError(f"the training run {record.run_id} of {out} is not in the tracking store: {err}") from err
+    final = {k: v for k, v in record.final.items() if k in ("kmmd", "one_nn_acc", "epoch", "step")}
     tags = {
-        "family": info["family"],
-        "label": info["label"],
+        "family": record.family,
+        "label": record.label,
         "data_dvc_md5": run.data.params.get("data_dvc_md5", "unknown"),
         "data_manifest_sha256": run.data.params.get("data_manifest_sha256", "unknown"),
         "code_version": run.data.tags.get("code_version", "unknown"),
-        "feature_extractor": info.get("feature_extractor", ""),
-        **({"training_images": ",".join(info["images"])} if info.get("images") else {}),
+        "feature_extractor": record.feature_extractor,
+        **({"training_images": ",".join(record.images)} if record.images else {}),
         **{f"metric.{k}": f"{v:.6g}" if isinstance(v, float) else v for k, v in final.items()},
     }
-    name = model_name(info["dataset"], info["family"], info["label"])
+    name = model_name(record.dataset, record.family, record.label)
     report = None
     if gate_report is not None:
         report = read_report(gate_report)
         if not report["passed"]:
             failed = [row["gate"] for row in report["gates"] if not row["passed"]]
             return {"registered_model": None, "model_name": name, "gate": "failed", "failed_gates": failed,
-                    "run_id": info["run_id"], "report": str(Path(gate_report) / "gate_report.md")}
+                    "run_id": record.run_id, "report": str(Path(gate_report) / "gate_report.md")}
         tags.update(gate_tags(report))
-    version = register_generator(info["run_id"], out / GENERATOR_DIR, name, tags, alias=alias)
+    version = register_generator(record.run_id, out / GENERATOR_DIR, name, tags, alias=alias)
     train_params = {k: v for k, v in run.data.params.items() if k.startswith("train.")}
-    write_model_card(name, version, build_model_card(name, version, info, tags, out / GENERATOR_DIR, report,
-                                                     train_params))
+    write_model_card(name, version, build_model_card(name, version, asdict(record), tags, out / GENERATOR_DIR,
+                                                     report, train_params))
     # the trained folder stays as training wrote it (it is a DVC output); the caller records the version
     return {"registered_model": name, "version": version, "alias": alias, "model_uri": f"models:/{name}/{version}",
             "gate": tags.get("gate", "not evaluated")}

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sonogen.tracking import configure_mlflow
+from sonogen.tracking import NotRegistered, configure_mlflow, resolve_version  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # torch stays out of the serving image, which imports this module
     from sonogen.generators import Generator
@@ -49,7 +49,7 @@ def register_generator(
     return version
 
 
-def load_sampler(model_uri: str, device: str = "cpu") -> Generator:
+def load_registered_generator(model_uri: str, device: str = "cpu") -> Generator:
     """The generator behind ``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``, or a runs:/ URI)."""
     import mlflow
 
@@ -61,10 +61,6 @@ def load_sampler(model_uri: str, device: str = "cpu") -> Generator:
     if not candidates:
         raise FileNotFoundError(f"{model_uri} holds no sonogen generator (no artifacts/*/config.json)")
     return load_generator(candidates[0].parent, device=device)
-
-
-class NotRegistered(ValueError):
-    """A registered model, version or alias that does not exist (yet)."""
 
 
 def model_version(name: str, version: str):
@@ -85,27 +81,6 @@ def model_name_of(model_uri: str) -> str:
     if model_uri.startswith("models:/"):
         return model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
     return Path(model_uri.rstrip("/")).name
-
-
-def resolve_version(model_uri: str) -> tuple[str, str]:
-    """``(name, version)`` of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    path = model_uri.removeprefix("models:/")
-    if path == model_uri or not path:
-        raise ValueError(f"{model_uri!r} is not a models:/NAME@ALIAS or models:/NAME/VERSION URI")
-    configure_mlflow()
-    if "@" in path:
-        name, alias = path.split("@", 1)
-        try:
-            return name, str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
-        except MlflowException as err:
-            raise NotRegistered(f"{model_uri} does not exist in {mlflow.get_tracking_uri()}") from err
-    name, _, version = path.partition("/")
-    if not version.isdigit():
-        raise ValueError(f"{model_uri!r}: the version must be a number")
-    return name, version
 
 
 def list_models() -> list[dict]:

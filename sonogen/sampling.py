@@ -35,8 +35,10 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return ((int(high) << 32) | int(low)) & (2**63 - 1)
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Images ``(N, 1, H, W)`` float in [-1, 1] as uint8 ``(N, H, W)``."""
+def to_uint8(images: Any) -> np.ndarray:
+    """Images ``(N, 1, H, W)`` in [-1, 1], a numpy array or a torch tensor (on any device), as uint8 ``(N, H, W)``."""
+    if hasattr(images, "detach"):  # a torch tensor; this module imports no torch (the serve image has none)
+        images = images.detach().float().cpu().numpy()
     scaled = (np.clip(images[:, 0].astype(np.float32), -1, 1) + np.float32(1)) * np.float32(127.5)
     return np.rint(scaled).astype(np.uint8)
 

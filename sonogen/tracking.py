@@ -6,8 +6,10 @@ store (an MLflow server with Postgres + S3) is chosen with ``MLFLOW_TRACKING_URI
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,52 @@ import yaml
 from sonogen.data.manifest import MANIFEST, file_sha256, read_manifest
 
 DEFAULT_DB = "mlflow.db"
+RUN_INFO = "run.json"
+DECLINED = "declined.json"
+
+
+@dataclass
+class RunRecord:
+    """``run.json`` of a trained folder: the MLflow run (and store) that trained it, and what it trained."""
+
+    run_id: str
+    tracking_uri: str
+    family: str
+    label: str
+    dataset: str
+    data: str
+    name: str = ""  # <family>-<label>, with the family's suffix: the report folder and default training folder
+    images: list[str] = field(default_factory=list)  # the images a single- or few-image model learned
+    final: dict = field(default_factory=dict)  # the last epoch's losses and quality readings
+    feature_extractor: str = ""
+
+    @classmethod
+    def read(cls, folder: str | Path) -> RunRecord:
+        path = Path(folder) / RUN_INFO
+        if (Path(folder) / DECLINED).is_file():
+            reason = json.loads((Path(folder) / DECLINED).read_text())["reason"]
+            raise ValueError(f"{folder} holds no generator: {reason}")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: train a generator into {folder} first")
+        values = json.loads(path.read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})  # (older files carry fields since dropped)
+
+    def write(self, folder: str | Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / RUN_INFO).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def declined(folder: str | Path) -> str | None:
+    """Why nothing was trained into ``folder`` (a family that declines a label of a DVC matrix), if so."""
+    path = Path(folder) / DECLINED
+    return json.loads(path.read_text())["reason"] if path.is_file() else None
+
+
+def write_declined(folder: str | Path, family: str, label: str, reason: str) -> None:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / DECLINED).write_text(json.dumps({"family": family, "label": label, "reason": reason},
+                                                    indent=2) + "\n")
 
 
 def configure_mlflow() -> str:
@@ -53,6 +101,31 @@ def local_folder(uri: str, what: str) -> Path:
     import mlflow
 
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+
+
+class NotRegistered(ValueError):
+    """A registered model, version or alias that does not exist (yet)."""
+
+
+def resolve_version(model_uri: str) -> tuple[str, str]:
+    """``(name, version)`` of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    path = model_uri.removeprefix("models:/")
+    if path == model_uri or not path:
+        raise ValueError(f"{model_uri!r} is not a models:/NAME@ALIAS or models:/NAME/VERSION URI")
+    configure_mlflow()
+    if "@" in path:
+        name, alias = path.split("@", 1)
+        try:
+            return name, str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+        except MlflowException as err:
+            raise NotRegistered(f"{model_uri} does not exist in {mlflow.get_tracking_uri()}") from err
+    name, _, version = path.partition("/")
+    if not version.isdigit():
+        raise ValueError(f"{model_uri!r}: the version must be a number")
+    return name, version
 
 
 def _find_upwards(start: Path, name: str) -> Path | None:

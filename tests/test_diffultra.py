@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sonogen.config import config_from_dict
 from sonogen.data.manifest import load_grey, read_manifest
 from sonogen.generators import load_generator
 from sonogen.generators.diffultra import DiffUltra, DiffUltraConfig
@@ -86,6 +87,20 @@ def test_a_given_background_is_where_the_lesion_is_placed_and_requests_are_check
         model.sample(1, 0, {"mask": _png(frame)})
 
 
+def test_a_diffultra_saved_when_it_inherited_the_ldm_config_still_loads(base_ldm, tmp_path):
+    from sonogen.generators.diffultra import INHERITED_BEFORE
+
+    model = DiffUltra(DiffUltraConfig(base_model=str(base_ldm), image_size=32, steps=2))
+    model.save(tmp_path / "saved")
+    described = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert not INHERITED_BEFORE & set(described["config"])
+    described["config"].update(mode="controlnet", vae_channels=[32, 64, 128], lora_rank=0, control="mask")
+    (tmp_path / "saved" / "config.json").write_text(json.dumps(described))
+    loaded = load_generator(tmp_path / "saved")
+    assert loaded.config == model.config
+    assert all(torch.equal(value, loaded._weights()[key]) for key, value in model._weights().items())
+
+
 def test_invalid_diffultra_configs_are_clear_errors(base_ldm):
     with pytest.raises(ValueError, match="base_model"):
         DiffUltraConfig()
@@ -93,8 +108,8 @@ def test_invalid_diffultra_configs_are_clear_errors(base_ldm):
         DiffUltraConfig(base_model=str(base_ldm), condition="mask")
     with pytest.raises(ValueError, match="size_bias"):
         DiffUltraConfig(base_model=str(base_ldm), size_bias="small")
-    with pytest.raises(ValueError, match="controlnet"):
-        DiffUltraConfig(base_model=str(base_ldm), mode="fine-tune")
+    with pytest.raises(ValueError, match=r"unknown DiffUltraConfig keys \['mode'\]"):  # it is a ControlNet, always
+        config_from_dict(DiffUltraConfig, {"base_model": str(base_ldm), "mode": "fine-tune"})
     with pytest.raises(FileNotFoundError, match="lesion bank /nonexistent/bank is not a folder"):
         DiffUltra(DiffUltraConfig(base_model=str(base_ldm), image_size=32, bank="/nonexistent/bank"))
     with pytest.raises(ValueError, match="background_label"):
@@ -113,7 +128,7 @@ def test_train_command_builds_on_a_bank_registers_serves_boxes_and_gates_on_dete
 
     from sonogen.cli import app
     from sonogen.jobs import evaluate_targets, register_trained
-    from sonogen.registry import load_sampler, model_card
+    from sonogen.registry import load_registered_generator, model_card
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -147,7 +162,7 @@ def test_train_command_builds_on_a_bank_registers_serves_boxes_and_gates_on_dete
     assert registered["version"] == "1"
     assert "### Lesion detection" in model_card("lus-diffultra-consolidation", "1")
 
-    direct = load_sampler("models:/lus-diffultra-consolidation/1")
+    direct = load_registered_generator("models:/lus-diffultra-consolidation/1")
     images, boxes = direct.sample_with_boxes(2, 4, {"size_bias": "large"})
     expected = np.rint((images[:, 0].numpy() + 1) * 127.5).astype(np.uint8)
     process, url = start_server(tmp_path, os.environ["MLFLOW_TRACKING_URI"], "lus-diffultra-consolidation",

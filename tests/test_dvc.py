@@ -130,7 +130,7 @@ def test_dvc_repro_trains_diffultra_on_the_bank_and_its_own_base_ldm(project):
     tiny_train = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "eval_samples": 2, "precision": "fp32"}
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["phantom"].update(frames_per_patient=2)
-    params["train"].update(families=[], lesion_families=["diffultra"])
+    params["train"].update(families=["diffultra"])  # on consolidation; it declines normal, its background
     params["train"]["ldm"] = {"model": {"image_size": 32, "vae_channels": [8, 16], "unet_channels": [16, 32],
                                         "embedding_dim": 16, "vae_steps": 1, "steps": 2}, "train": tiny_train}
     params["train"]["diffultra"] = {"model": {"image_size": 32, "steps": 2}, "train": tiny_train}
@@ -142,8 +142,10 @@ def test_dvc_repro_trains_diffultra_on_the_bank_and_its_own_base_ldm(project):
     assert [r["registered_model"] for r in json.loads((project / "reports" / "registered.json").read_text())] == [
         "lus-diffultra-consolidation"]  # its base ldm is neither gated nor registered
     trained = load_generator(project / "models" / "diffultra-consolidation" / "generator")
-    assert trained.bank.source["data"] == "data/prepared/lus"  # the lesion_bank stage's, not one built inline
-    assert trained.config.base_model == "bases/diffultra-consolidation/generator"
+    assert trained.bank.source["data"] == "data/prepared/lus"  # built by its stage from the data, not inline
+    assert trained.config.base_model == "models/diffultra-consolidation/base/generator"
+    assert "background_label" in json.loads((project / "models" / "diffultra-normal" / "declined.json").read_text())[
+        "reason"]
 
 
 def test_push_and_pull_through_s3(project, s3_server, aws_env):

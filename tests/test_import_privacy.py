@@ -126,7 +126,7 @@ def test_the_dicom_command_needs_a_key_and_can_make_one(archive, tmp_path, monke
     monkeypatch.setenv(KEY_ENV, key_file.read_text().strip())
     assert runner.invoke(app, ["data", "import", "dicom", str(archive), str(out)]).exit_code == 0
     assert read_manifest(out) == first  # the key from the environment: the same dataset
-    digest = first[0].origin
+    digest = next(r.origin for r in first if r.label == "consolidation")  # the cine of DOE_JOHN_MRN0012345
     located = runner.invoke(app, ["data", "locate", str(archive), digest])
     assert located.exit_code == 0 and "DOE_JOHN_MRN0012345" in located.output
 

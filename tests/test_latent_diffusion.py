@@ -213,7 +213,7 @@ def test_a_controlnet_on_masks_refuses_training_images_without_any(unmasked, tin
     model = LatentDiffusion(LatentDiffusionConfig(label="consolidation", mode="controlnet", base_model=str(tiny_sd),
                                                   image_size=32))
     with pytest.raises(ValueError, match="control 'mask': the 12 training images have no lesion masks, .*; "
-                                         "they have lesion boxes: train with --control boxes"):
+                                         "they have lesion boxes: train with --set control=boxes"):
         train(model, unmasked, "consolidation", TWO_STEPS, tmp_path / "run")
     assert not (tmp_path / "run" / "generator").exists()
 
@@ -302,7 +302,7 @@ def test_train_command_fine_tunes_registers_and_serves_prompts_and_masks(lus, ti
     from typer.testing import CliRunner
 
     from sonogen.cli import app
-    from sonogen.registry import load_sampler, model_card, model_version
+    from sonogen.registry import load_registered_generator, model_card, model_version
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -325,7 +325,7 @@ def test_train_command_fine_tunes_registers_and_serves_prompts_and_masks(lus, ti
 
     card = model_version("lus-ldm-consolidation", "1")
     assert card.tags["family"] == "ldm"
-    direct = load_sampler("models:/lus-ldm-consolidation/1")
+    direct = load_registered_generator("models:/lus-ldm-consolidation/1")
     mask = np.zeros((32, 32), dtype=np.uint8)
     mask[10:22, 6:18] = 1
     condition = {"prompt": "lung ultrasound, consolidation", "mask": mask, "steps": 3, "scheduler": "ddim"}

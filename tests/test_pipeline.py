@@ -59,10 +59,8 @@ def test_training_and_gates_request_a_gpu_and_every_task_gets_cluster_credential
     gpu = {name: e["container"]["resources"].get("accelerator") for name, e in executors.items()
            if "accelerator" in e["container"].get("resources", {})}
     one_gpu = {"count": "1", "resourceCount": "1", "resourceType": "nvidia.com/gpu", "type": "nvidia.com/gpu"}
-    # the family × label loop, and DiffUltra's base ldm and its ControlNet; the encoder, and the gates of both
-    assert gpu == {name: one_gpu for name in ("exec-train-generator", "exec-train-generator-2",
-                                              "exec-train-generator-3", "exec-train-encoder",
-                                              "exec-evaluate-gates", "exec-evaluate-gates-2")}
+    # the family × label loop (a family's prerequisites train in its task), the encoder, the gates
+    assert gpu == {name: one_gpu for name in ("exec-train-generator", "exec-train-encoder", "exec-evaluate-gates")}
     assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
     kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(kubernetes) == set(executors)
@@ -76,32 +74,19 @@ def test_training_and_gates_request_a_gpu_and_every_task_gets_cluster_credential
     assert body["train-generator"]["retryPolicy"]["maxRetryCount"] == 2
 
 
-def test_diffultra_runs_on_its_own_branch_after_its_bank_and_base_ldm(compiled):
-    spec, _ = yaml.safe_load_all(compiled.read_text())
-    [branch] = [name for name, task in spec["root"]["dag"]["tasks"].items()
-                if "diffultra_label" in task.get("triggerPolicy", {}).get("condition", "")]
-    tasks = spec["components"][f"comp-{branch}"]["dag"]["tasks"]
-    families = {name: task["inputs"]["parameters"]["family"]["runtimeValue"]["constant"]
-                for name, task in tasks.items() if name.startswith("train-generator")}
-    assert sorted(families.values()) == ["diffultra", "ldm"]
-    diffultra = next(name for name, family in families.items() if family == "diffultra")
-    assert set(tasks[diffultra]["dependentTasks"]) == {"build-lesion-bank",
-                                                       next(n for n, f in families.items() if f == "ldm")}
-    assert set(tasks[diffultra]["inputs"]["artifacts"]) == {"prepared", "base", "bank"}
-
-    params = {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "lesion_families": ["diffultra"]},
-              "lesion_bank": {"label": "consolidation"}}
+def test_runs_are_derived_from_the_families_and_the_labels_they_train(tmp_path):
+    params = {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "families": ["dcgan", "diffultra"]}}
     arguments = arguments_from_params(yaml.safe_dump(params))
-    assert arguments["diffultra_label"] == "consolidation"
-    assert {run["family"] for run in arguments["runs"]} == {"dcgan"}
-    assert arguments_from_params(yaml.safe_dump(TINY_PARAMS))["diffultra_label"] == ""
-    # as in dvc.yaml, families train on every label: diffultra there has no base or bank
-    params["train"]["families"] = ["dcgan", "diffultra"]
-    with pytest.raises(ValueError, match="train.families: diffultra .* train.lesion_families"):
-        arguments_from_params(yaml.safe_dump(params))
-    params["train"].update(families=["dcgan"], lesion_families=["ldm"])
-    with pytest.raises(ValueError, match="train.lesion_families"):
-        arguments_from_params(yaml.safe_dump(params))
+    # diffultra draws lesions into normal frames: it declines that label, and builds its bank and ldm itself
+    assert arguments["runs"] == [{"family": "dcgan", "label": "consolidation"}, {"family": "dcgan", "label": "normal"},
+                                 {"family": "diffultra", "label": "consolidation"}]
+    assert "diffultra_label" not in arguments
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    sonogen("pipeline", "compile", "-o", str(tmp_path / "p.yaml"), "--params", str(tmp_path / "params.yaml"), cwd=REPO)
+    spec, _ = yaml.safe_load_all((tmp_path / "p.yaml").read_text())
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert defaults["runs"]["defaultValue"] == arguments["runs"]
+    assert "defaultValue" not in defaults["params"]  # the params text is given with each run
 
 
 def test_the_component_image_is_the_one_the_dockerfile_builds(compiled, tmp_path):
@@ -138,10 +123,10 @@ def test_local_run_trains_gates_and_registers_like_dvc(tmp_path):
     assert file_sha256(pipeline_manifest) == file_sha256(tmp_path / "prepared" / MANIFEST)
 
 
-def test_local_run_of_the_diffultra_branch_builds_the_bank_trains_gates_and_registers(tmp_path):
+def test_local_run_of_diffultra_builds_its_bank_and_ldm_in_its_task_then_gates_and_registers(tmp_path):
     tiny_train = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "eval_samples": 2, "precision": "fp32"}
     params = {**TINY_PARAMS,
-              "train": {"families": [], "lesion_families": ["diffultra"], "labels": ["consolidation"],
+              "train": {"families": ["diffultra"], "labels": ["consolidation"],
                         "ldm": {"model": {"image_size": 32, "vae_channels": [8, 16], "unet_channels": [16, 32],
                                           "embedding_dim": 16, "vae_steps": 1, "steps": 2}, "train": tiny_train},
                         "diffultra": {"model": {"image_size": 32, "steps": 2}, "train": tiny_train}},

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from sonogen.cli import app
 from sonogen.generators import to_uint8
 from sonogen.jobs import register_trained
-from sonogen.registry import load_sampler
+from sonogen.registry import load_registered_generator
 from sonogen.sampling import png_bytes
 
 TOKEN = "s3cret"
@@ -82,7 +82,7 @@ def test_v1_predict_returns_the_generator_images_with_their_provenance(registry,
     images = np.stack([decode(image) for image in prediction["images"]])
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
-        expected = to_uint8(load_sampler(f"models:/{NAME}/1").sample(3, 7))
+        expected = to_uint8(load_registered_generator(f"models:/{NAME}/1").sample(3, 7))
     assert images.shape == (3, 32, 32)
     # ONNX Runtime vs torch: parity ≤ 1e-4 can still flip a rounding to the next grey level
     assert np.abs(images.astype(int) - expected).max() <= 1
@@ -318,7 +318,7 @@ def test_export_command_reports_parity(registry):
 
 
 def test_int8_export_is_gated_on_its_samples_batch_invariant_and_replaced_by_fp32(registry, monkeypatch):
-    from sonogen.samplers import load_backend
+    from sonogen.backends import load_backend
 
     monkeypatch.chdir(registry["root"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
@@ -336,7 +336,7 @@ def test_int8_export_is_gated_on_its_samples_batch_invariant_and_replaced_by_fp3
     images = backend.images(5, 7)
     # activation ranges are fixed at export, so an image does not depend on the batch it is drawn in
     assert np.array_equal(images[:2], backend.images(2, 7))
-    assert np.abs(images.astype(int) - to_uint8(load_sampler(uri).sample(5, 7))).mean() < 2
+    assert np.abs(images.astype(int) - to_uint8(load_registered_generator(uri).sample(5, 7))).mean() < 2
     assert CliRunner().invoke(app, ["export", "onnx", uri]).exit_code == 0
     tags = mlflow.MlflowClient().get_model_version(NAME, version).tags
     assert tags["onnx_precision"] == "fp32" and "onnx_mmd_ratio" not in tags
@@ -348,7 +348,7 @@ def test_the_serving_image_path_samples_an_exported_generator_without_torch(regi
     script = (
         "import sys, json; sys.modules['torch'] = None\n"
         "import serving.__main__\n"
-        "from sonogen.samplers import load_backend\n"
+        "from sonogen.backends import load_backend\n"
         f"backend = load_backend('models:/{NAME}/1')\n"
         "print(json.dumps({'runtime': backend.runtime, 'images': backend.images(2, 7).tolist()}))\n"
     )
@@ -363,7 +363,7 @@ def test_the_serving_image_path_samples_an_exported_generator_without_torch(regi
 
 def test_a_saved_generator_folder_is_served_by_torch(registry):
     from sonogen.generators import load_generator
-    from sonogen.samplers import load_backend
+    from sonogen.backends import load_backend
 
     folder = registry["root"] / "trained" / "generator"
     backend = load_backend(str(folder))

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from sonogen.generators.dcgan import DCGAN, DCGANConfig
 from sonogen.jobs import register_trained
-from sonogen.registry import load_sampler
+from sonogen.registry import load_registered_generator
 
 TOKEN = "s3cret"
 
@@ -69,7 +69,7 @@ def state(generator) -> dict[str, torch.Tensor]:
 
 def test_sampling_from_many_threads_changes_no_weight_and_no_answer(registry, torch_version, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
-    generator = load_sampler(f"models:/{NAME}/{torch_version}")
+    generator = load_registered_generator(f"models:/{NAME}/{torch_version}")
     before, alone = state(generator), generator.sample(4, seed=123)
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda k: generator.sample(4, seed=123 + k % 3), range(160)))

@@ -300,8 +300,8 @@ def test_an_image_is_named_by_its_file_name_even_with_dots_in_it():
     paths = ["images/Pneu.JPG_0.png", "images/Pneu.JPG_1.png"]
     model = SinDDM(MultiScaleDDMConfig(label="pneumonia", images=("Pneu.JPG_1",), **TINY))
     assert model.select_training_images(paths, ["p0", "p1"]) == [1]
-    assert generator_name("sinddm", "pneumonia", ["Pneu.JPG_1"]) == "sinddm-pneumonia-Pneu.JPG_1"
-    with pytest.raises(ValueError, match="--image"):
+    assert generator_name("sinddm", "pneumonia", {"images": ["Pneu.JPG_1"]}) == "sinddm-pneumonia-Pneu.JPG_1"
+    with pytest.raises(ValueError, match=r"--set images=\[ID\]"):
         SinDDM(MultiScaleDDMConfig(label="pneumonia", **TINY)).select_training_images(paths, ["p0", "p1"])
 
 
@@ -315,7 +315,7 @@ def test_train_command_registers_serves_and_gates_one_image_model(lus, tmp_path,
     runner = CliRunner()
     missing = runner.invoke(app, ["train", "sinddm", "--data", str(lus), "--label", "consolidation",
                                   "--config", "tiny.yaml"])
-    assert missing.exit_code == 1 and "--image" in missing.output
+    assert missing.exit_code == 1 and "--set images=[ID]" in missing.output
     from sonogen.data import UltrasoundDataset
 
     image = UltrasoundDataset(lus, split="train", labels=["consolidation"]).records[0].image
@@ -326,15 +326,15 @@ def test_train_command_registers_serves_and_gates_one_image_model(lus, tmp_path,
     folder = tmp_path / "models" / f"sinddm-consolidation-{stem}"
     assert (folder / "generator" / "config.json").is_file() and "ssim_to_train" in result.output
 
-    from sonogen.registry import load_sampler, model_version
-    from sonogen.samplers import load_backend
+    from sonogen.registry import load_registered_generator, model_version
+    from sonogen.backends import load_backend
 
     assert model_version("lus-sinddm-consolidation", "1").tags["training_images"] == image
     backend = load_backend("models:/lus-sinddm-consolidation@candidate")
     assert backend.runtime == "torch:cpu" and backend.conditions == {"label", "size"}
     served = backend.images(2, 9, {"size": (24, 40)})
     assert served.shape == (2, 24, 40) and served.dtype == np.uint8
-    direct = load_sampler("models:/lus-sinddm-consolidation/1").sample(2, 9, {"size": (24, 40)})
+    direct = load_registered_generator("models:/lus-sinddm-consolidation/1").sample(2, 9, {"size": (24, 40)})
     assert np.array_equal(served, np.rint((direct[:, 0].numpy() + 1) * 127.5).astype(np.uint8))
 
     process, url = start_server(tmp_path, os.environ["MLFLOW_TRACKING_URI"], "lus-sinddm-consolidation",

@@ -13,7 +13,7 @@ from sonogen.data.phantom import generate
 from sonogen.data.prepare import prepare
 from sonogen.generators import load_generator
 from sonogen.jobs import load_family_config, register_trained, train_generator
-from sonogen.registry import list_models, load_sampler
+from sonogen.registry import list_models, load_registered_generator
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_train_logs_run_and_registers_a_candidate(workdir):
     version = client.get_model_version_by_alias("lus-dcgan-consolidation", "candidate")
     assert str(version.version) == "1"
     assert version.tags["label"] == "consolidation" and float(version.tags["metric.kmmd"]) >= 0
-    sampler = load_sampler("models:/lus-dcgan-consolidation@candidate")
+    sampler = load_registered_generator("models:/lus-dcgan-consolidation@candidate")
     local = load_generator(workdir / "models" / "c" / "generator")
     assert torch.equal(sampler.sample(4, seed=5), local.sample(4, seed=5))
     pyfunc = mlflow.pyfunc.load_model("models:/lus-dcgan-consolidation@candidate")

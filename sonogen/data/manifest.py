@@ -46,6 +46,11 @@ OPTIONAL_COLUMNS = ("flags",)  # manifests written before these columns existed 
 BURNED_IN = "burned_in_annotation"
 
 
+def image_id(image_path: str) -> str:
+    """A manifest image's short id: its file name without ``.png`` (names may hold other dots)."""
+    return Path(image_path).name.removesuffix(".png")
+
+
 def encode_boxes(boxes: list[Box]) -> str:
     """The ``boxes`` column: a JSON list of ``[x0, y0, x1, y1]``, ``[]`` when there are none."""
     return json.dumps([[int(v) for v in box] for box in boxes])

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sonogen import sampling
+from sonogen.config import config_from_dict
 
 CONFIG = "config.json"
 WEIGHTS = "weights.safetensors"
@@ -30,25 +30,11 @@ CHECKPOINT_METADATA = "sonogen.checkpoint"
 FORMAT_VERSION = 1
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images ``(N, 1, H, W)`` in [-1, 1] as uint8 ``(N, H, W)``."""
-    return sampling.to_uint8(images.detach().float().cpu().numpy())
-
-
 def image_generators(seed: int, n: int, stream: int = 1) -> list[torch.Generator]:
     """One torch generator per image for the noise a sampler draws, so image ``k`` of a seed gets the same noise
     however many are drawn with it; ``stream`` keeps uses of one seed apart."""
     states = (np.random.SeedSequence([seed, k, stream]).generate_state(1, np.uint64)[0] for k in range(n))
     return [torch.Generator().manual_seed(int(state)) for state in states]
-
-
-def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
-    """Builds a config dataclass, rejecting unknown keys by name (typos must not pass silently)."""
-    names = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown {config_class.__name__} keys {unknown}; valid keys: {sorted(names)}")
-    return config_class(**values)
 
 
 def batch_indices(count: int, batch_size: int, steps: int | None, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -65,17 +51,22 @@ def batch_indices(count: int, batch_size: int, steps: int | None, generator: tor
 
 
 class Generator(ABC):
+    """A generator family. Its ``config_class`` is a dataclass with at least ``label`` (the label the generator is
+    named for and gated on). Everything the platform (training, evaluation, the pipelines, serving) needs to know
+    about a family is asked here, never by reading its config or importing its module."""
+
     family: ClassVar[str]
     config_class: ClassVar[type]
     # the condition keys `sample` accepts, e.g. {"label"}, {"prompt", "mask"}, {"boxes"}
     conditions: ClassVar[frozenset[str]] = frozenset()
     # families that learn from one or a few chosen images change these, and the training hooks below
     min_training_images: ClassVar[int] = 2
-    one_model_per_image: ClassVar[bool] = False  # names its models and folders after the training image
     steps_per_epoch: ClassVar[int | None] = None  # None: an epoch is one pass over the training images
     places_lesions: ClassVar[bool] = False  # samples come with lesion boxes (``generate_with_boxes``)
     # params.yaml gate sets beyond the family's: ``<family>-<variant>`` adds thresholds for one variant only
     gate_variants: ClassVar[tuple[str, ...]] = ()
+    # config keys of generators saved by earlier versions that this family no longer has: ignored when they load
+    retired_config_keys: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config):
         if not isinstance(config, self.config_class):
@@ -93,6 +84,58 @@ class Generator(ABC):
     @abstractmethod
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The optimisers, created on first use so sampling-only loads need none."""
+
+    # what the platform asks --------------------------------------------------------------------------------
+
+    @property
+    def label(self) -> str:
+        """The label this generator is named for, samples by default and is gated on."""
+        return self.config.label
+
+    @property
+    def image_size(self) -> int | None:
+        """The side of the square images it learns and samples, or None when it takes its training images' size
+        (a multi-scale model samples any size)."""
+        return None
+
+    def learned_images(self) -> tuple[str, ...]:
+        """The manifest paths of the training images a single- or few-image model learned from (the gates compare
+        its samples with each of them); () for a model of the whole training split."""
+        return ()
+
+    # the class methods below read a family's model settings as params.yaml and --set give them (label included),
+    # before a config is built: a config that needs a base model cannot be built until the base is there
+
+    @classmethod
+    def name_suffix(cls, settings: dict[str, Any]) -> str:
+        """What follows ``<family>-<label>`` in the model's default folder and report name (``""``; the training
+        image's id for families with one model per image)."""
+        return ""
+
+    @classmethod
+    def prerequisites(cls, settings: dict[str, Any]) -> dict[str, str]:
+        """What must exist before training, as ``{config key: what}`` for the keys the settings leave empty:
+        ``"lesion_bank"`` (the training split's lesion bank, built first), or a family name (a model of that family
+        trained first on the same data and label, with ``train.<family>``'s settings). The key is then set to the
+        folder made."""
+        return {}
+
+    @classmethod
+    def declines(cls, settings: dict[str, Any]) -> str | None:
+        """Why this family trains no generator for the settings' label (a label its samples are drawn into rather
+        than drawn from), or None when it does; the pipelines leave such runs out and say why."""
+        return None
+
+    @property
+    def draws_requested_lesions(self) -> bool:
+        """Whether it draws a lesion where a request asks (a mask-conditioned model): the mask-adherence gate
+        measures how well, with ``lesion_request``."""
+        return False
+
+    def lesion_request(self, mask: torch.Tensor, boxes: list[list[int]]) -> dict[str, Any] | None:
+        """The condition asking for a lesion where ``mask`` ``(H, W)`` is (with its ``boxes``), or None when
+        this lesion cannot be asked for (a model conditioned on boxes, and a lesion without them)."""
+        return None
 
     @property
     def gate_set(self) -> str:
@@ -114,9 +157,8 @@ class Generator(ABC):
     def begin_training(self, images: torch.Tensor, total_steps: int, items: Sequence[dict] = ()) -> None:
         """Called before the first step, and again on resume, with the training images on the device and their
         dataset items (label, boxes, mask)."""
-        size = getattr(self.config, "image_size", None)
-        if size is not None and images.shape[-1] != size:
-            raise ValueError(f"the dataset is {images.shape[-1]} px but the generator is {size} px")
+        if self.image_size is not None and images.shape[-1] != self.image_size:
+            raise ValueError(f"the dataset is {images.shape[-1]} px but the generator is {self.image_size} px")
 
     def training_batches(self, images: torch.Tensor, batch_size: int, steps: int | None,
                          generator: torch.Generator) -> Iterator[Any]:
@@ -222,6 +264,12 @@ class Generator(ABC):
     # persistence -------------------------------------------------------------------------------------------
 
     @classmethod
+    def saved_config(cls, values: dict[str, Any]):
+        """The config of a saved generator's ``config.json`` (keys since retired dropped)."""
+        return config_from_dict(cls.config_class, {k: v for k, v in values.items()
+                                                   if k not in cls.retired_config_keys})
+
+    @classmethod
     def from_folder(cls, folder: Path, config) -> Generator:
         """The generator saved in ``folder`` with ``config`` (read from its ``config.json``)."""
         generator = cls(config)
@@ -284,7 +332,7 @@ class Generator(ABC):
         if described["family"] != self.family:
             raise ValueError(f"{path} was written by {described['family']}, not {self.family}; cannot resume from it")
         # with defaults filled in, so that a checkpoint written before a config field was added still matches
-        if _as_saved(config_from_dict(self.config_class, described["config"])) != _as_saved(self.config):
+        if _as_saved(self.saved_config(described["config"])) != _as_saved(self.config):
             raise ValueError(f"{path} was written with another config; cannot resume from it")
         self._load_weights(tensors)
         groups = saved["param_groups"]
@@ -301,22 +349,6 @@ class Generator(ABC):
 
 def _as_saved(config: Any) -> Any:
     return json.loads(json.dumps(dataclasses.asdict(config)))  # tuples become lists, as in the file
-
-
-def load_generator(folder: str | Path, device: str | torch.device = "cpu") -> Generator:
-    """Loads any saved generator; its family is read from ``config.json``."""
-    from sonogen.generators.registry import get_generator
-
-    folder = Path(folder)
-    if not (folder / CONFIG).is_file():
-        raise FileNotFoundError(f"{folder / CONFIG} not found: not a saved sonogen generator")
-    described = json.loads((folder / CONFIG).read_text())
-    if described.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{folder} has format version {described.get('format_version')}, expected {FORMAT_VERSION}")
-    family = get_generator(described["family"])
-    generator = family.from_folder(folder, config_from_dict(family.config_class, described["config"]))
-    generator.step, generator.epoch = described["step"], described["epoch"]
-    return generator.to(device).eval_mode()
 
 
 def _atomic(path: Path, write) -> None:

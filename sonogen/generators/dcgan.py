@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sonogen.generators.base import Generator
-from sonogen.generators.registry import register_family
+from sonogen.generators.families import register_family
 from sonogen.sampling import gaussian_latents
 
 
@@ -169,6 +169,10 @@ class DCGAN(Generator):
 
     def networks(self) -> dict[str, nn.Module]:
         return {"generator": self.generator, "discriminator": self.discriminator}
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         if self._optimizers is None:

@@ -14,17 +14,17 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from sonogen.data.manifest import image_id
 from sonogen.generators.base import Generator, image_generators
+from sonogen.generators.multiscale_denoiser import MultiScaleDenoiser, ScaleBatch, build_pyramid, upsample
 from sonogen.generators.multiscale_scheduler import MultiScaleScheduler
-from sonogen.generators.registry import register_family
+from sonogen.generators.families import register_family
 
 MAX_RETARGET = 2.0  # a requested size may reach twice the training size per side (bounds a request's memory)
 LAYOUT_STREAM = 2  # keeps a sample's source draw apart from its noise (image_generators' stream 1)
@@ -43,7 +43,7 @@ class MultiScaleDDMConfig:
     max_area: int = 50_000
     # the coarsest scale alone decides the layout: at the reference's ~55 px a small, briefly trained denoiser
     # (receptive field 33 px) tiles the fan from pieces; about its receptive field it keeps one whole fan
-    # (params.yaml's CPU recipe; bench/RESULTS.md)
+    # (params.yaml's CPU recipe; bench/results/sinddm.md)
     coarsest_area: int = 3110
     coarsest_side: tuple[int, int] = (42, 55)
     scale_factor: float = 1.411
@@ -58,19 +58,19 @@ class MultiScaleDDMConfig:
     # multiplies δ_s (the reference's `loss_factor`), so finer scales start noisier and re-create more detail.
     # At 1 the finer scales of an ultrasound still start almost clean (T_s = 1) and samples stay blurry; 20
     # gives the step counts the reference reaches (T_s ≈ 22–33 of 100, its gap being a larger quantity)
-    # and samples with speckle and local variation (bench/RESULTS.md)
+    # and samples with speckle and local variation (bench/results/sinddm.md)
     blur_gap_factor: float = 20.0
     # sampling only: each finer scale starts this share of its steps up (diffusers' image-to-image strength).
     # At 1 (the reference's, and that of models saved before this field), a briefly trained denoiser re-creates
     # layout there too, and on POCUS stills carves dark wedges into the coarsest scale's whole fans; 0.5 keeps
-    # them, with smoother speckle (bench/RESULTS.md)
+    # them, with smoother speckle (bench/results/sinddm.md)
     refine_strength: float = 1.0
     # sampling only: the coarsest scale starts this share of its steps up from its training image's own coarsest
     # scale (saved with the weights) instead of from pure noise. At 1, the reference's, a briefly trained
     # denoiser draws new layouts, on a POCUS still a quarter of them with the fan narrow, shifted or cut; lower
-    # keeps the source's fan where it is and varies what lies inside it (bench/RESULTS.md)
+    # keeps the source's fan where it is and varies what lies inside it (bench/results/sinddm.md)
     layout_strength: float = 1.0
-    # FewDDM only. Unconditioned, the coarsest scale gives most samples one source's layout (bench/RESULTS.md);
+    # FewDDM only. Unconditioned, the coarsest scale gives most samples one source's layout (bench/results/sinddm.md);
     # told the source there (a learned vector per image), every sample draws one source's layout uniformly,
     # while the finer scales stay shared by all sources and mix their texture. The coarsest scale is then drawn
     # as often as all images' layouts need: its weight is multiplied by the number of images
@@ -115,96 +115,18 @@ def scale_sizes(height: int, width: int, config: MultiScaleDDMConfig) -> list[tu
             for k in range(n_scales)]
 
 
-def build_pyramid(image: torch.Tensor, sizes: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """``(clean, blurred)`` per scale of one ``(1, H, W)`` image: ``clean`` resized with an antialiased bicubic
-    filter, ``blurred`` the bilinear upsample of the clean scale below (None at scale 0)."""
-    cleans = [F.interpolate(image[None].double(), size=size, mode="bicubic", antialias=True, align_corners=False)
-              .clamp(-1, 1).float()[0] for size in sizes]
-    return [(clean, None if k == 0 else upsample(cleans[k - 1][None], sizes[k])[0]) for k, clean in enumerate(cleans)]
-
-
-def upsample(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-
-
-def sinusoidal_embedding(values: torch.Tensor, dim: int) -> torch.Tensor:
-    half = dim // 2
-    frequencies = torch.exp(-math.log(10_000) * torch.arange(half, device=values.device) / (half - 1))
-    angles = values.float()[:, None] * frequencies[None]
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-
-class DenoiserBlock(nn.Module):
-    """Depthwise 5×5, plus the step/scale embedding, then 3×3 → GELU → 3×3, with a 1×1 residual."""
-
-    def __init__(self, c_in: int, c_out: int, embedding_dim: int):
-        super().__init__()
-        self.depthwise = nn.Conv2d(c_in, c_in, 5, padding=2, groups=c_in)
-        self.embedding = nn.Sequential(nn.GELU(), nn.Linear(embedding_dim, c_in))
-        self.convs = nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.GELU(), nn.Conv2d(c_out, c_out, 3, padding=1))
-        self.residual = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        h = self.depthwise(x) + self.embedding(embedding)[:, :, None, None]
-        return self.convs(h) + self.residual(x)
-
-
-class MultiScaleDenoiser(nn.Module):
-    """Predicts the noise in ``x`` at step ``t`` of ``scale``: channels in → C/2 → C → C → C/2 → 1×1 → out."""
-
-    EMBEDDING = 32  # each of the step and scale sinusoids; the MLP maps their 64 to 128 to 32
-
-    def __init__(self, channels: int = 160, image_channels: int = 1, sources: int = 0):
-        super().__init__()
-        half, e = channels // 2, self.EMBEDDING
-        self.mlp = nn.Sequential(nn.Linear(2 * e, 4 * e), nn.GELU(), nn.Linear(4 * e, e))
-        # one vector per training image, added to the step/scale embedding; nn.Embedding's N(0, 1) start is large
-        # beside the MLP's output, so it is used at once (from zero, a toy run needed several times the steps)
-        self.source_embedding = nn.Embedding(sources, e) if sources else None
-        widths = [image_channels, half, channels, channels, half]
-        self.blocks = nn.ModuleList(DenoiserBlock(a, b, e) for a, b in zip(widths, widths[1:]))
-        self.out = nn.Conv2d(half, image_channels, 1)
-
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, scale: int,
-                sources: torch.Tensor | None = None) -> torch.Tensor:
-        scales = torch.full_like(timesteps, scale)
-        embedding = self.mlp(torch.cat([sinusoidal_embedding(timesteps, self.EMBEDDING),
-                                        sinusoidal_embedding(scales, self.EMBEDDING)], dim=1))
-        if sources is not None:
-            embedding = embedding + self.source_embedding(sources)
-        for block in self.blocks:
-            x = block(x, embedding)
-        return self.out(x)
-
-
-@dataclass
-class ScaleBatch:
-    """One training batch: ``clean`` copies of the ``source``-th image at ``scale``, and their blurred
-    counterparts."""
-
-    scale: int
-    clean: torch.Tensor
-    blurred: torch.Tensor | None
-    source: int = 0
-
-
-def image_id(image_path: str) -> str:
-    """A manifest image's short id: its file name without ``.png`` (names may hold other dots)."""
-    return Path(image_path).name.removesuffix(".png")
-
-
 @register_family
 class SinDDM(Generator):
     family = "sinddm"
     config_class = MultiScaleDDMConfig
     conditions = frozenset({"label", "size"})
     min_training_images = 1
-    one_model_per_image = True
     steps_per_epoch = 500
+    learns_one_image: ClassVar[bool] = True  # one model per image, named after it (FewDDM: a few images)
 
     def __init__(self, config: MultiScaleDDMConfig):
         super().__init__(config)
-        if self.one_model_per_image and config.max_images != 1:
+        if self.learns_one_image and config.max_images != 1:
             raise ValueError("sinddm learns one image (max_images 1); train fewddm for several")
         if config.layout_per_source and config.max_images < 2:
             raise ValueError("layout_per_source needs several images (fewddm with max_images ≥ 2)")
@@ -221,6 +143,14 @@ class SinDDM(Generator):
 
     def networks(self) -> dict[str, nn.Module]:
         return {"denoiser": self.denoiser, "ema": self.ema}
+
+    def learned_images(self) -> tuple[str, ...]:
+        return tuple(self.config.images)
+
+    @classmethod
+    def name_suffix(cls, settings: dict[str, Any]) -> str:
+        images = settings.get("images") or ()
+        return f"-{image_id(images[0])}" if cls.learns_one_image and images else ""
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         if self._optimizers is None:
@@ -239,8 +169,8 @@ class SinDDM(Generator):
     def select_training_images(self, image_paths: list[str], patients: list[str]) -> list[int]:
         if self.config.images:
             chosen = [_find(wanted, image_paths) for wanted in self.config.images]
-        elif self.one_model_per_image:
-            raise ValueError(f"sinddm learns one image: name it with --image (one of {len(image_paths)} "
+        elif self.learns_one_image:
+            raise ValueError(f"sinddm learns one image: name it with --set images=[ID] (one of {len(image_paths)} "
                              f"training images, e.g. {', '.join(image_id(p) for p in image_paths[:3])})")
         else:
             chosen = _spread_over_patients(patients, self.config.max_images)
@@ -417,7 +347,7 @@ class FewDDM(SinDDM):
     family = "fewddm"
     config_class = FewDDMConfig
     conditions = frozenset({"label", "size", "source"})  # source: with layout_per_source, one image's layout
-    one_model_per_image = False
+    learns_one_image = False
 
 
 def _find(wanted: str, image_paths: list[str]) -> int:

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 from sonogen.data import UltrasoundDataset
-from sonogen.generators.base import CHECKPOINT, Generator, to_uint8
+from sonogen.generators.base import CHECKPOINT, Generator
 from sonogen.metrics import PIXELS_16, kernel_mmd, one_nn_accuracy, pixel_features
 from sonogen.metrics.layout import nearest_scan_iou
 from sonogen.metrics.similarity import nearest_ssim, ssim
-from sonogen.sampling import tile
+from sonogen.sampling import tile, to_uint8
 
 GENERATOR_DIR = "generator"
 HISTORY = "history.json"

@@ -60,7 +60,7 @@ def encoder_extractor(source: str | Path) -> Extractor:
     if str(source).startswith("models:/"):
         import mlflow
 
-        from sonogen.registry import resolve_version
+        from sonogen.tracking import resolve_version
 
         name, version = resolve_version(str(source))  # also points mlflow at the tracking store
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from sonogen.data.prepare import scan_region
-from sonogen.generators.base import to_uint8
+from sonogen.sampling import to_uint8
 from sonogen.metrics.similarity import resized
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sonogen.generators.base import to_uint8
+from sonogen.sampling import to_uint8
 
 
 def _nearest(queries: torch.Tensor, references: torch.Tensor, exclude_self: bool = False):

@@ -73,10 +73,10 @@ def segment(model: Segmenter, images: torch.Tensor) -> torch.Tensor:
 def mask_adherence(sample_with_mask, train_images: torch.Tensor, train_masks: torch.Tensor,
                    test_images: torch.Tensor, test_masks: torch.Tensor, epochs: int = 30,
                    seed: int = 0, device: str | torch.device = "cpu",
-                   requests: torch.Tensor | None = None) -> dict[str, float]:
-    """``sample_with_mask(mask, seed)`` gives one image ``(1, 1, H, W)`` for a mask ``(H, W)``; every test mask
-    with a lesion is asked for once, or in its stead that image's map in ``requests`` (e.g. its boxes filled, for a
-    model conditioned on boxes); the sample is read against the lesion mask either way.
+                   requests: list | None = None) -> dict[str, float]:
+    """``sample_with_mask(request, seed)`` gives one image ``(1, 1, H, W)``; every test mask with a lesion is asked
+    for once, as its mask ``(H, W)`` or in its stead that image's entry of ``requests`` (the condition a model
+    takes for that lesion, e.g. its boxes filled); the sample is read against the lesion mask either way.
 
     ``mask_dice_chance`` scores each sample against every other request's mask: lesions sit in similar places, so
     a sampler that ignores its masks still overlaps them; ``mask_dice_gain`` is what following the mask adds."""
@@ -85,8 +85,9 @@ def mask_adherence(sample_with_mask, train_images: torch.Tensor, train_masks: to
     if with_lesion.sum() < 2:
         raise ValueError("mask adherence needs at least 2 test images with a lesion mask (one to compare against)")
     wanted = test_masks[with_lesion]
-    asked = wanted if requests is None else requests[with_lesion]
-    drawn = segment(segmenter, torch.cat([sample_with_mask(mask[0], seed + k) for k, mask in enumerate(asked)]))
+    asked = [mask[0] for mask in wanted] if requests is None else [
+        requests[k] for k in torch.nonzero(with_lesion).flatten().tolist()]
+    drawn = segment(segmenter, torch.cat([sample_with_mask(request, seed + k) for k, request in enumerate(asked)]))
     matched = float(dice(drawn, wanted).mean())
     chance = float(torch.stack([dice(drawn, wanted.roll(shift, dims=0)) for shift in range(1, len(wanted))]).mean())
     return {"mask_dice": matched, "mask_dice_chance": chance, "mask_dice_gain": matched - chance,

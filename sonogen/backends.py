@@ -1,5 +1,5 @@
-"""Samplers of registered generators, resolved from MLflow: ONNX Runtime for exported GAN generators (no torch
-needed), torch otherwise. The server and bulk generation share them."""
+"""The backend that samples a registered generator, resolved from MLflow: ONNX Runtime for exported GAN generators
+(no torch needed), torch otherwise. The server and bulk generation share them."""
 
 from __future__ import annotations
 
@@ -57,11 +57,9 @@ def _onnx_backend(path: str, version: str, family: str, label: str, precision: s
 
 
 def _torch_backend(generator, version: str) -> Backend:
-    from sonogen.generators import to_uint8 as tensor_to_uint8
-
     def sample(n: int, seed: int, condition: dict[str, Any]) -> tuple[np.ndarray, list | None]:
         images, boxes = generator.sample_with_boxes(n, seed, condition)
-        return tensor_to_uint8(images), boxes
+        return to_uint8(images), boxes
 
     return Backend(version, generator.family, generator.config.label, generator.sampling_labels(),
                    frozenset(generator.conditions), f"torch:{generator.device}", generator.places_lesions,
@@ -98,7 +96,7 @@ def load_backend(model_uri: str) -> Backend | None:
         raise ValueError(f"{name} version {version} has no ONNX export and torch is not installed here; run "
                          f"`sonogen export onnx models:/{name}/{version}`") from None
 
-    from sonogen.registry import load_sampler
+    from sonogen.registry import load_registered_generator
 
-    generator = load_sampler(f"models:/{name}/{version}", resolve_device("auto"))
+    generator = load_registered_generator(f"models:/{name}/{version}", resolve_device("auto"))
     return _torch_backend(generator, version)
