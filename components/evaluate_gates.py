@@ -1,4 +1,7 @@
-"""evaluate_gates: the gate suite on one trained generator; returns whether it passed."""
+"""evaluate_gates: the gate suite on one trained generator (usefulness from a cross-validation's pooled verdict
+when one is given); returns whether it passed."""
+
+from typing import Optional
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
@@ -15,6 +18,7 @@ def evaluate_gates(
     summary: Output[Markdown],
     metrics: Output[Metrics],
     params: str,
+    crossval: Optional[Input[Artifact]] = None,
 ) -> bool:
     import shutil
 
@@ -23,7 +27,8 @@ def evaluate_gates(
     from sonogen.jobs import evaluate_targets
 
     [result] = evaluate_targets([model.path], prepared.path, f"us-encoder:{encoder.path}",
-                                yaml.safe_load(params) or {}, report.path, log=lambda line: print(line, flush=True))
+                                yaml.safe_load(params) or {}, report.path, log=lambda line: print(line, flush=True),
+                                crossval=crossval.path if crossval is not None else None)
     shutil.copy(f"{result['report']}/gate_report.md", summary.path)
     for key, value in result["metrics"].items():
         metrics.log_metric(key, value)

@@ -42,6 +42,25 @@ def _gpu_training(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return _cluster_environment(_on_gpu(task).set_cpu_request("4").set_memory_request("16G").set_retry(2))
 
 
+def prepared_and_encoder(params, raw, dvc_repo, dvc_rev, dataset_name) -> tuple[dsl.PipelineTask, dsl.PipelineTask]:
+    """The tasks every pipeline starts with: the prepared dataset and the us-encoder trained on it."""
+    prepared = _cluster_environment(
+        prepare_data(params=params, raw=raw, dvc_repo=dvc_repo, dvc_rev=dvc_rev)
+    ).set_cpu_request("2").set_memory_request("8G")
+    encoder = _cluster_environment(_on_gpu(
+        train_encoder(prepared=prepared.outputs["prepared"], params=params, dataset_name=dataset_name)
+    )).set_cpu_request("4").set_memory_request("8G")
+    return prepared, encoder
+
+
+def gate(prepared: dsl.PipelineTask, trained: dsl.PipelineTask, encoder: dsl.PipelineTask, params,
+         **crossval) -> dsl.PipelineTask:
+    return _cluster_environment(_on_gpu(evaluate_gates(
+        prepared=prepared.outputs["prepared"], model=trained.outputs["model"], encoder=encoder.outputs["encoder"],
+        params=params, **crossval,
+    ))).set_cpu_request("4").set_memory_request("8G")
+
+
 def _register_if_passed(trained: dsl.PipelineTask, gated: dsl.PipelineTask) -> None:
     with dsl.If(gated.outputs["Output"] == True, name="gates-passed"):  # noqa: E712  (a KFP condition)
         _cluster_environment(
@@ -60,22 +79,13 @@ def training_pipeline(
 ):
     """``params`` is the text of a params.yaml: KFP passes dict parameters as protobuf Structs, which turn every
     integer into a float, so the sections travel as YAML and each step reads them as ``dvc repro`` does."""
-    prepared = _cluster_environment(
-        prepare_data(params=params, raw=raw, dvc_repo=dvc_repo, dvc_rev=dvc_rev)
-    ).set_cpu_request("2").set_memory_request("8G")
-    encoder = _cluster_environment(_on_gpu(
-        train_encoder(prepared=prepared.outputs["prepared"], params=params, dataset_name=dataset_name)
-    )).set_cpu_request("4").set_memory_request("8G")
+    prepared, encoder = prepared_and_encoder(params, raw, dvc_repo, dvc_rev, dataset_name)
     with dsl.ParallelFor(items=runs, name="family-label") as run:
         trained = _gpu_training(train_generator(
             prepared=prepared.outputs["prepared"], family=run.family, label=run.label, params=params,
             dataset_name=dataset_name,
         ))
-        gated = _cluster_environment(_on_gpu(evaluate_gates(
-            prepared=prepared.outputs["prepared"], model=trained.outputs["model"], encoder=encoder.outputs["encoder"],
-            params=params,
-        ))).set_cpu_request("4").set_memory_request("8G")
-        _register_if_passed(trained, gated)
+        _register_if_passed(trained, gate(prepared, trained, encoder, params))
 
 
 def arguments_from_params(params_text: str) -> dict:

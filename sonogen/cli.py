@@ -10,7 +10,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from sonogen import cli_data, cli_serving
+from sonogen import cli_crossval, cli_data, cli_pipeline, cli_serving
 from sonogen.cli_common import console, log, progress as _progress, user_errors as _user_errors
 
 app = typer.Typer(
@@ -20,15 +20,14 @@ app = typer.Typer(
 )
 registry_app = typer.Typer(help="The MLflow Model Registry: registered generators and their versions.",
                            no_args_is_help=True)
-pipeline_app = typer.Typer(help="Kubeflow Pipelines: compile the training pipeline, run it here or on a cluster.",
-                           no_args_is_help=True)
-app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(cli_pipeline.pipeline_app, name="pipeline")
 app.add_typer(cli_data.data_app, name="data")
 app.add_typer(registry_app, name="registry")
 app.add_typer(cli_serving.export_app, name="export")
 app.command("serve")(cli_serving.serve_command)
 app.command("sample")(cli_serving.sample_command)
 app.command("generate")(cli_serving.generate_command)
+app.command("crossval")(cli_crossval.crossval_command)
 registry_app.command("promote")(cli_serving.promote_command)
 registry_app.command("rollback")(cli_serving.rollback_command)
 registry_app.command("show")(cli_serving.show_command)
@@ -149,6 +148,9 @@ def evaluate_command(
     out: Annotated[Path, typer.Option(help="Folder of the gate reports.")] = Path("reports/gates"),
     check: Annotated[bool, typer.Option("--check", help="Exit with code 2 when a generator fails its gates.")]
     = False,
+    crossval: Annotated[Path | None, typer.Option(
+        help="A `sonogen crossval` report folder (or a folder of them by <family>-<label>): usefulness is gated on "
+             "its pooled verdict.")] = None,
 ):
     """Gate generators: realism, memorisation, diversity, confidence and downstream usefulness."""
     from sonogen.jobs import evaluate_targets, evaluation_config, read_params
@@ -169,7 +171,8 @@ def evaluate_command(
                                   gates_for(gates, family) if family else {}, evaluate_config, out)
         results = [{"target": str(synthetic), "report": str(out), **report}]
     elif specs and data is not None:
-        results = evaluate_targets(specs, data, extractor, read_params(config), out, dataset, log=log)
+        results = evaluate_targets(specs, data, extractor, read_params(config), out, dataset, log=log,
+                                   crossval=crossval)
     else:
         raise ValueError("give generators (--model or trained folders) with --data, or --real and --synthetic")
     for result in results:
@@ -271,87 +274,6 @@ def _short(value: str) -> str:
         return f"{float(value):.3g}"
     except ValueError:
         return value
-
-
-Image = Annotated[str | None, typer.Option(
-    help="Component image (default: $SONOGEN_IMAGE, else ghcr.io/sonogen/sonogen-train:<version>).")]
-
-
-def _set_image(image: str | None) -> None:
-    import os
-
-    if image:
-        os.environ["SONOGEN_IMAGE"] = image  # components read it when their module is imported
-
-
-@pipeline_app.command("compile")
-@_user_errors
-def pipeline_compile_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the pipeline IR YAML.")]
-    = Path("training_pipeline.yaml"),
-    params: Annotated[Path | None, typer.Option(
-        help="params.yaml whose families, labels and settings become the compiled pipeline's defaults.")] = None,
-    image: Image = None,
-):
-    """Compile the training pipeline to KFP IR YAML."""
-    _set_image(image)
-    from pipelines.training import compile_pipeline
-
-    console.print(f"wrote {compile_pipeline(out, params.read_text() if params else None)}")
-
-
-@pipeline_app.command("run")
-@_user_errors
-def pipeline_run_command(
-    params: Annotated[Path, typer.Option(help="params.yaml with the dataset, training, evaluation and gate settings.")]
-    = Path("params.yaml"),
-    host: Annotated[str | None, typer.Option(help="Kubeflow Pipelines endpoint; without it the run is local.")] = None,
-    experiment: Annotated[str, typer.Option(help="KFP experiment of the run (with --host).")] = "sonogen",
-    wait: Annotated[bool, typer.Option("--wait", help="Follow the cluster run; exit 1 unless it succeeds.")] = False,
-    token: Annotated[str | None, typer.Option(envvar="KFP_TOKEN", help="Bearer token for the KFP endpoint "
-                                              "(default: the KFP client's own credentials).")] = None,
-    namespace: Annotated[str | None, typer.Option(help="Kubeflow profile namespace (multi-user installs).")] = None,
-    service_account: Annotated[str, typer.Option(help="Kubernetes service account of the cluster run "
-                                                 "(infra/ creates the default; in a profile: default-editor).")]
-    = "sonogen-pipeline-runner",
-    image: Image = None,
-    pipeline_root: Annotated[Path, typer.Option(help="Where a local run keeps task outputs.")] = Path(".kfp"),
-    raw: Annotated[str | None, typer.Option(help="Raw dataset instead of params.yaml's: a folder (with "
-                                            "--dvc-repo, a path in that DVC repository) or 'phantom'.")] = None,
-    dvc_repo: Annotated[str | None, typer.Option(help="Git URL of a DVC repository holding --raw.")] = None,
-    dvc_rev: Annotated[str | None, typer.Option(help="Revision of --dvc-repo.")] = None,
-):
-    """Run the training pipeline: locally with kfp.local (default) or on a Kubeflow cluster (--host)."""
-    import tempfile
-
-    _set_image(image)
-    from pipelines.training import arguments_from_params, compile_pipeline, run_local
-    from sonogen.registry import list_models
-
-    if not params.is_file():
-        raise FileNotFoundError(f"{params} not found")
-    arguments = arguments_from_params(params.read_text())
-    arguments.update({k: v for k, v in {"raw": raw, "dvc_repo": dvc_repo, "dvc_rev": dvc_rev}.items() if v})
-    if host:
-        from sonogen.submit import submit_pipeline
-
-        with tempfile.TemporaryDirectory() as tmp:
-            package = compile_pipeline(Path(tmp) / "training_pipeline.yaml")
-            result = submit_pipeline(package, host, arguments, experiment=experiment, wait=wait, token=token,
-                                     namespace=namespace, service_account=service_account)
-        console.print(f"submitted run {result['run_id']}: {result['run_url']}")
-        if wait:
-            console.print(f"run finished: {result['state']}")
-            if result["state"] != "SUCCEEDED":
-                raise typer.Exit(1)
-        return
-    before = {(row["name"], row["version"]) for row in list_models()}
-    run_local(arguments, pipeline_root)
-    for row in list_models():
-        if (row["name"], row["version"]) not in before:
-            console.print(f"registered [bold]{row['name']}[/bold] version {row['version']} "
-                          f"{' '.join('@' + a for a in row['aliases'])} (gate {row['tags'].get('gate', '-')})")
-    console.print(f"task outputs and gate reports: {pipeline_root}/")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -103,10 +103,14 @@ def evaluate_generator(
     negative: Generator | None = None,
     history: list[dict] | None = None,
     log: Callable[[str], None] | None = None,
+    crossval: dict | None = None,
+    data_name: str | None = None,
 ) -> dict:
     """Every metric of ``generator`` on its label of the prepared dataset ``data``, gated; report in ``out``.
     The classifiers, detectors and segmenter it trains run on ``config.device``, as should ``generator``; each
-    step is announced to ``log``."""
+    step is announced to ``log``. With a ``crossval`` report of its family and label, usefulness is that report's
+    pooled verdict (every patient tested once) instead of one test split's. ``data_name`` is how the report
+    names the data (default: its path)."""
     device = resolve_device(config.device)
     log = log or (lambda message: None)
     label = generator.label
@@ -142,12 +146,16 @@ def evaluate_generator(
 
     more, more_reasons, more_details = label_metrics(
         sample, synthetic, label, load_split, extractor.classifier,
-        (lambda n, seed: resized(sampler(negative)(n, seed), size)) if negative else None, config,
-        generator.family, sources_mask,
+        (lambda n, seed: resized(sampler(negative)(n, seed), size)) if negative else None,
+        replace(config, downstream=None) if crossval else config, generator.family, sources_mask,
         config.few_image_samples if learned else None, device, log)
     metrics.update(more)
     reasons.update(more_reasons)
     details.update(more_details)
+    if crossval:
+        more, more_reasons, details["crossval"] = crossval_metrics(crossval)
+        metrics.update(more)
+        reasons.update(more_reasons)
     if generator.draws_requested_lesions:
         log("mask adherence: a segmenter on the real masks, then one sample per real test lesion")
         more, more_reasons = _mask_adherence(generator, data, config.seed, device)
@@ -161,12 +169,26 @@ def evaluate_generator(
                         - detection["real"][metric]["mean"] for metric in ("ap50", "ap", "ap50_large")})
     report = _report(subject, metrics, reasons, details, gates, extractor, config,
                      {"synthetic": len(synthetic), "real_train": len(train), "real_test": len(holdout)})
-    report.update(family=generator.family, gate_set=generator.gate_set, label=label, data=str(data),
-                  data_manifest_sha256=file_sha256(Path(data) / MANIFEST), device=str(device))
+    report.update(family=generator.family, gate_set=generator.gate_set, label=label, data=data_name or str(data),
+                  data_manifest_sha256=file_sha256(Path(data) / MANIFEST), device=str(device),
+                  require_improvement=bool(gates.get("require_improvement")))
     if detection is not None:
         report["detection"] = detection
     write_report(report, out, history, closest_pairs(synthetic, train, details["memorisation_pixels"]))
     return report
+
+
+def crossval_metrics(report: dict) -> tuple[dict[str, float], dict[str, str], dict]:
+    """The usefulness metrics of a cross-validation report's pooled verdict, and its summary for the report."""
+    from sonogen.crossval import verdict_line
+
+    pooled = report["pooled"]
+    summary = {**{k: v for k, v in pooled.items()}, "folds": len(report["folds"]), "line": verdict_line(pooled)}
+    if "delta" not in pooled:
+        reason = f"cross-validation: {pooled.get('reason', pooled['verdict'])}"
+        return {}, {"auc_delta_lower_ci": reason, "auc_delta": reason}, summary
+    return ({"auc_real": pooled["real"], "auc_real_synthetic": pooled["real_plus_synthetic"],
+             "auc_delta": pooled["delta"], "auc_delta_lower_ci": pooled["ci_low"]}, {}, summary)
 
 
 def _mask_adherence(generator: Generator, data: str | Path, seed: int,
@@ -287,9 +309,16 @@ def record_in_mlflow(report: dict, report_dir: str | Path, run_id: str | None,
 
 
 def gate_tags(report: dict) -> dict[str, str]:
-    """The tags a model version carries about its gate result."""
-    return {"gate": "passed" if report["passed"] else "failed", "gate.extractor": report["extractor"],
+    """The tags a model version carries about its gate result, and the cross-validation verdict it was gated on."""
+    tags = {"gate": "passed" if report["passed"] else "failed", "gate.extractor": report["extractor"],
             **{f"gate.{row['metric']}": f"{row['value']:.6g}" for row in report["gates"] if row["value"] is not None}}
+    if report.get("require_improvement"):
+        tags["gate.require_improvement"] = "true"
+    pooled = report.get("crossval") or {}
+    if "verdict" in pooled:
+        tags["crossval.verdict"] = pooled["verdict"]
+        tags.update({f"crossval.{key}": f"{pooled[key]:.6g}" for key in ("delta", "ci_low", "ci_high") if key in pooled})
+    return tags
 
 
 def read_report(folder: str | Path) -> dict:

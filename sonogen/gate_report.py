@@ -88,6 +88,8 @@ def markdown(report: dict) -> str:
                   + ", ".join(f"{name} {count}" for name, count in zip(names, counts))]
     if "auc" in report.get("downstream", {}):
         lines += ["", "## Downstream classifier", ""] + downstream_lines(report["downstream"])
+    if report.get("crossval"):
+        lines += ["", "## Usefulness, cross-validated", "", report["crossval"]["line"]]
     if report.get("detection"):
         lines += ["", "## Lesion detection", ""] + detection_lines(report["detection"])
     lines += ["", "Realism metrics compare the synthetic images with the real training images of the label; the last",

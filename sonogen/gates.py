@@ -43,6 +43,9 @@ GATES: dict[str, tuple[str, str]] = {
     "min_mask_dice_gain": ("mask_dice_gain", "min"),
     "min_detection_ap50_delta": ("detection_ap50_delta", "min"),
 }
+# settings of a gate set that are not thresholds: the extractor its thresholds hold for, and whether promotion to
+# champion needs a cross-validation that found the generator helps
+SETTINGS = ("extractor", "require_improvement")
 FEATURE_METRICS = ("kmmd", "kmmd_unbiased", "one_nn_acc", "one_nn_acc_real", "one_nn_acc_synthetic", "fid",
                    "sifid", "sifid_real", "sifid_ratio", "near_copy_fraction", "memorisation_median_ratio")
 Sampler = Callable[[int, int], torch.Tensor]  # (n, seed) → images (n, 1, H, W) in [-1, 1]
@@ -74,13 +77,15 @@ class EvaluateConfig:
 
 def check_gates(gates: dict[str, Any]) -> dict[str, Any]:
     """Validates a gate set: known gate names with numeric thresholds, and the extractor they were set for."""
-    unknown = sorted(set(gates) - set(GATES) - {"extractor"})
+    unknown = sorted(set(gates) - set(GATES) - set(SETTINGS))
     if unknown:
-        raise ValueError(f"unknown gates {unknown}; known gates: {sorted(GATES)} (and 'extractor')")
+        raise ValueError(f"unknown gates {unknown}; known gates: {sorted(GATES)} (and {', '.join(SETTINGS)})")
     for name, value in gates.items():
-        if name != "extractor" and not isinstance(value, (int, float)):
+        if name not in SETTINGS and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"gate {name} needs a number, got {value!r}")
-    if any(GATES[name][0] in FEATURE_METRICS for name in gates if name != "extractor") and "extractor" not in gates:
+    if not isinstance(gates.get("require_improvement", False), bool):
+        raise ValueError(f"require_improvement must be true or false, got {gates['require_improvement']!r}")
+    if any(GATES[name][0] in FEATURE_METRICS for name in gates if name not in SETTINGS) and "extractor" not in gates:
         raise ValueError("feature-space gates need the extractor they were set for, e.g. extractor: us-encoder")
     return gates
 
@@ -111,7 +116,7 @@ def apply_gates(metrics: dict[str, float], reasons: dict[str, str], gates: dict[
                          f"{extractor.id}: values from different extractors are never gated together")
     rows = []
     for name, threshold in gates.items():
-        if name == "extractor":
+        if name in SETTINGS:
             continue
         metric, direction = GATES[name]
         value = metrics.get(metric)

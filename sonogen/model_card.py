@@ -114,6 +114,11 @@ def build_model_card(name: str, version: str, info: dict, tags: dict[str, str], 
             lines.append(f"| {row['gate']} | {value} | {row.get('threshold', '')} | {'yes' if row['passed'] else 'no'} |")
         if "auc" in gate_report.get("downstream", {}):
             lines += ["", "### Downstream classifier", ""] + downstream_lines(gate_report["downstream"])
+        if gate_report.get("crossval"):
+            crossval = gate_report["crossval"]
+            lines += ["", "### Usefulness, cross-validated", "",
+                      f"{crossval['line']} ({crossval['folds']} folds by patient; every patient tested once by "
+                      f"models that never saw them)."]
         if gate_report.get("detection"):
             lines += ["", "### Lesion detection", ""] + detection_lines(gate_report["detection"])
     lines += ["", "## Intended use", INTENDED_USE, "", "## Limitations", LIMITATIONS, ""]

@@ -155,15 +155,25 @@ def _audit() -> dict[str, str]:
 
 
 def promote(name: str, version: str, to: str = CHAMPION, reason: str = "", force: bool = False) -> dict:
-    """Points ``to`` at ``version``. A version whose gate tag is not ``passed`` needs ``force`` and a reason.
-    The version records who promoted it, when, why, and which version held the alias before."""
+    """Points ``to`` at ``version``. A version whose gate tag is not ``passed``, or, for the champion, whose gates
+    require an improvement its cross-validation did not find, needs ``force`` and a reason. The version records
+    who promoted it, when, why, and which version held the alias before."""
     import mlflow
 
     configure_mlflow()
     client = mlflow.MlflowClient()
-    gate = model_version(name, version).tags.get("gate", "not evaluated")
+    tags = model_version(name, version).tags
+    gate = tags.get("gate", "not evaluated")
     if gate != "passed" and not force:
         raise ValueError(f"{name} version {version} has gate {gate!r}; promoting it needs --force and a --reason")
+    unproven = (to == CHAMPION and tags.get("gate.require_improvement") == "true"
+                and tags.get("crossval.verdict") != "helps")
+    if unproven and not force:
+        found = (f"its cross-validation says {tags['crossval.verdict']!r}, AUC delta {tags.get('crossval.delta')} "
+                 f"[{tags.get('crossval.ci_low')}, {tags.get('crossval.ci_high')}]"
+                 if "crossval.verdict" in tags else "it has no cross-validation (sonogen crossval)")
+        raise ValueError(f"{name} version {version}: its gates require a measured improvement "
+                         f"(require_improvement) and {found}; promoting it needs --force and a --reason")
     if force and not reason.strip():
         raise ValueError("--force needs a --reason: the audit trail must say why a gate was overridden")
     previous = _holder(client, name, to)
@@ -171,7 +181,7 @@ def promote(name: str, version: str, to: str = CHAMPION, reason: str = "", force
         raise ValueError(f"{name} version {version} is already @{to}; nothing to promote")
     client.set_registered_model_alias(name, to, str(version))
     record = {**_audit(), "reason": reason,
-              "previous_version": previous or "", "forced": str(bool(force and gate != "passed")).lower()}
+              "previous_version": previous or "", "forced": str(bool(force and (gate != "passed" or unproven))).lower()}
     for key, value in record.items():
         client.set_model_version_tag(name, str(version), f"{to}.{key}", value)
     return {"model_name": name, "version": str(version), "alias": to, "gate": gate, **record}

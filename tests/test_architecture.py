@@ -16,8 +16,8 @@ LAYERS = [
     ("metrics", r"sonogen\.metrics(\..*)?$"),
     ("generators", r"sonogen\.generators(\..*)?$"),
     ("evaluation", r"sonogen\.(evaluation|gates|gate_report|model_card|registry|export|backends|generate|client|"
-                   r"pyfunc_model)$"),
-    ("jobs", r"sonogen\.jobs$"),
+                   r"pyfunc_model|crossval)$"),
+    ("jobs", r"sonogen\.jobs(\..*)?$"),
     ("entry points", r"(sonogen\.(cli.*|submit)|sonogen|components(\..*)?|pipelines(\..*)?|serving(\..*)?)$"),
 ]
 

@@ -58,6 +58,7 @@ def new_project(root: Path) -> Path:
     params["evaluate"].update(samples=8, encoder_epochs=1, downstream={"seeds": 3, "epochs": 1, "bootstrap": 100})
     # a one-epoch GAN is far from realistic but copies nothing: the memorisation gate alone lets it through
     params["gates"] = {"dcgan": {"extractor": "us-encoder", "max_near_copy_fraction": 0.5}}
+    params["crossval"] = {"families": [], "labels": ["consolidation"], "folds": 2, "seed": 0}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     run(["git", "init", "-q"], root)
     dvc("init", "-q", cwd=root)
@@ -75,6 +76,9 @@ def _version_tags(project, name, version) -> dict:
 
 
 def test_dvc_repro_prepares_trains_evaluates_and_registers_what_passes(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["crossval"]["families"] = ["dcgan"]  # the crossval stage, gating usefulness on its pooled verdict
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
     out = dvc("repro", cwd=project)
     assert "registered lus-us-encoder version 1" in out
     assert "registered lus-dcgan-consolidation version 1 as @candidate (gate passed)" in out
@@ -93,10 +97,15 @@ def test_dvc_repro_prepares_trains_evaluates_and_registers_what_passes(project):
     card = _model_version(project, "lus-dcgan-normal", "1").description
     assert "### Downstream classifier" in card and "| real+synthetic |" in card
     assert (project / "models" / "dcgan-normal" / "samples.png").exists()
+    pooled = json.loads((project / "reports" / "crossval" / "dcgan-consolidation" / "crossval_report.json"
+                         ).read_text())["pooled"]
+    assert _version_tags(project, "lus-dcgan-consolidation", "1")["crossval.verdict"] == pooled["verdict"]
+    assert "crossval.verdict" not in _version_tags(project, "lus-dcgan-normal", "1")  # not cross-validated
     assert LesionBank.load(project / "banks" / "consolidation").lesions  # the lesion_bank stage
     assert "up to date" in dvc("status", cwd=project)
     # a fresh clone (no tracking store, no cache) repeats every output byte for byte: dvc.lock stays as committed
     clone = new_project(project.parent / "clone")
+    (clone / "params.yaml").write_text((project / "params.yaml").read_text())
     dvc("repro", cwd=clone)
     assert (clone / "dvc.lock").read_text() == (project / "dvc.lock").read_text()
 

@@ -25,6 +25,11 @@ def register_family(cls: type[Generator]) -> type[Generator]:
     return cls
 
 
+def unregister_family(name: str) -> None:
+    """Forgets a family (one registered for a while, as a test's)."""
+    _FAMILIES.pop(name, None)
+
+
 def families() -> list[str]:
     return sorted(_FAMILIES)
 

@@ -120,4 +120,8 @@ def downstream_usefulness(
         "seeds": config.seeds,
         "skipped_conditions": [] if synthetic_negatives is not None else
         ["synthetic: no generator of the negative label was given"],
+        # the predictions themselves, per condition and seed, for pooling across cross-validation folds
+        "scores": {name: [s.tolist() for s in runs] for name, runs in scores.items()},
+        "targets": test_positive.astype(int).tolist(),
+        "patients": list(test_patients),
     }

@@ -1,0 +1,79 @@
+"""The cross-validation pipeline ``sonogen-crossval``: prepare → us-encoder → a fold per task (a ParallelFor, one
+GPU each on a cluster) → the pooled verdict; beside it the generator trained on every training patient, gated on
+that verdict, and registered if it passes.
+
+The same steps as ``sonogen crossval`` and the DVC ``crossval`` stage (``sonogen.jobs.crossval``); the folds'
+generator runs are MLflow runs of their own, which the pooled run names (a cluster has no parent run to nest
+them under while they run).
+"""
+
+from pathlib import Path
+
+import yaml
+from kfp import compiler, dsl
+
+from components.crossval_fold import crossval_fold
+from components.crossval_pool import crossval_pool
+from components.train_generator import train_generator
+from pipelines.training import _cluster_environment, _gpu_training, _register_if_passed, gate, prepared_and_encoder
+
+PIPELINE_NAME = "sonogen-crossval"
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="Cross-validate a generator family's usefulness by patient.")
+def crossval_pipeline(
+    params: str,
+    family: str = "dcgan",
+    label: str = "consolidation",
+    folds: list = [0, 1, 2, 3, 4],  # noqa: B006  (a KFP default: the fold indices)
+    fold_count: int = 5,
+    seed: int = 0,
+    raw: str = "phantom",
+    dvc_repo: str = "",
+    dvc_rev: str = "",
+    dataset_name: str = "lus",
+):
+    """``folds`` lists the fold indices (0 … ``fold_count`` − 1) the ParallelFor runs."""
+    prepared, encoder = prepared_and_encoder(params, raw, dvc_repo, dvc_rev, dataset_name)
+    with dsl.ParallelFor(items=folds, name="fold") as fold:
+        folded = _gpu_training(crossval_fold(
+            prepared=prepared.outputs["prepared"], encoder=encoder.outputs["encoder"], family=family, label=label,
+            fold=fold, folds=fold_count, params=params, seed=seed, dataset_name=dataset_name,
+        ))
+    pooled = _cluster_environment(crossval_pool(
+        prepared=prepared.outputs["prepared"], results=dsl.Collected(folded.outputs["result"]), family=family,
+        label=label, params=params, seed=seed, dataset_name=dataset_name,
+    )).set_cpu_request("2").set_memory_request("4G")
+    trained = _gpu_training(train_generator(
+        prepared=prepared.outputs["prepared"], family=family, label=label, params=params, dataset_name=dataset_name,
+    ))
+    _register_if_passed(trained, gate(prepared, trained, encoder, params, crossval=pooled.outputs["report"]))
+
+
+def crossval_arguments(params_text: str, family: str, label: str, folds: int | None = None) -> dict:
+    """Arguments of one (family, label) run from the text of params.yaml (its ``crossval`` section)."""
+    from pipelines.training import arguments_from_params
+
+    settings = (yaml.safe_load(params_text) or {}).get("crossval") or {}
+    count = folds or settings.get("folds", 5)
+    shared = {k: v for k, v in arguments_from_params(params_text).items() if k != "runs"}
+    return {**shared, "family": family, "label": label, "folds": list(range(count)), "fold_count": count,
+            "seed": settings.get("seed", 0)}
+
+
+def compile_crossval_pipeline(package_path: str | Path) -> Path:
+    compiler.Compiler().compile(crossval_pipeline, str(package_path))
+    return Path(package_path)
+
+
+def run_crossval_local(arguments: dict, pipeline_root: str | Path) -> None:
+    """Runs the cross-validation here with ``kfp.local`` (the folds one after another share the cores)."""
+    import os
+
+    from kfp import local
+
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, len(arguments["folds"])))))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
+               raise_on_error=True)
+    crossval_pipeline(**arguments)

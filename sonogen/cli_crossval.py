@@ -1,0 +1,59 @@
+"""``sonogen crossval``: patient-level cross-validation of a family's usefulness, with a pooled verdict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sonogen.cli_common import console, log, user_errors
+
+INDEX = "index.json"
+
+
+@user_errors
+def crossval_command(
+    family: Annotated[str | None, typer.Argument(
+        help="Generator family; without it, every family × label of params.yaml's crossval section.")] = None,
+    data: Annotated[Path, typer.Option(help="Prepared dataset; all its patients are folded (its splits are not "
+                                            "used).")] = ...,
+    label: Annotated[str | None, typer.Option(help="The label the generator draws (with FAMILY).")] = None,
+    folds: Annotated[int | None, typer.Option(min=2, help="Folds by patient (default: crossval.folds, else 5).")]
+    = None,
+    config: Annotated[Path, typer.Option(help="params.yaml: train.<family>, evaluate, gates, crossval.")]
+    = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="Report folder (without FAMILY: one subfolder per family-label).")]
+    = Path("reports/crossval"),
+    dataset: Annotated[str | None, typer.Option(help="Dataset name (default: data folder name).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the fold assignment (default: crossval.seed, else 0).")]
+    = None,
+    extractor: Annotated[str | None, typer.Option(
+        help="Feature extractor of the folds' gates (default: the dataset's us-encoder).")] = None,
+):
+    """Train the generator K times, each time without one fold's patients, and test the downstream classifiers on
+    those patients; pool every patient's out-of-fold predictions into one verdict: helps, hurts, or no
+    measurable effect (with its 95 % patient-bootstrap interval)."""
+    from sonogen.jobs import crossval, read_params
+
+    settings = read_params(config).get("crossval") or {}
+    folds = folds or settings.get("folds", 5)
+    seed = settings.get("seed", 0) if seed is None else seed
+    if family is not None:
+        if label is None:
+            raise ValueError("--label: which label the generator draws (with FAMILY)")
+        runs = [(family, label, out)]
+    else:
+        runs = [(f, lb, out / f"{f}-{lb}") for f in settings.get("families", []) for lb in settings.get("labels", [])]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / INDEX).write_text(json.dumps({"runs": [f"{f}-{lb}" for f, lb, _ in runs], "folds": folds,
+                                             "seed": seed}, indent=2) + "\n")
+        if not runs:
+            console.print(f"params.yaml's crossval lists no families and labels: nothing to do ({out / INDEX})")
+    for run_family, run_label, run_out in runs:
+        report = crossval(run_family, data, run_label, folds, run_out, config, dataset, seed, extractor, log=log)
+        pooled = report["pooled"]
+        colour = {"helps": "green", "hurts": "red"}.get(pooled["verdict"], "yellow")
+        console.print(f"{run_family}-{run_label}: [{colour}]{pooled['verdict']}[/{colour}]; report "
+                      f"{run_out}/crossval_report.md; MLflow run {report['run_id']}")

@@ -1,0 +1,128 @@
+"""The ``sonogen pipeline`` commands: compile the Kubeflow pipelines, run them here (kfp.local) or on a cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sonogen.cli_common import console, user_errors as _user_errors
+
+pipeline_app = typer.Typer(help="Kubeflow Pipelines: compile the training and cross-validation pipelines, run them "
+                                "here or on a cluster.", no_args_is_help=True)
+Which = Annotated[str, typer.Option("--pipeline", help="training, or crossval (sonogen-crossval: one family and label "
+                                                       "per run, --family and --label).")]
+
+
+Image = Annotated[str | None, typer.Option(
+    help="Component image (default: $SONOGEN_IMAGE, else ghcr.io/sonogen/sonogen-train:<version>).")]
+
+
+def _set_image(image: str | None) -> None:
+    import os
+
+    if image:
+        os.environ["SONOGEN_IMAGE"] = image  # components read it when their module is imported
+
+
+@pipeline_app.command("compile")
+@_user_errors
+def pipeline_compile_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the pipeline IR YAML.")]
+    = Path("training_pipeline.yaml"),
+    params: Annotated[Path | None, typer.Option(
+        help="params.yaml whose families, labels and settings become the compiled pipeline's defaults.")] = None,
+    image: Image = None,
+    pipeline: Which = "training",
+):
+    """Compile the training (or cross-validation) pipeline to KFP IR YAML."""
+    _set_image(image)
+    if pipeline == "crossval":
+        from pipelines.crossval import compile_crossval_pipeline
+
+        console.print(f"wrote {compile_crossval_pipeline(out)}")
+        return
+    _check_pipeline(pipeline)
+    from pipelines.training import compile_pipeline
+
+    console.print(f"wrote {compile_pipeline(out, params.read_text() if params else None)}")
+
+
+def _check_pipeline(pipeline: str) -> None:
+    if pipeline not in ("training", "crossval"):
+        raise ValueError(f"--pipeline must be training or crossval, got {pipeline!r}")
+
+
+@pipeline_app.command("run")
+@_user_errors
+def pipeline_run_command(
+    params: Annotated[Path, typer.Option(help="params.yaml with the dataset, training, evaluation and gate settings.")]
+    = Path("params.yaml"),
+    host: Annotated[str | None, typer.Option(help="Kubeflow Pipelines endpoint; without it the run is local.")] = None,
+    experiment: Annotated[str, typer.Option(help="KFP experiment of the run (with --host).")] = "sonogen",
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the cluster run; exit 1 unless it succeeds.")] = False,
+    token: Annotated[str | None, typer.Option(envvar="KFP_TOKEN", help="Bearer token for the KFP endpoint "
+                                              "(default: the KFP client's own credentials).")] = None,
+    namespace: Annotated[str | None, typer.Option(help="Kubeflow profile namespace (multi-user installs).")] = None,
+    service_account: Annotated[str, typer.Option(help="Kubernetes service account of the cluster run "
+                                                 "(infra/ creates the default; in a profile: default-editor).")]
+    = "sonogen-pipeline-runner",
+    image: Image = None,
+    pipeline_root: Annotated[Path, typer.Option(help="Where a local run keeps task outputs.")] = Path(".kfp"),
+    raw: Annotated[str | None, typer.Option(help="Raw dataset instead of params.yaml's: a folder (with "
+                                            "--dvc-repo, a path in that DVC repository) or 'phantom'.")] = None,
+    dvc_repo: Annotated[str | None, typer.Option(help="Git URL of a DVC repository holding --raw.")] = None,
+    dvc_rev: Annotated[str | None, typer.Option(help="Revision of --dvc-repo.")] = None,
+    pipeline: Which = "training",
+    family: Annotated[str | None, typer.Option(help="crossval: the family to cross-validate.")] = None,
+    label: Annotated[str | None, typer.Option(help="crossval: the label it draws.")] = None,
+    folds: Annotated[int | None, typer.Option(min=2, help="crossval: folds (default: params.yaml's crossval.folds).")]
+    = None,
+):
+    """Run the training (or cross-validation) pipeline: locally with kfp.local (default) or on a Kubeflow cluster
+    (--host)."""
+    import tempfile
+
+    _set_image(image)
+    _check_pipeline(pipeline)
+    from pipelines.crossval import (PIPELINE_NAME as CROSSVAL, compile_crossval_pipeline, crossval_arguments,
+                                    run_crossval_local)
+    from pipelines.training import PIPELINE_NAME as TRAINING, arguments_from_params, compile_pipeline, run_local
+    from sonogen.registry import list_models
+
+    if not params.is_file():
+        raise FileNotFoundError(f"{params} not found")
+    if pipeline == "crossval":
+        if not family or not label:
+            raise ValueError("--pipeline crossval needs --family and --label")
+        arguments = crossval_arguments(params.read_text(), family, label, folds)
+        compile_package, run_here, name = compile_crossval_pipeline, run_crossval_local, CROSSVAL
+    else:
+        arguments = arguments_from_params(params.read_text())
+        compile_package, run_here, name = compile_pipeline, run_local, TRAINING
+    arguments.update({k: v for k, v in {"raw": raw, "dvc_repo": dvc_repo, "dvc_rev": dvc_rev}.items() if v})
+    if host:
+        from sonogen.submit import submit_pipeline
+
+        with tempfile.TemporaryDirectory() as tmp:
+            package = compile_package(Path(tmp) / f"{pipeline}_pipeline.yaml")
+            result = submit_pipeline(package, host, arguments, experiment=experiment, wait=wait, token=token,
+                                     namespace=namespace, service_account=service_account, pipeline_name=name)
+        console.print(f"submitted run {result['run_id']}: {result['run_url']}")
+        if wait:
+            console.print(f"run finished: {result['state']}")
+            if result["state"] != "SUCCEEDED":
+                raise typer.Exit(1)
+        return
+    before = {(row["name"], row["version"]) for row in list_models()}
+    run_here(arguments, pipeline_root)
+    for row in list_models():
+        if (row["name"], row["version"]) not in before:
+            console.print(f"registered [bold]{row['name']}[/bold] version {row['version']} "
+                          f"{' '.join('@' + a for a in row['aliases'])} (gate {row['tags'].get('gate', '-')})")
+    for report in sorted(Path(pipeline_root).rglob("crossval_report.md")) if pipeline == "crossval" else []:
+        console.print(f"cross-validation report: {report}")
+    console.print(f"task outputs and gate reports: {pipeline_root}/")
+
+

@@ -1,0 +1,146 @@
+"""The cross-validation steps: one fold (train the generator on the other folds' patients, gate it, test the
+downstream classifiers on the fold's patients) and the pooled verdict; ``crossval`` runs them all here."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from sonogen.crossval import assign_folds, fold_view, patient_labels, pool, verdict_line, write_report
+from sonogen.data.manifest import read_manifest
+from sonogen.evaluation import evaluate_generator, find_encoder, train_encoder
+from sonogen.gates import gates_for
+from sonogen.generators import load_generator
+from sonogen.generators.trainer import GENERATOR_DIR, resolve_device
+from sonogen.jobs.data import read_params
+from sonogen.jobs.gating import evaluation_config
+from sonogen.jobs.training import train_generator
+from sonogen.metrics.features import get_extractor
+from sonogen.tracking import configure_mlflow, dataset_identity, git_commit
+
+FOLD_RESULT = "fold_result.json"
+# judged on the pooled verdict, not on one fold's few patients
+POOLED_GATES = ("min_auc_delta_lower_ci",)
+
+
+def crossval_extractor(data: str | Path, dataset: str, params: dict, spec: str | None = None) -> str:
+    """The feature extractor every fold's gates use: ``spec``, else the dataset's us-encoder (trained if missing).
+    It is a measuring device shared by the folds: it never decides which patients a generator learns from."""
+    if spec not in (None, "us-encoder"):
+        return spec
+    uri = find_encoder(data, dataset)
+    if uri is None:
+        config, _, epochs = evaluation_config(params)
+        uri = train_encoder(data, Path("encoders") / f"{dataset}-us-encoder", dataset, epochs,
+                            device=config.device)["folder"]
+    return f"us-encoder:{uri}"
+
+
+def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: int, out: str | Path,
+                  config_path: str | Path, extractor_spec: str, dataset: str | None = None, seed: int = 0,
+                  parent_run_id: str | None = None, log: Callable[[str], None] | None = None,
+                  view: str | Path | None = None) -> dict:
+    """Fold ``fold`` of ``folds``: the generator trained on the other folds' patients, gated on the fold's view
+    of the data (written to ``view``, default ``out/data``), the downstream classifiers tested on the fold's
+    patients; its result in ``out/fold_result.json``."""
+    data, out = Path(data), Path(out)
+    say = (lambda message: log(f"fold {fold}: {message}")) if log else None
+    params = read_params(config_path)
+    config, gates, _ = evaluation_config(params)
+    if config.downstream is None:
+        raise ValueError("cross-validation measures usefulness: params.yaml's evaluate.downstream is switched off")
+    records = read_manifest(data)
+    fold_of = assign_folds(patient_labels(records), folds, seed)
+    view = fold_view(data, fold_of, fold, view or out / "data")
+    if say:
+        say(f"training {family} on {sum(1 for f in fold_of.values() if f != fold)} patients")
+    train_generator(family, view, label, out / "model", config_path, dataset or data.name, register=False,
+                    build_prerequisites=True, parent_run_id=parent_run_id, log=say)
+    generator = load_generator(out / "model" / GENERATOR_DIR, resolve_device(config.device))
+    fold_gates = {k: v for k, v in gates_for(gates, generator.gate_set).items() if k not in POOLED_GATES}
+    report = evaluate_generator(generator, view, get_extractor(extractor_spec), fold_gates, config, out / "gates",
+                                f"{family}-{label} fold {fold}", log=say, data_name=f"{data}, fold {fold} of {folds}")
+    downstream = report.get("downstream", {})
+    result = {
+        "fold": fold,
+        "generator_train_patients": sorted(p for p, f in fold_of.items() if f != fold),
+        "test_patients": sorted(p for p, f in fold_of.items() if f == fold),
+        "gates": report["gates"], "passed": report["passed"], "metrics": report["metrics"],
+    }
+    if "scores" in downstream:
+        result.update(auc=downstream["auc_per_seed"], scores=downstream["scores"], targets=downstream["targets"],
+                      image_patients=downstream["patients"])
+    else:
+        result["downstream_error"] = downstream.get("error", report["not_measured"].get("auc_delta", "not run"))
+    (out / FOLD_RESULT).write_text(json.dumps(result) + "\n")
+    return result
+
+
+def crossval_report(results: list[dict], out: str | Path, family: str, label: str, data: str | Path,
+                    config_path: str | Path, dataset: str, seed: int = 0, extractor: str = "",
+                    run_id: str | None = None, fold_runs: list[str] = ()) -> dict:
+    """The pooled verdict of the folds' results, written to ``out`` (``crossval_report.json``, ``.md``, plots) and
+    logged to the cross-validation's MLflow run (``run_id``, or a new one naming the folds' generator runs)."""
+    config, _, _ = evaluation_config(read_params(config_path))
+    report = pool(results, config.downstream.bootstrap, config.seed)
+    report.update(family=family, label=label, data=str(data), seed=seed, extractor=extractor)
+    write_report(report, out)
+    client = _client()
+    run_id = run_id or _start_run(client, family, label, data, dataset, len(results), seed, extractor)
+    if fold_runs:
+        client.set_tag(run_id, "crossval.fold_runs", ",".join(fold_runs))
+    pooled = report["pooled"]
+    for key in ("real", "real_plus_synthetic", "delta", "ci_low", "ci_high"):
+        if key in pooled:
+            client.log_metric(run_id, f"crossval.{key}", pooled[key])
+    client.set_tag(run_id, "crossval.verdict", pooled["verdict"])
+    for name in ("crossval_report.json", "crossval_report.md", "fold_auc.png", "pooled_roc.png"):
+        if (Path(out) / name).is_file():
+            client.log_artifact(run_id, str(Path(out) / name), "crossval")
+    client.set_terminated(run_id, "FINISHED")
+    return {**report, "run_id": run_id, "report": str(out)}
+
+
+def _client():
+    import mlflow
+
+    configure_mlflow()
+    return mlflow.MlflowClient()
+
+
+def _start_run(client, family: str, label: str, data: Path | str, dataset: str, folds: int, seed: int,
+               extractor: str) -> str:
+    """The cross-validation's MLflow run, in the family's experiment (its folds' generator runs are there too)."""
+    import mlflow
+
+    experiment = mlflow.set_experiment(f"{dataset}-{family}").experiment_id
+    run = client.create_run(experiment, run_name=f"crossval-{family}-{label}", tags={
+        "family": family, "label": label, "dataset": dataset, "code_version": git_commit(), "crossval": "true"})
+    for key, value in {**dataset_identity(data, label), "folds": folds, "seed": seed, "extractor": extractor}.items():
+        client.log_param(run.info.run_id, key, value)
+    return run.info.run_id
+
+
+def crossval(family: str, data: str | Path, label: str, folds: int, out: str | Path, config_path: str | Path,
+             dataset: str | None = None, seed: int = 0, extractor: str | None = None,
+             log: Callable[[str], None] | None = None) -> dict:
+    """All folds, then the pooled report in ``out``; one MLflow run with a child run per fold's generator."""
+    data, out = Path(data), Path(out)
+    dataset = dataset or data.name
+    extractor_spec = crossval_extractor(data, dataset, read_params(config_path), extractor)
+    client = _client()
+    run_id = _start_run(client, family, label, data, dataset, folds, seed, extractor_spec)
+    try:
+        with tempfile.TemporaryDirectory(prefix="sonogen-folds-") as views:  # links to the data: not outputs
+            results = [crossval_fold(family, data, label, fold, folds, out / f"fold-{fold}", config_path,
+                                     extractor_spec, dataset, seed, run_id, log, Path(views) / f"fold-{fold}")
+                       for fold in range(folds)]
+        report = crossval_report(results, out, family, label, data, config_path, dataset, seed, extractor_spec, run_id)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    if log:
+        log(f"{family}-{label}: {verdict_line(report['pooled'])}")
+    return report
