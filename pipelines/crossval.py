@@ -45,7 +45,8 @@ def crossval_pipeline(
         label=label, params=params, seed=seed, dataset_name=dataset_name,
     )).set_cpu_request("2").set_memory_request("4G")
     trained = _gpu_training(train_generator(
-        prepared=prepared.outputs["prepared"], family=family, label=label, params=params, dataset_name=dataset_name,
+        prepared=prepared.outputs["prepared"], encoder=encoder.outputs["encoder"], family=family, label=label,
+        params=params, dataset_name=dataset_name,
     ))
     _register_if_passed(trained, gate(prepared, trained, encoder, params, crossval=pooled.outputs["report"]))
 

@@ -82,7 +82,8 @@ def training_pipeline(
     prepared, encoder = prepared_and_encoder(params, raw, dvc_repo, dvc_rev, dataset_name)
     with dsl.ParallelFor(items=runs, name="family-label") as run:
         trained = _gpu_training(train_generator(
-            prepared=prepared.outputs["prepared"], family=run.family, label=run.label, params=params,
+            prepared=prepared.outputs["prepared"], encoder=encoder.outputs["encoder"], family=run.family,
+            label=run.label, params=params,
             dataset_name=dataset_name,
         ))
         _register_if_passed(trained, gate(prepared, trained, encoder, params))

@@ -61,6 +61,9 @@ def train_command(
         "--build-prerequisites", help="Train the model the family builds on when none is given (diffultra's "
                                       "ldm), inside the output folder; a lesion bank is always built if missing.")]
     = False,
+    monitor: Annotated[str | None, typer.Option(
+        help="Feature extractor that reads a GAN's epochs to keep its best (default: the dataset's registered "
+             "us-encoder, else pixels-16).")] = None,
     skip_declined: Annotated[bool, typer.Option(
         "--skip-declined", help="For a label the family does not train on, write declined.json and succeed "
                                 "(a DVC matrix of families × labels) instead of failing.")] = False,
@@ -92,7 +95,7 @@ def train_command(
     info = train_generator(family, data, label, out, config, dataset, experiment, register, resume,
                            progress=_progress(f"training {family} on {label}"), model_overrides=overrides,
                            log=None if console.is_terminal else log, build_prerequisites=build_prerequisites,
-                           skip_declined=skip_declined)
+                           skip_declined=skip_declined, monitor=monitor)
     if "declined" in info:
         console.print(f"not trained: {info['declined']} ({out / 'declined.json'})")
         return
@@ -100,6 +103,8 @@ def train_command(
     scores = ", ".join(f"{key} {final[key]:.4g}" for key in ("kmmd", "one_nn_acc", "ssim_to_train", "scan_iou_to_train")
                        if key in final)
     console.print(f"trained {family} on {label}: epoch {final.get('epoch')}, step {final.get('step')}, {scores}")
+    if info.get("best"):
+        console.print(f"kept {info['best']['reason']}")
     console.print(f"saved {out / 'generator'}, last sample grid {out / 'samples.png'}; "
                   f"MLflow run {info['run_id']} in {info['tracking_uri']}")
     if "version" in info:

@@ -210,12 +210,15 @@ def prepare_command(
     burned_in: Annotated[str, typer.Option(
         help="Frames flagged with burned-in annotation: drop them, or blank (keep them; everything outside the "
              "scan area is blanked, as in every frame).")] = "drop",
+    licences: Annotated[list[str] | None, typer.Option(
+        "--licences", help="Keep only images under these licences (repeatable, e.g. --licences 'CC BY 4.0').")]
+    = None,
 ):
     """Crop to the scan area, blank text, resize and pad, and split by patient."""
     from sonogen.data.prepare import prepare
 
     report = prepare(raw, out, size=size, split=split, seed=seed, stratify=stratify, progress=progress("preparing"),
-                     burned_in=burned_in)
+                     burned_in=burned_in, licences=licences)
     table = Table(title=f"{raw} → {out} ({size}×{size})")
     for column in ("split", "patients", "images", "images per label", "patients per label"):
         table.add_column(column)
@@ -236,6 +239,11 @@ def prepare_command(
     for name, entry in report["splits"].items():
         if missing := sorted(labels - set(entry["images_per_label"])):
             console.print(f"[yellow]warning:[/yellow] split {name} has no {', '.join(missing)} images")
+    kept = report["licences"]
+    console.print(f"licences: {', '.join(f'{k} {v}' for k, v in kept['kept'].items())}; commercial use of models "
+                  f"trained on them: {kept['commercial_use']}"
+                  + (f"; left out: {', '.join(f'{k} {v}' for k, v in kept['excluded'].items())}" if kept['excluded']
+                     else ""))
     if report["burned_in"]["flagged"]:
         console.print(f"burned-in annotation: {report['burned_in']['flagged']} flagged images, "
                       f"{report['burned_in']['dropped']} dropped")

@@ -57,12 +57,18 @@ def downstream_lines(downstream: dict) -> list[str]:
     ]
 
 
-def _licences(data: Path, labels: list[str]) -> list[str]:
+def training_licences(data: Path, labels: list[str]) -> Counter | None:
+    """Licence → count of the training images of ``labels``; None when the manifest is not there."""
     try:
         records = [r for r in read_manifest(data) if r.label in labels and r.split == "train"]
     except FileNotFoundError:
+        return None
+    return Counter(r.licence or "unspecified" for r in records)
+
+
+def _licences(counts: Counter | None) -> list[str]:
+    if counts is None:
         return ["unknown (the training manifest was not available at registration)"]
-    counts = Counter(r.licence or "unspecified" for r in records)
     return [f"{licence}: {count} training images" for licence, count in counts.most_common()]
 
 
@@ -78,6 +84,7 @@ def build_model_card(name: str, version: str, info: dict, tags: dict[str, str], 
     """Markdown for ``name`` version ``version``; ``info`` is the training run's record (family, label, data)."""
     described = json.loads((generator_dir / "config.json").read_text())
     config = described["config"]
+    counts = training_licences(Path(info["data"]), config.get("labels") or [info["label"]])
     base = []
     if config.get("base_model"):
         origin = f" (on `{config['base_origin']}`)" if config.get("base_origin") else ""
@@ -94,11 +101,13 @@ def build_model_card(name: str, version: str, info: dict, tags: dict[str, str], 
         f"- DVC md5: `{tags.get('data_dvc_md5', 'unknown')}`; manifest sha256: `{tags.get('data_manifest_sha256', 'unknown')}`",
         f"- patient ids: {_pseudonyms(Path(info['data']))}",
         "- licences:",
-        *[f"  - {line}" for line in _licences(Path(info["data"]), config.get("labels") or [info["label"]])],
+        *[f"  - {line}" for line in _licences(counts)],
+        f"- commercial use: **{tags.get('commercial_use', 'unknown')}** ({tags.get('commercial_use.reason', '')})",
         *base,
         "",
         "## Training",
-        f"- stopped at epoch {described['epoch']}, step {described['step']}",
+        f"- the weights of epoch {described['epoch']}, step {described['step']}",
+        *([f"- kept {tags['best_epoch.reason']}"] if tags.get("best_epoch.reason") else []),
         "- model config: `" + json.dumps(config, sort_keys=True) + "`",
         "- training config: `" + json.dumps(train_params, sort_keys=True) + "`",
         "",

@@ -36,6 +36,7 @@ class RunRecord:
     images: list[str] = field(default_factory=list)  # the images a single- or few-image model learned
     final: dict = field(default_factory=dict)  # the last epoch's losses and quality readings
     feature_extractor: str = ""
+    best: dict = field(default_factory=dict)  # the kept epoch of a family that keeps its best (best_epoch.py)
 
     @classmethod
     def read(cls, folder: str | Path) -> RunRecord:

@@ -156,6 +156,36 @@ def test_a_log_gets_a_line_every_30_s_of_training_and_one_per_epoch(dataset, tmp
     assert steps and all("loss_generator" in line and " s: " in line for line in steps)
 
 
+def test_a_gan_keeps_its_best_epoch_when_the_last_one_is_worse_and_says_why(dataset, tmp_path):
+    from sonogen.generators.best_epoch import Monitor
+
+    class Readings:
+        """A stand-in feature space where a reading's samples sit far, near, then farthest from the real images."""
+
+        def __init__(self):
+            self.calls, self.real = 0, None
+
+        def __call__(self, images):
+            self.calls += 1
+            spread = torch.linspace(0, 1, len(images))[:, None].repeat(1, 4)
+            if self.calls % 2:  # read() takes the real images first
+                return spread
+            return spread + {2: 1.0, 4: 0.05, 6: 3.0}[self.calls]
+
+    config = TrainConfig(epochs=3, batch_size=4, eval_samples=4, monitor_samples=8, keep_best=True)
+    summary = train(tiny(), dataset, "consolidation", config, tmp_path / "kept",
+                    monitor=Monitor("test-features@1", Readings(), min_1nn=0.0))
+    best = summary["best_epoch"]
+    assert best["epoch"] == 2 and best["monitor"] == "test-features@1"
+    assert best["reason"].startswith("epoch 2 (kmmd") and "the lowest kMMD among the epochs" in best["reason"]
+    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]  # it trained on, and kept epoch 2
+    two = tiny()
+    train(two, dataset, "consolidation", TrainConfig(epochs=2, batch_size=4, eval_samples=4, keep_best=False),
+          tmp_path / "two")
+    kept = load_generator(tmp_path / "kept" / "generator")
+    assert kept.epoch == 2 and all(torch.equal(v, two._weights()[k]) for k, v in kept._weights().items())
+
+
 def test_training_records_quality_curves(dataset, tmp_path):
     summary = train(tiny(), dataset, "consolidation", TrainConfig(epochs=2, batch_size=4, eval_samples=8),
                     tmp_path / "run")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
+from sonogen.data.licences import allowed, commercial_use_of
 from sonogen.data.manifest import (BURNED_IN, Record, file_sha256, load_grey, read_manifest, save_png,
                                    write_manifest)
 from sonogen.data.splits import assign_splits, parse_fractions, split_summary
@@ -113,11 +114,13 @@ def prepare(
     stratify: bool = False,
     progress=None,
     burned_in: str = "drop",
+    licences: list[str] | None = None,
 ) -> dict:
     """Writes the prepared dataset to ``out`` (staged beside it, so a failure leaves ``out`` as it was) and returns
     the report also saved as ``prepare_report.json``. Frames flagged with burned-in annotation (names and dates
     drawn into the pixels) are dropped, or with ``burned_in="blank"`` kept with everything outside their scan area
-    blanked, as every frame is (text inside the scan area stays)."""
+    blanked, as every frame is (text inside the scan area stays). With ``licences`` (an allow-list), images under
+    any other licence are left out."""
     raw, out = Path(raw), Path(out)
     if size < 8:
         raise ValueError(f"size must be at least 8 pixels, got {size}")
@@ -127,12 +130,19 @@ def prepare(
     if raw.resolve() == out.resolve():
         raise ValueError("prepare writes a new dataset: OUT must differ from RAW")
     with staged_folder(out) as stage:
-        return _prepare(raw, stage, size, fractions, seed, stratify, progress, burned_in)
+        return _prepare(raw, stage, size, fractions, seed, stratify, progress, burned_in, licences)
 
 
 def _prepare(raw: Path, out: Path, size: int, fractions: tuple[float, float, float], seed: int, stratify: bool,
-             progress, burned_in: str) -> dict:
+             progress, burned_in: str, licences: list[str] | None) -> dict:
     records = read_manifest(raw)
+    images_in = len(records)
+    excluded = Counter(r.licence or "unspecified" for r in records if licences and not allowed(r.licence, licences))
+    if licences:
+        records = [r for r in records if allowed(r.licence, licences)]
+        if not records:
+            raise ValueError(f"no image of {raw} is under the allowed licences {licences}; its licences: "
+                             f"{sorted(excluded)}")
     flagged = [r for r in records if BURNED_IN in r.flags.split()]
     if burned_in == "drop":
         records = [r for r in records if BURNED_IN not in r.flags.split()]
@@ -180,8 +190,11 @@ def _prepare(raw: Path, out: Path, size: int, fractions: tuple[float, float, flo
         "split_fractions": list(fractions),
         "seed": seed,
         "stratified": stratify,
-        "images_in": len(records) + (len(flagged) if burned_in == "drop" else 0),
+        "images_in": images_in,
         "pseudonyms": _pseudonyms(raw),
+        "licences": {"allowed": list(licences) if licences else "all", "excluded": dict(sorted(excluded.items())),
+                     "kept": dict(sorted(Counter(r.licence or "unspecified" for r in prepared).items())),
+                     "commercial_use": commercial_use_of(Counter(r.licence or "unspecified" for r in prepared))[0]},
         "burned_in": {"flagged": len(flagged), "handling": burned_in,
                       "dropped": len(flagged) if burned_in == "drop" else 0},
         "skipped": skipped,

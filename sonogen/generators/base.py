@@ -63,6 +63,7 @@ class Generator(ABC):
     min_training_images: ClassVar[int] = 2
     steps_per_epoch: ClassVar[int | None] = None  # None: an epoch is one pass over the training images
     places_lesions: ClassVar[bool] = False  # samples come with lesion boxes (``generate_with_boxes``)
+    keeps_best_epoch: ClassVar[bool] = False  # a GAN keeps its best epoch by realism readings (best_epoch.py)
     # params.yaml gate sets beyond the family's: ``<family>-<variant>`` adds thresholds for one variant only
     gate_variants: ClassVar[tuple[str, ...]] = ()
     # config keys of generators saved by earlier versions that this family no longer has: ignored when they load

@@ -160,6 +160,7 @@ class DCGAN(Generator):
     family = "dcgan"
     config_class = DCGANConfig
     conditions = frozenset({"label"})
+    keeps_best_epoch = True  # as Yu et al. picked theirs: its last epoch may copy or collapse
 
     def __init__(self, config: DCGANConfig):
         super().__init__(config)

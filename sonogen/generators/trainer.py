@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from PIL import Image
 
 from sonogen.data import UltrasoundDataset
 from sonogen.generators.base import CHECKPOINT, Generator
+from sonogen.generators.best_epoch import BEST_DIR, BestEpoch, Monitor
 from sonogen.metrics import PIXELS_16, kernel_mmd, one_nn_accuracy, pixel_features
 from sonogen.metrics.layout import nearest_scan_iou
 from sonogen.metrics.similarity import nearest_ssim, ssim
@@ -40,12 +42,14 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu; or "bf16" / "fp32"
     channels_last: bool = True  # used on cuda only
     compile: bool = False
+    keep_best: bool | None = None  # keep the best epoch by realism readings (None: the family's choice, GANs do)
+    monitor_samples: int = 256  # samples per reading when keeping the best epoch
 
     def __post_init__(self):
         if min(self.epochs, self.batch_size, self.checkpoint_every, self.eval_every, self.steps_per_epoch or 1) < 1:
             raise ValueError("epochs, batch_size, steps_per_epoch, checkpoint_every and eval_every must be ≥ 1")
-        if self.eval_samples < 2:
-            raise ValueError("eval_samples must be at least 2")
+        if self.eval_samples < 2 or self.monitor_samples < 2:
+            raise ValueError("eval_samples and monitor_samples must be at least 2")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
 
@@ -144,6 +148,7 @@ def train(
     resume: bool = False,
     progress=None,
     log: Callable[[str], None] | None = None,
+    monitor: Monitor | None = None,
 ) -> dict:
     """Trains on the ``train`` split images of ``label`` (or of every label the family learns; those it selects);
     writes ``out/generator``, checkpoints and history.
@@ -151,7 +156,9 @@ def train(
     Per epoch it logs the losses, a sample grid of fixed latents, ``quality`` against the real training images
     and the family's ``held_out_losses`` on the ``val`` split. ``resume`` continues from
     ``out/checkpoint.safetensors``. ``progress`` wraps the epochs (a progress bar); ``log`` receives progress
-    lines at least every 30 s and at each epoch's end (for logs, where no bar shows).
+    lines at least every 30 s and at each epoch's end (for logs, where no bar shows). A family that keeps its
+    best epoch (or ``config.keep_best``) is read in ``monitor``'s feature space (default: pixels) at each
+    evaluation, and the best epoch's weights are the ones saved (``best_epoch``).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,6 +199,12 @@ def train(
     elif resume:
         raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
 
+    keep_best = generator.keeps_best_epoch if config.keep_best is None else config.keep_best
+    if keep_best:
+        monitor = monitor or Monitor(PIXELS_16, pixel_features)
+        monitor.samples = config.monitor_samples
+        monitor_real = own[torch.randperm(len(own), generator=torch.Generator().manual_seed(1))][:monitor.samples]
+    best = BestEpoch.load(out) if resume else BestEpoch()
     epochs = range(generator.epoch, config.epochs)
     heartbeat = Heartbeat(log, config.epochs)
     for epoch in progress(epochs) if progress else epochs:
@@ -217,6 +230,12 @@ def train(
             metrics, samples = quality(generator, real, config.eval_samples)
             if held_out is not None:
                 metrics.update(generator.held_out_losses(held_out[0].to(device), held_out[1]))
+            if keep_best:
+                readings = monitor.read(generator, monitor_real)
+                metrics.update({f"monitor_{key}": value for key, value in readings.items()})
+                if best.offer(monitor, generator.epoch, readings):
+                    generator.save(out / BEST_DIR)
+                    best.save(out)
             record.update(metrics)
             grid = image_grid(samples[:32])
             Image.fromarray(grid).save(out / SAMPLES)
@@ -228,9 +247,14 @@ def train(
         if generator.epoch % config.checkpoint_every == 0 or generator.epoch == config.epochs:
             generator.save_checkpoint(checkpoint)
             history_path.write_text(json.dumps(history, indent=2) + "\n")
-    generator.save(out / GENERATOR_DIR)
+    if keep_best and best.epoch:  # the kept epoch's weights are the model
+        shutil.rmtree(out / GENERATOR_DIR, ignore_errors=True)
+        shutil.copytree(out / BEST_DIR, out / GENERATOR_DIR)
+    else:
+        generator.save(out / GENERATOR_DIR)
     history_path.write_text(json.dumps(history, indent=2) + "\n")
     return {
+        "best_epoch": asdict(best) if keep_best else None,
         "train_images": len(images),
         "feature_extractor": PIXELS_16,
         "train_config": asdict(config),

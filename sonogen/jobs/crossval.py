@@ -57,7 +57,7 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
     if say:
         say(f"training {family} on {sum(1 for f in fold_of.values() if f != fold)} patients")
     train_generator(family, view, label, out / "model", config_path, dataset or data.name, register=False,
-                    build_prerequisites=True, parent_run_id=parent_run_id, log=say)
+                    build_prerequisites=True, parent_run_id=parent_run_id, log=say, monitor=extractor_spec)
     generator = load_generator(out / "model" / GENERATOR_DIR, resolve_device(config.device))
     fold_gates = {k: v for k, v in gates_for(gates, generator.gate_set).items() if k not in POOLED_GATES}
     report = evaluate_generator(generator, view, get_extractor(extractor_spec), fold_gates, config, out / "gates",

@@ -16,7 +16,8 @@ from sonogen.generators import get_generator
 from sonogen.generators.base import CONFIG
 from sonogen.generators.trainer import GENERATOR_DIR, TrainConfig, train
 from sonogen.jobs.data import build_lesion_bank, read_params
-from sonogen.model_card import build_model_card
+from sonogen.data.licences import commercial_use_of
+from sonogen.model_card import build_model_card, training_licences
 from sonogen.registry import model_name, register_generator, write_model_card
 from sonogen.tracking import (
     RUN_INFO, MlflowTracker, RunRecord, configure_mlflow, dataset_identity, declined, git_commit, write_declined,
@@ -101,6 +102,7 @@ def train_generator(
     build_prerequisites: bool = False,
     skip_declined: bool = False,
     parent_run_id: str | None = None,
+    monitor: str | None = None,
 ) -> dict:
     """Trains one generator for one label with MLflow tracking; registers it unless ``register`` is False.
     ``progress`` wraps the epochs (a progress bar), ``log`` receives progress lines (see ``trainer.train``).
@@ -146,17 +148,51 @@ def train_generator(
         record.write(out)
         torch.manual_seed(train_config.seed)  # the networks' initial weights repeat with the run
         generator = family_class(model_config)
+        keeps = generator.keeps_best_epoch if train_config.keep_best is None else train_config.keep_best
         summary = train(generator, data, label, train_config, out, MlflowTracker(), resume=resume, progress=progress,
-                        log=log)
+                        log=log, monitor=training_monitor(data, dataset, label, monitor) if keeps else None)
         mlflow.log_artifact(str(out / "history.json"))
         record.final, record.feature_extractor = summary["final"], summary["feature_extractor"]
         record.images = list(generator.learned_images())
+        if summary["best_epoch"]:
+            record.best = summary["best_epoch"]
+            mlflow.set_tags({"best_epoch": record.best["epoch"], "best_epoch.reason": record.best["reason"]})
         record.name = generator_name(family, label, asdict(generator.config))
         record.write(out)
     info = asdict(record)
     if register:
         info.update(register_trained(out))
     return info
+
+
+def load_config_labels(out: Path) -> list[str]:
+    """The labels a trained generator learned (a multi-label model's config names them), else none."""
+    import json
+
+    path = out / GENERATOR_DIR / CONFIG
+    return list(json.loads(path.read_text())["config"].get("labels") or []) if path.is_file() else []
+
+
+def training_monitor(data: Path, dataset: str, label: str, spec: str | None):
+    """The feature space a GAN's epochs are read in: ``spec``, else the dataset's us-encoder when one is registered
+    for this very manifest, else downsampled pixels (the trainer's default)."""
+    from sonogen.evaluation import find_encoder
+    from sonogen.generators.best_epoch import Monitor
+    from sonogen.metrics.classifier import predict_proba
+    from sonogen.metrics.features import get_extractor
+
+    if spec is None:
+        found = find_encoder(data, dataset)
+        if found is None:
+            return None
+        spec = f"us-encoder:{found}"
+    extractor = get_extractor(spec)
+    classifier = extractor.classifier
+    confidence = None
+    if classifier is not None and label in classifier.config.classes:
+        index = classifier.config.classes.index(label)
+        confidence = lambda images: predict_proba(classifier, images)[:, index]  # noqa: E731
+    return Monitor(extractor.id, extractor, confidence)
 
 
 def generator_name(family: str, label: str, settings: dict[str, Any] | None = None) -> str:
@@ -196,8 +232,13 @@ def register_trained(out: str | Path, alias: str | None = "candidate", gate_repo
         "code_version": run.data.tags.get("code_version", "unknown"),
         "feature_extractor": record.feature_extractor,
         **({"training_images": ",".join(record.images)} if record.images else {}),
+        **({"best_epoch": str(record.best["epoch"]), "best_epoch.reason": record.best["reason"]} if record.best
+           else {}),
         **{f"metric.{k}": f"{v:.6g}" if isinstance(v, float) else v for k, v in final.items()},
     }
+    counts = training_licences(Path(record.data), list(load_config_labels(out) or [record.label]))
+    tags["commercial_use"], tags["commercial_use.reason"] = (commercial_use_of(counts) if counts is not None else
+                                                             ("unknown", "the training manifest was not available"))
     name = model_name(record.dataset, record.family, record.label)
     report = None
     if gate_report is not None:
