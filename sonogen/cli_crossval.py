@@ -31,6 +31,9 @@ def crossval_command(
     = None,
     extractor: Annotated[str | None, typer.Option(
         help="Feature extractor of the folds' gates (default: the dataset's us-encoder).")] = None,
+    protocol: Annotated[str | None, typer.Option(
+        help="Downstream protocol: default, yu2023, zhang2023, basarab2024 (default: evaluate.downstream.protocol)."
+    )] = None,
 ):
     """Train the generator K times, each time without one fold's patients, and test the downstream classifiers on
     those patients; pool every patient's out-of-fold predictions into one verdict: helps, hurts, or no
@@ -52,7 +55,8 @@ def crossval_command(
         if not runs:
             console.print(f"params.yaml's crossval lists no families and labels: nothing to do ({out / INDEX})")
     for run_family, run_label, run_out in runs:
-        report = crossval(run_family, data, run_label, folds, run_out, config, dataset, seed, extractor, log=log)
+        report = crossval(run_family, data, run_label, folds, run_out, config, dataset, seed, extractor, log=log,
+                          protocol=protocol)
         pooled = report["pooled"]
         colour = {"helps": "green", "hurts": "red"}.get(pooled["verdict"], "yellow")
         console.print(f"{run_family}-{run_label}: [{colour}]{pooled['verdict']}[/{colour}]; report "

@@ -25,10 +25,11 @@ import numpy as np  # noqa: E402
 
 from sonogen.data.manifest import read_manifest, write_manifest  # noqa: E402
 from sonogen.data.splits import unit_hash  # noqa: E402
+from sonogen.metrics.downstream import AUGMENTED, BASELINE, patient_strata, summarise  # noqa: E402
+from sonogen.metrics.protocols import METRICS  # noqa: E402
 
 REPORT_JSON, REPORT_MD = "crossval_report.json", "crossval_report.md"
 FOLD_BARS, POOLED_ROC = "fold_auc.png", "pooled_roc.png"
-BASELINE, AUGMENTED = "real", "real+synthetic"
 COPY_GATES = ("max_near_copy_fraction", "max_pixel_near_copy_fraction")
 HELPS, HURTS, NO_EFFECT, COPIES = "helps", "hurts", "no measurable effect", "copies training images"
 
@@ -57,60 +58,50 @@ def assign_folds(labels: dict[str, str], folds: int, seed: int = 0) -> dict[str,
     return assignment
 
 
-def fold_view(data: str | Path, fold_of: dict[str, int], fold: int, out: str | Path) -> Path:
-    """The dataset as fold ``fold`` sees it, in ``out``: its patients are the test split, every other patient is
-    training data (the dataset's own splits are not used); images and masks are the dataset's (linked)."""
+def fold_view(data: str | Path, fold_of: dict[str, int], fold: int, out: str | Path,
+              validation: int | None = None) -> Path:
+    """The dataset as fold ``fold`` sees it, in ``out``: its patients are the test split, fold ``validation``'s
+    (if any) the val split, every other patient training data (the dataset's own splits are not used); images
+    and masks are the dataset's (linked)."""
     data, out = Path(data).resolve(), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for folder in ("images", "masks"):
         if (data / folder).is_dir() and not (out / folder).exists():
             os.symlink(data / folder, out / folder, target_is_directory=True)
-    records = read_manifest(data)
-    write_manifest(out, [replace(r, split="test" if fold_of[r.patient_id] == fold else "train") for r in records])
+    split = {fold: "test", validation: "val"}
+    write_manifest(out, [replace(r, split=split.get(fold_of[r.patient_id], "train")) for r in read_manifest(data)])
     return out
 
 
-def _auc(targets: np.ndarray, scores: np.ndarray) -> float:
-    """AUC-ROC by ranks (Mann-Whitney U, ties averaged): the share of positive-negative pairs ranked right."""
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
-    starts, ends = np.r_[0, boundaries], np.r_[boundaries, len(scores)]
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + end + 1) / 2
-    positives = targets.astype(bool)
-    n_pos, n_neg = positives.sum(), (~positives).sum()
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def pooled_verdict(targets: np.ndarray, patients: list[str], scores: dict[str, np.ndarray], resamples: int = 1000,
+def pooled_verdict(targets: np.ndarray, patients: list[str], probabilities: dict[str, np.ndarray],
+                   classes: list[str] | None = None, positive: int = 1, metric: str = "auc", resamples: int = 1000,
                    seed: int = 0) -> dict:
-    """The pooled comparison of ``real+synthetic`` against ``real``: ``scores[arm]`` is ``(seeds, images)`` of
-    out-of-fold predictions; each arm's AUC is the mean over seeds of the AUC of its pooled predictions."""
-    targets = np.asarray(targets).astype(bool)
-    patients = np.asarray(patients)
-    groups = [np.flatnonzero(patients == p) for p in np.unique(patients)]
-    strata = [[g for g in groups if targets[g].mean() >= 0.5], [g for g in groups if targets[g].mean() < 0.5]]
-    if not all(strata):
-        raise ValueError("the pooled test patients need both positive and negative patients")
-
-    def arm_auc(arm: str, rows: np.ndarray) -> float:
-        return float(np.mean([_auc(targets[rows], seed_scores[rows]) for seed_scores in scores[arm]]))
-
-    every = np.arange(len(targets))
-    auc = {arm: arm_auc(arm, every) for arm in scores}
-    rng = np.random.default_rng(seed)
-    deltas = np.empty(resamples)
-    for index in range(resamples):
-        rows = np.concatenate([stratum[i] for stratum in strata for i in rng.integers(0, len(stratum), len(stratum))])
-        deltas[index] = arm_auc(AUGMENTED, rows) - arm_auc(BASELINE, rows)
-    low, high = (float(v) for v in np.percentile(deltas, [2.5, 97.5]))
+    """The pooled comparison of ``real+synthetic`` against ``real`` on the protocol's ``metric``:
+    ``probabilities[arm]`` is ``(seeds, images, classes)`` of out-of-fold predictions, ``targets`` the images'
+    class indices; each arm's value is the mean over seeds of the metric of its pooled predictions. Every other
+    metric, per-class precision / recall / F1 and each class's patients come along."""
+    targets = np.asarray(targets).astype(int)
+    classes = classes or ["negative", "positive"]
+    strata = patient_strata(targets, patients)
+    summary = summarise(targets, patients, probabilities, classes, positive, resamples, seed)
+    low, high = summary[f"{metric}_delta_ci95"]
     effect = HELPS if low > 0 else HURTS if high < 0 else NO_EFFECT
-    return {"metric": "auc", "auc": auc, "real": auc[BASELINE], "real_plus_synthetic": auc[AUGMENTED],
-            "delta": auc[AUGMENTED] - auc[BASELINE], "ci_low": low, "ci_high": high, "effect": effect,
-            "verdict": effect, "bootstrap_resamples": resamples,
-            "patients": {"positive": len(strata[0]), "negative": len(strata[1])}, "images": len(targets)}
+    return {"metric": metric, **{m: summary[m] for m in METRICS if m in summary},
+            "real": summary[metric][BASELINE], "real_plus_synthetic": summary[metric][AUGMENTED],
+            "delta": summary[f"{metric}_delta"], "ci_low": low, "ci_high": high, "effect": effect, "verdict": effect,
+            "other_metrics": {m: {"delta": summary[f"{m}_delta"], "ci95": summary[f"{m}_delta_ci95"]}
+                              for m in METRICS if m in summary and m != metric},
+            "per_class": summary["per_class"], "bootstrap_resamples": resamples,
+            "patients": {"positive": len(strata.get(positive, [])),
+                         "negative": sum(len(s) for c, s in strata.items() if c != positive)},
+            "patients_per_class": {classes[c]: len(s) for c, s in strata.items()}, "images": len(targets)}
+
+
+def fold_probabilities(fold: dict) -> dict[str, np.ndarray]:
+    """A fold's ``(seeds, images, classes)`` predictions per arm (a label-vs-rest score ``s`` is ``[1-s, s]``)."""
+    if "probabilities" in fold:
+        return {arm: np.asarray(p) for arm, p in fold["probabilities"].items()}
+    return {arm: np.stack([1 - np.asarray(s), np.asarray(s)], -1) for arm, s in fold["scores"].items()}
 
 
 def pool(folds: list[dict], resamples: int = 1000, seed: int = 0) -> dict:
@@ -119,17 +110,20 @@ def pool(folds: list[dict], resamples: int = 1000, seed: int = 0) -> dict:
     tested = [p for f in folds for p in f["test_patients"]]
     if len(tested) != len(set(tested)):
         raise ValueError("a patient was tested in two folds")
-    scoring = [f for f in folds if "scores" in f]
+    scoring = [f for f in folds if "scores" in f or "probabilities" in f]
     if len(scoring) < len(folds):
         missing = ", ".join(f"{f['fold']} ({f.get('downstream_error', 'no scores')})" for f in folds if f not in scoring)
         pooled = {"metric": "auc", "verdict": "not measured", "effect": "not measured",
                   "reason": f"the downstream classifiers did not run in fold(s) {missing}"}
     else:
-        arms = list(scoring[0]["scores"])
-        pooled = pooled_verdict(np.concatenate([f["targets"] for f in scoring]),
+        each = [fold_probabilities(f) for f in scoring]
+        first = scoring[0]
+        pooled = pooled_verdict(np.concatenate([f.get("class_targets", f["targets"]) for f in scoring]),
                                 [p for f in scoring for p in f["image_patients"]],
-                                {arm: np.concatenate([np.asarray(f["scores"][arm]) for f in scoring], axis=1)
-                                 for arm in arms}, resamples, seed)
+                                {arm: np.concatenate([e[arm] for e in each], axis=1) for arm in each[0]},
+                                first.get("classes"), first.get("positive", 1), first.get("metric", "auc"),
+                                resamples, seed)
+        pooled["protocol"] = first.get("protocol", "default")
     copying = [f["fold"] for f in folds if any(not row["passed"] for row in f["gates"] if row["gate"] in COPY_GATES)]
     if copying:
         pooled["verdict"] = COPIES
@@ -137,13 +131,23 @@ def pool(folds: list[dict], resamples: int = 1000, seed: int = 0) -> dict:
     return {"folds": folds, "pooled": pooled}
 
 
+NAMES = {"auc": "AUC", "balanced_accuracy": "balanced accuracy"}
+
+
+def fold_values(fold: dict, metric: str) -> dict[str, list[float]]:
+    """A fold's per-seed values of ``metric`` per arm (reports before protocols carry AUC only)."""
+    return fold.get("per_seed", {}).get(metric) or (fold.get("auc", {}) if metric == "auc" else {})
+
+
 def verdict_line(pooled: dict) -> str:
     if "delta" not in pooled:
         return f"{pooled['verdict']}: {pooled.get('reason', '')}"
-    line = (f"{pooled['verdict']}: AUC {pooled['real_plus_synthetic']:.3f} with synthetic images against "
-            f"{pooled['real']:.3f} without, delta {pooled['delta']:+.3f}, 95% interval [{pooled['ci_low']:+.3f}, "
-            f"{pooled['ci_high']:+.3f}] over {pooled['patients']['positive']} positive and "
-            f"{pooled['patients']['negative']} negative patients")
+    line = (f"{pooled['verdict']}: {NAMES[pooled['metric']]} {pooled['real_plus_synthetic']:.3f} with synthetic "
+            f"images against {pooled['real']:.3f} without, delta {pooled['delta']:+.3f}, 95% interval "
+            f"[{pooled['ci_low']:+.3f}, {pooled['ci_high']:+.3f}] over "
+            + ", ".join(f"{n} {name} patients" for name, n in pooled.get(
+                "patients_per_class", {"positive": pooled["patients"]["positive"],
+                                       "negative": pooled["patients"]["negative"]}).items()))
     if pooled["verdict"] == COPIES:
         line += f" (effect {pooled['effect']}, but folds {pooled['copying_folds']} copy training images)"
     return line
@@ -155,18 +159,30 @@ def write_report(report: dict, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_JSON).write_text(json.dumps(report, indent=1) + "\n")
     pooled = report["pooled"]
+    metric = pooled.get("metric", "auc")
+    name = NAMES[metric]
     lines = [f"# Cross-validation: {report.get('family', '')} on {report.get('label', '')}", "",
              f"**{verdict_line(pooled)}**", "",
-             f"{len(report['folds'])} folds by patient (seed {report.get('seed', 0)}), data `{report.get('data', '')}`; "
-             "each fold's generator learned from the other folds' patients only.", "",
+             f"{len(report['folds'])} folds by patient (seed {report.get('seed', 0)}), data `{report.get('data', '')}`, "
+             f"protocol `{pooled.get('protocol', 'default')}`; each fold's generator learned from the other folds' "
+             "patients only.", "",
              "| fold | generator trained on (patients) | tested on (patients) | gates (other than usefulness) | "
-             "AUC real | AUC real+synthetic |", "|---|---|---|---|---|---|"]
+             f"{name} real | {name} real+synthetic |", "|---|---|---|---|---|---|"]
     for fold in report["folds"]:
         failed = [row["gate"] for row in fold["gates"] if not row["passed"]]
-        aucs = fold.get("auc", {})
-        cells = [f"{np.mean(aucs[arm]):.3f}" if arm in aucs else "n/a" for arm in (BASELINE, AUGMENTED)]
+        values = fold_values(fold, metric)
+        cells = [f"{np.mean(values[arm]):.3f}" if arm in values else "n/a" for arm in (BASELINE, AUGMENTED)]
         lines.append(f"| {fold['fold']} | {len(fold['generator_train_patients'])} | {len(fold['test_patients'])} | "
                      f"{'passed' if not failed else 'failed: ' + ', '.join(failed)} | {cells[0]} | {cells[1]} |")
+    for other, values in pooled.get("other_metrics", {}).items():
+        lines += ["", f"{NAMES[other]}: delta {values['delta']:+.3f}, 95% interval [{values['ci95'][0]:+.3f}, "
+                  f"{values['ci95'][1]:+.3f}]."]
+    if per_class := pooled.get("per_class"):
+        classes = list(next(iter(per_class.values())))
+        lines += ["", "Pooled out-of-fold precision / recall / F1 per class (seed-averaged predictions):", "",
+                  "| training set | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+        lines += [f"| {arm} | " + " | ".join(f"{v['precision']:.2f} / {v['recall']:.2f} / {v['f1']:.2f}"
+                                            for v in rows.values()) + " |" for arm, rows in per_class.items()]
     lines += ["", f"![per fold]({FOLD_BARS})", "", f"![pooled ROC]({POOLED_ROC})", ""]
     (out / REPORT_MD).write_text("\n".join(lines))
     _plot(report, out)
@@ -174,16 +190,18 @@ def write_report(report: dict, out: str | Path) -> Path:
 
 
 def _plot(report: dict, out: Path) -> None:
-    folds = [f for f in report["folds"] if "auc" in f]
+    metric = report["pooled"].get("metric", "auc")
+    folds = [f for f in report["folds"] if fold_values(f, metric)]
     if not folds:
         return
-    arms = list(folds[0]["auc"])
+    arms = list(fold_values(folds[0], metric))
     figure, axis = plt.subplots(figsize=(1.2 * len(folds) * len(arms) / 2 + 3, 3.6))
     width = 0.8 / len(arms)
     for k, arm in enumerate(arms):
-        axis.bar(np.arange(len(folds)) + k * width, [np.mean(f["auc"][arm]) for f in folds], width, label=arm)
+        axis.bar(np.arange(len(folds)) + k * width, [np.mean(fold_values(f, metric)[arm]) for f in folds], width,
+                 label=arm)
     axis.set_xticks(np.arange(len(folds)) + 0.4 - width / 2, [f"fold {f['fold']}" for f in folds])
-    axis.set(ylabel="AUC-ROC, the fold's patients", ylim=(0, 1.05))
+    axis.set(ylabel=f"{NAMES[metric]}, the fold's patients", ylim=(0, 1.05))
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out / FOLD_BARS, dpi=110)
@@ -193,11 +211,11 @@ def _plot(report: dict, out: Path) -> None:
     targets = np.concatenate([f["targets"] for f in folds])
     figure, axis = plt.subplots(figsize=(4.2, 4))
     for arm in arms:
-        scores = np.concatenate([np.mean(f["scores"][arm], axis=0) for f in folds])
+        scores = np.concatenate([fold_probabilities(f)[arm].mean(0)[:, f.get("positive", 1)] for f in folds])
         fpr, tpr, _ = roc_curve(targets, scores)
         axis.plot(fpr, tpr, label=f"{arm} (AUC {report['pooled'].get('auc', {}).get(arm, float('nan')):.3f})")
     axis.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
-    axis.set(xlabel="false positive rate", ylabel="true positive rate", title="pooled out-of-fold ROC")
+    axis.set(xlabel="false positive rate", ylabel="true positive rate", title="pooled out-of-fold ROC, the label")
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out / POOLED_ROC, dpi=110)

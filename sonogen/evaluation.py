@@ -22,6 +22,7 @@ from sonogen.generators.trainer import resolve_device
 from sonogen.metrics.classifier import ClassifierConfig, predict_proba, save_classifier, train_classifier
 from sonogen.metrics.features import Extractor
 from sonogen.metrics.memorisation import closest_pairs
+from sonogen.metrics.protocols import METRICS
 from sonogen.metrics.similarity import resized
 from sonogen.tracking import configure_mlflow, dataset_identity, git_commit
 
@@ -105,12 +106,14 @@ def evaluate_generator(
     log: Callable[[str], None] | None = None,
     crossval: dict | None = None,
     data_name: str | None = None,
+    pooled_later: bool = False,
 ) -> dict:
     """Every metric of ``generator`` on its label of the prepared dataset ``data``, gated; report in ``out``.
     The classifiers, detectors and segmenter it trains run on ``config.device``, as should ``generator``; each
     step is announced to ``log``. With a ``crossval`` report of its family and label, usefulness is that report's
     pooled verdict (every patient tested once) instead of one test split's. ``data_name`` is how the report
-    names the data (default: its path)."""
+    names the data (default: its path). ``pooled_later``: a cross-validation fold, whose downstream predictions
+    are kept even where its few test patients cannot be scored alone."""
     device = resolve_device(config.device)
     log = log or (lambda message: None)
     label = generator.label
@@ -148,7 +151,7 @@ def evaluate_generator(
         sample, synthetic, label, load_split, extractor.classifier,
         (lambda n, seed: resized(sampler(negative)(n, seed), size)) if negative else None,
         replace(config, downstream=None) if crossval else config, generator.family, sources_mask,
-        config.few_image_samples if learned else None, device, log)
+        config.few_image_samples if learned else None, device, log, pooled_later)
     metrics.update(more)
     reasons.update(more_reasons)
     details.update(more_details)
@@ -186,9 +189,18 @@ def crossval_metrics(report: dict) -> tuple[dict[str, float], dict[str, str], di
     summary = {**{k: v for k, v in pooled.items()}, "folds": len(report["folds"]), "line": verdict_line(pooled)}
     if "delta" not in pooled:
         reason = f"cross-validation: {pooled.get('reason', pooled['verdict'])}"
-        return {}, {"auc_delta_lower_ci": reason, "auc_delta": reason}, summary
-    return ({"auc_real": pooled["real"], "auc_real_synthetic": pooled["real_plus_synthetic"],
-             "auc_delta": pooled["delta"], "auc_delta_lower_ci": pooled["ci_low"]}, {}, summary)
+        return {}, {f"{m}{end}": reason for m in METRICS for end in ("_delta_lower_ci", "_delta")}, summary
+    metrics = {}
+    for metric in METRICS:
+        if metric == pooled["metric"]:
+            delta, low = pooled["delta"], pooled["ci_low"]
+        elif metric in pooled.get("other_metrics", {}):
+            delta, low = pooled["other_metrics"][metric]["delta"], pooled["other_metrics"][metric]["ci95"][0]
+        else:
+            continue
+        metrics.update({f"{metric}_real": pooled[metric]["real"], f"{metric}_real_synthetic":
+                        pooled[metric]["real+synthetic"], f"{metric}_delta": delta, f"{metric}_delta_lower_ci": low})
+    return metrics, {}, summary
 
 
 def _mask_adherence(generator: Generator, data: str | Path, seed: int,
@@ -317,6 +329,7 @@ def gate_tags(report: dict) -> dict[str, str]:
     pooled = report.get("crossval") or {}
     if "verdict" in pooled:
         tags["crossval.verdict"] = pooled["verdict"]
+        tags["crossval.metric"] = pooled.get("metric", "auc")
         tags.update({f"crossval.{key}": f"{pooled[key]:.6g}" for key in ("delta", "ci_low", "ci_high") if key in pooled})
     return tags
 

@@ -21,6 +21,7 @@ from sonogen.metrics.features import Extractor
 from sonogen.metrics.frechet import fid, sifid
 from sonogen.metrics.layout import nearest_scan_iou
 from sonogen.metrics.memorisation import memorisation
+from sonogen.metrics.protocols import METRICS, class_layout, class_targets
 from sonogen.metrics.similarity import mean_pairwise_ms_ssim, ssim_to_references
 
 # gate name → (metric, direction): "max" passes when value ≤ threshold, "min" when value ≥ threshold
@@ -39,6 +40,7 @@ GATES: dict[str, tuple[str, str]] = {
     "max_pixel_near_copy_fraction": ("pixel_near_copy_fraction", "max"),
     "max_diversity_ratio": ("ms_ssim_diversity_ratio", "max"),
     "min_auc_delta_lower_ci": ("auc_delta_lower_ci", "min"),
+    "min_balanced_accuracy_delta_lower_ci": ("balanced_accuracy_delta_lower_ci", "min"),
     "min_mask_dice": ("mask_dice", "min"),
     "min_mask_dice_gain": ("mask_dice_gain", "min"),
     "min_detection_ap50_delta": ("detection_ap50_delta", "min"),
@@ -239,13 +241,15 @@ def label_metrics(
     n_synthetic: int | None = None,
     device: str | torch.device = "cpu",
     log: Callable[[str], None] | None = None,
+    pooled_later: bool = False,
 ) -> tuple[dict[str, float], dict[str, str], dict]:
     """Confidence of the real-data classifier on ``synthetic`` and downstream usefulness of ``sample``.
 
     ``split_images(split)`` gives a split's images, labels and patient ids. Where the downstream config cuts
     the real positives of ``family`` to a fraction (the few-image setting), the ``sources`` mask of training
     images the generator learned from stays in the kept part. ``n_synthetic`` synthetic positives are added
-    (default: ``synthetic_per_real`` per real positive before any cut). Long steps are announced to ``log``."""
+    (default: ``synthetic_per_real`` per real positive before any cut). Long steps are announced to ``log``.
+    ``pooled_later`` (a cross-validation fold): predictions are kept even where this test split cannot be scored."""
     metrics: dict[str, float] = {}
     reasons: dict[str, str] = {}
     details: dict[str, Any] = {}
@@ -259,29 +263,50 @@ def label_metrics(
     if config.downstream is None:
         reasons["auc_delta_lower_ci"] = "downstream evaluation is switched off"
         return metrics, reasons, details
+    protocol = config.downstream.resolved
     train, train_labels, _ = split_images("train")
-    test, test_labels, test_patients = split_images("test")
-    is_positive = torch.tensor([name == label for name in train_labels])
+    classes, positive = class_layout(protocol, label, sorted(set(train_labels)))
+
+    def of_classes(split: str):
+        """A split's images and class indices, without the images of no class."""
+        images, labels, patients = split_images(split)
+        targets = class_targets(labels, classes, label)
+        keep = targets >= 0
+        return images[torch.from_numpy(keep)], torch.from_numpy(targets[keep]), \
+            [p for p, kept in zip(patients, keep) if kept]
+
+    targets = class_targets(train_labels, classes, label)
+    in_classes = torch.from_numpy(targets >= 0)
+    train, targets = train[in_classes], torch.from_numpy(targets)[in_classes]
+    sources = sources[in_classes] if sources is not None else None
+    test, test_targets, test_patients = of_classes("test")
+    validation = of_classes("val")[:2] if protocol.needs_validation else None
+    is_positive = targets == positive
     n_synthetic = n_synthetic or max(1, round(int(is_positive.sum()) * config.downstream.synthetic_per_real))
-    fraction = config.downstream.real_positive_fraction.get(family, 1.0)
+    fraction = config.downstream.real_positive_fraction.get(family, protocol.label_fraction)
     if fraction < 1:
         keep = keep_positives(is_positive, fraction, sources, config.seed)
-        train, is_positive = train[keep], is_positive[keep]
+        train, targets, is_positive = train[keep], targets[keep], is_positive[keep]
     if log:
-        log(f"sampling {n_synthetic} synthetic positives for the downstream classifiers"
-            + (f" and {int((~is_positive).sum())} negatives" if negative_sample else ""))
+        log(f"protocol {protocol.name}: sampling {n_synthetic} synthetic {label} images for the downstream "
+            "classifiers" + (f" and {int((~is_positive).sum())} negatives" if negative_sample else ""))
     try:
         result = downstream_usefulness(
-            train, is_positive, test, torch.tensor([name == label for name in test_labels]), test_patients,
-            sample(n_synthetic, config.seed + 1),
-            negative_sample(int((~is_positive).sum()), config.seed + 2) if negative_sample else None,
-            config.downstream, device, log,
-        )
+            train, targets, test, test_targets, test_patients, sample(n_synthetic, config.seed + 1),
+            negative_sample(int((~is_positive).sum()), config.seed + 2) if negative_sample and len(classes) == 2
+            else None, config.downstream, device, log, classes, positive, validation, pooled_later)
     except ValueError as err:
-        reasons["auc_delta_lower_ci"] = reasons["auc_delta"] = str(err)
-        details["downstream"] = {"error": str(err)}
+        result = {"error": str(err)}
+    if "error" in result or "not_measured" in result:
+        why = result.get("error") or result["not_measured"]
+        reasons.update({f"{metric}{end}": why for metric in METRICS for end in ("_delta", "_delta_lower_ci")})
+        details["downstream"] = result
         return metrics, reasons, details
-    metrics.update(auc_real=result["auc"]["real"], auc_real_synthetic=result["auc"]["real+synthetic"],
-                   auc_delta=result["auc_delta"], auc_delta_lower_ci=result["auc_delta_ci95"][0])
+    for metric in METRICS:
+        if metric in result:
+            metrics.update({f"{metric}_real": result[metric]["real"],
+                            f"{metric}_real_synthetic": result[metric]["real+synthetic"],
+                            f"{metric}_delta": result[f"{metric}_delta"],
+                            f"{metric}_delta_lower_ci": result[f"{metric}_delta_ci95"][0]})
     details["downstream"] = {**result, "real_positive_fraction": fraction}
     return metrics, reasons, details

@@ -36,25 +36,33 @@ def detection_lines(detection: dict) -> list[str]:
 
 
 def downstream_lines(downstream: dict) -> list[str]:
-    """The downstream experiment as Markdown: AUC per training set (mean and per seed), what each set held, and the
-    delta with its interval, so a failed lower bound reads as a loss or as too few test patients to tell."""
-    lines = ["| trained on | AUC | per seed |", "|---|---|---|"]
-    lines += [f"| {name} | {auc:.3f} | {', '.join(f'{a:.3f}' for a in downstream['auc_per_seed'][name])} |"
-              for name, auc in downstream["auc"].items()]
+    """The downstream experiment as Markdown: AUC (and balanced accuracy) per training set, mean and per seed, what
+    each set held, and the deltas with their intervals, so a failed lower bound reads as a loss or as too few test
+    patients to tell."""
+    balanced = downstream.get("balanced_accuracy", {})
+    lines = ["| trained on | AUC | per seed | balanced accuracy |", "|---|---|---|---|"]
+    lines += [f"| {name} | {auc:.3f} | {', '.join(f'{a:.3f}' for a in downstream['auc_per_seed'][name])} | "
+              + (f"{balanced[name]:.3f} |" if name in balanced else "n/a |") for name, auc in downstream["auc"].items()]
     fraction = downstream.get("real_positive_fraction", 1.0)
     cut = f" (the training split's cut to {fraction:.0%})" if fraction < 1 else ""
     patients = downstream["test_patients_per_class"]
-    low, high = downstream["auc_delta_ci95"]
-    return lines + [
+    classes = downstream.get("classes", ["negative", "positive"])
+    protocol = downstream.get("protocol", "default")
+    lines += [
         "",
-        f"Trained on {downstream['train_real_positives']} real positives{cut} and "
-        f"{downstream['train_real_negatives']} real negatives, with {downstream['synthetic_positives']} synthetic "
-        f"positives added or in their stead; {downstream['seeds']} seeds per row. AUC on "
-        f"{downstream['test_images']} real test images of {downstream['test_patients']} patients "
-        f"({patients['positive']} positive, {patients['negative']} negative).",
-        f"AUC delta real+synthetic − real: {downstream['auc_delta']:+.3f}, 95% interval [{low:+.3f}, {high:+.3f}] "
-        f"over {downstream['bootstrap_resamples']} stratified resamples of the test patients.",
+        f"Protocol `{protocol}`, classes {', '.join(classes)}. Trained on {downstream['train_real_positives']} real "
+        f"positives{cut} and {downstream['train_real_negatives']} real images of the other classes, with "
+        f"{downstream['synthetic_positives']} synthetic positives added or in their stead; {downstream['seeds']} "
+        f"seeds per row. Tested on {downstream['test_images']} real test images of {downstream['test_patients']} "
+        f"patients ({patients['positive']} positive, {patients['negative']} of the other classes).",
     ]
+    for metric, name in (("auc", "AUC"), ("balanced_accuracy", "Balanced accuracy")):
+        if f"{metric}_delta_ci95" in downstream:
+            low, high = downstream[f"{metric}_delta_ci95"]
+            lines.append(f"{name} delta real+synthetic − real: {downstream[f'{metric}_delta']:+.3f}, 95% interval "
+                         f"[{low:+.3f}, {high:+.3f}] over {downstream['bootstrap_resamples']} stratified resamples "
+                         "of the test patients.")
+    return lines
 
 
 def training_licences(data: Path, labels: list[str]) -> Counter | None:

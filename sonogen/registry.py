@@ -169,7 +169,8 @@ def promote(name: str, version: str, to: str = CHAMPION, reason: str = "", force
     unproven = (to == CHAMPION and tags.get("gate.require_improvement") == "true"
                 and tags.get("crossval.verdict") != "helps")
     if unproven and not force:
-        found = (f"its cross-validation says {tags['crossval.verdict']!r}, AUC delta {tags.get('crossval.delta')} "
+        found = (f"its cross-validation says {tags['crossval.verdict']!r}, "
+                 f"{tags.get('crossval.metric', 'auc')} delta {tags.get('crossval.delta')} "
                  f"[{tags.get('crossval.ci_low')}, {tags.get('crossval.ci_high')}]"
                  if "crossval.verdict" in tags else "it has no cross-validation (sonogen crossval)")
         raise ValueError(f"{name} version {version}: its gates require a measured improvement "

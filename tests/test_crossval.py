@@ -4,21 +4,24 @@ and from kfp.local whose verdict gates, tags and guards the registered version."
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 from torch import nn
 from typer.testing import CliRunner
 
 from sonogen.cli import app
 from sonogen.crossval import (BASELINE, AUGMENTED, COPIES, assign_folds, fold_view, patient_labels, pool,
                               pooled_verdict)
-from sonogen.data.manifest import read_manifest
+from sonogen.data.manifest import read_manifest, write_manifest
+from sonogen.metrics.downstream import DownstreamConfig
+from sonogen.metrics.protocols import PROTOCOLS
 from sonogen.generators import Generator, register_family
 from sonogen.generators.families import unregister_family
 
@@ -63,35 +66,65 @@ def test_folds_put_each_patient_in_one_fold_balanced_per_label_and_the_views_hid
         assign_folds(labels, 1)
 
 
+def plain_bootstrap(targets, patients, value, resamples, seed):
+    """The patient bootstrap written out: patients resampled per class (class order), the same draws for both arms."""
+    groups = {p: np.flatnonzero(np.array(patients) == p) for p in sorted(set(patients))}
+    strata = [[groups[p] for p in groups if targets[groups[p]][0] == c] for c in sorted(set(targets.tolist()))]
+    draws = np.random.default_rng(seed)
+    deltas = []
+    for _ in range(resamples):
+        rows = np.array([row for stratum in strata for i in draws.integers(0, len(stratum), len(stratum))
+                         for row in stratum[i]])
+        deltas.append(value(AUGMENTED, rows) - value(BASELINE, rows))
+    return list(np.percentile(deltas, [2.5, 97.5]))
+
+
 def test_the_pooled_bootstrap_agrees_with_a_plain_loop():
     rng = np.random.default_rng(3)
     patients = [f"p{k}" for k in range(12) for _ in range(4)]
     targets = np.repeat(np.arange(12) % 2, 4)
     scores = {arm: rng.random((3, len(targets))) + shift * targets for arm, shift in ((BASELINE, 0.2),
                                                                                       (AUGMENTED, 0.5))}
-    result = pooled_verdict(targets, patients, scores, resamples=300, seed=9)
+    probabilities = {arm: np.stack([1 - s, s], -1) for arm, s in scores.items()}
+    result = pooled_verdict(targets, patients, probabilities, resamples=300, seed=9)
 
-    # the same computation, written out: per seed sklearn's AUC, patients resampled per stratum with the same draws
-    def auc(arm, rows):
+    def auc(arm, rows):  # per seed sklearn's AUC
         return np.mean([roc_auc_score(targets[rows], scores[arm][s][rows]) for s in range(3)])
 
-    groups = {p: np.flatnonzero(np.array(patients) == p) for p in sorted(set(patients))}
-    strata = [[groups[p] for p in groups if targets[groups[p]][0] == 1], [groups[p] for p in groups
-                                                                          if targets[groups[p]][0] == 0]]
-    draws = np.random.default_rng(9)
-    deltas = []
-    for _ in range(300):
-        rows = []
-        for stratum in strata:
-            for i in draws.integers(0, len(stratum), len(stratum)):
-                rows.extend(stratum[i])
-        rows = np.array(rows)
-        deltas.append(auc(AUGMENTED, rows) - auc(BASELINE, rows))
     everyone = np.arange(len(targets))
     assert result["real"] == pytest.approx(auc(BASELINE, everyone), abs=1e-12)
     assert result["real_plus_synthetic"] == pytest.approx(auc(AUGMENTED, everyone), abs=1e-12)
-    assert [result["ci_low"], result["ci_high"]] == pytest.approx(list(np.percentile(deltas, [2.5, 97.5])), abs=1e-12)
+    assert [result["ci_low"], result["ci_high"]] == pytest.approx(plain_bootstrap(targets, patients, auc, 300, 9),
+                                                                  abs=1e-12)
     assert result["verdict"] == ("helps" if result["ci_low"] > 0 else "no measurable effect")
+
+
+def test_a_three_class_verdict_is_on_balanced_accuracy_with_per_class_f1():
+    rng = np.random.default_rng(5)
+    patients = [f"p{k}" for k in range(15) for _ in range(3)]
+    targets = np.repeat(np.arange(15) % 3, 3)
+    classes = ["covid", "pneumonia", "normal"]
+
+    def noisy(sharpness):  # (seeds, images, classes): the true class made more probable by ``sharpness``
+        logits = rng.normal(size=(3, len(targets), 3)) + sharpness * np.eye(3)[targets]
+        return np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+
+    probabilities = {BASELINE: noisy(0.5), AUGMENTED: noisy(3.0)}
+    result = pooled_verdict(targets, patients, probabilities, classes, 1, "balanced_accuracy", 300, 2)
+
+    def balanced(arm, rows):
+        return np.mean([balanced_accuracy_score(targets[rows], probabilities[arm][s][rows].argmax(1))
+                        for s in range(3)])
+
+    everyone = np.arange(len(targets))
+    assert result["metric"] == "balanced_accuracy"
+    assert result["real_plus_synthetic"] == pytest.approx(balanced(AUGMENTED, everyone), abs=1e-12)
+    assert [result["ci_low"], result["ci_high"]] == pytest.approx(plain_bootstrap(targets, patients, balanced, 300, 2),
+                                                                  abs=1e-12)
+    assert result["verdict"] == "helps" and result["patients_per_class"] == dict.fromkeys(classes, 5)
+    f1 = f1_score(targets, probabilities[AUGMENTED].mean(0).argmax(1), average=None)
+    assert [result["per_class"][AUGMENTED][c]["f1"] for c in classes] == pytest.approx(list(f1))
+    assert "auc" in result["other_metrics"]  # the label's AUC comes along, with its own interval
 
 
 def test_a_generator_that_copies_is_reported_as_copying_whatever_its_delta():
@@ -175,8 +208,8 @@ def test_a_three_fold_cross_validation_from_the_cli_gates_tags_and_guards_the_re
     assert [f["fold"] for f in report["folds"]] == [0, 1, 2]
     for fold in report["folds"]:
         assert not set(fold["generator_train_patients"]) & set(fold["test_patients"])
-        assert set(fold["auc"]) == {"real", "real+synthetic", "synthetic+real-negatives"}
-        assert all(len(values) == 3 for values in fold["auc"].values())  # per training set, per seed
+        assert set(fold["per_seed"]["auc"]) == {"real", "real+synthetic", "synthetic+real-negatives"}
+        assert all(len(values) == 3 for values in fold["per_seed"]["auc"].values())  # per training set, per seed
     assert sorted(p for f in report["folds"] for p in f["test_patients"]) == sorted(
         {r.patient_id for r in read_manifest(lus)})
     pooled = report["pooled"]
@@ -236,3 +269,59 @@ def test_the_crossval_pipeline_runs_its_folds_in_parallel_with_kfp_local(workdir
 
     tags = mlflow.MlflowClient().get_model_version("lus-dcgan-consolidation", "1").tags
     assert tags["crossval.verdict"] == pooled["verdict"]
+
+
+def relabelled(lus: Path, out: Path, names: dict[str, str], split_normals: str | None = None) -> Path:
+    """The phantom under other label names (a three-class preset's); with ``split_normals``, every other normal
+    patient is given that label, so there are three classes."""
+    out.mkdir()
+    for folder in ("images", "masks"):
+        (out / folder).symlink_to(lus.resolve() / folder, target_is_directory=True)
+    normals = sorted({r.patient_id for r in read_manifest(lus) if r.label == "normal"})
+    third = set(normals[::2]) if split_normals else set()
+    write_manifest(out, [replace(r, label=split_normals if r.patient_id in third else names[r.label])
+                         for r in read_manifest(lus)])
+    return out
+
+
+@pytest.mark.parametrize("protocol, label, names, third", [
+    ("yu2023", "consolidation", {"consolidation": "consolidation", "normal": "normal"}, None),
+    ("zhang2023", "pneumonia", {"consolidation": "pneumonia", "normal": "normal"}, "covid"),
+    ("basarab2024", "malignant", {"consolidation": "malignant", "normal": "normal"}, "benign"),
+])
+def test_each_paper_protocol_runs_its_cross_validation_and_reports_its_metrics(lus, workdir, protocol, label, names,
+                                                                               third):
+    data = relabelled(lus, workdir / "data", names, third)
+    params = {**TINY, "gates": {"dcgan": {"extractor": "pixels-16"}}}
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(app, ["crossval", "dcgan", "--data", str(data), "--label", label, "--folds", "3",
+                                      "--out", "cv", "--extractor", "pixels-16", "--protocol", protocol])
+    assert result.exit_code == 0, result.output
+    report = json.loads((workdir / "cv" / "crossval_report.json").read_text())
+    pooled, preset = report["pooled"], PROTOCOLS[protocol]
+    assert pooled["protocol"] == protocol and pooled["metric"] == preset.metric
+    classes = list(preset.classes) or [f"not {label}", label]
+    assert set(pooled["per_class"]["real"]) == set(classes)  # per-class precision / recall / F1
+    assert set(pooled["patients_per_class"]) == set(classes)
+    assert {"auc", "balanced_accuracy"} <= set(pooled)
+    assert pooled["ci_low"] <= pooled["delta"] <= pooled["ci_high"]
+    for fold in report["folds"]:
+        assert fold["classes"] == classes and fold["protocol"] == protocol
+        if preset.needs_validation:  # the next fold's patients chose the classifiers; the generator never saw them
+            assert fold["validation_patients"] and not set(fold["validation_patients"]) & (
+                set(fold["generator_train_patients"]) | set(fold["test_patients"]))
+            selection = fold["selection"]["real"]
+            assert len(selection["search_scores"]) == preset.search_trials
+            assert all(1 <= epoch <= 1 for epoch in selection["epochs"])
+    markdown = (workdir / "cv" / "crossval_report.md").read_text()
+    assert f"protocol `{protocol}`" in markdown and "F1 per class" in markdown
+
+
+def test_a_protocol_names_what_to_write_when_the_label_is_not_one_of_its_classes(lus, workdir):
+    result = CliRunner().invoke(app, ["crossval", "dcgan", "--data", str(lus), "--label", "consolidation",
+                                      "--folds", "3", "--out", "cv", "--extractor", "pixels-16",
+                                      "--protocol", "zhang2023"])
+    assert result.exit_code == 1
+    assert "covid, pneumonia, normal" in result.output and "evaluate.downstream.classes" in result.output
+    with pytest.raises(ValueError, match="yu2023"):
+        DownstreamConfig(protocol="yu2024")

@@ -19,7 +19,9 @@ from sonogen.jobs import evaluation_config
 from sonogen.metrics.classifier import (
     ClassifierConfig, load_classifier, predict_proba, save_classifier, train_classifier,
 )
+from sonogen.metrics.augment import AUGMENTATIONS, Augmenter
 from sonogen.metrics.downstream import DownstreamConfig, downstream_usefulness
+from sonogen.metrics.protocols import search_space
 from sonogen.metrics.features import get_extractor, pixel_extractor
 from sonogen.metrics.similarity import mean_pairwise_ms_ssim, ms_ssim, ms_ssim_scales
 
@@ -82,6 +84,33 @@ def test_classifier_learns_the_phantom_and_round_trips(lus, tmp_path):
         ClassifierConfig(classes=["normal"])
 
 
+def test_the_papers_augmentations_repeat_per_seed_and_stay_in_range():
+    images = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def run(names, seed):
+        return Augmenter(names, seed)(images, torch.Generator().manual_seed(seed))
+
+    every = run(AUGMENTATIONS, 1)
+    assert torch.equal(every, run(AUGMENTATIONS, 1)) and not torch.equal(every, run(AUGMENTATIONS, 2))
+    assert every.min() >= -1 and every.max() <= 1 and not torch.equal(every, images)
+    flips = run(["flip"], 3)  # flips only: each image is itself or its mirror
+    assert all(torch.equal(a, b) or torch.equal(a, b.flip(-1)) for a, b in zip(flips, images))
+    with pytest.raises(ValueError, match="known: flip, gamma, blur, intensity"):
+        ClassifierConfig(classes=["a", "b"], augmentations=["rotate"])
+
+
+def test_validation_keeps_the_best_epoch_and_says_which(lus):
+    images, labels, _ = split_images(lus, "train")
+    classes = sorted(set(labels))
+    targets = torch.tensor([classes.index(x) for x in labels])
+    readings = iter([0.6, 0.9, 0.7, 0.5])  # the validation metric worsens after epoch 2
+    config = ClassifierConfig(classes=classes, epochs=4, seed=0, augmentations=list(AUGMENTATIONS))
+    chosen = train_classifier(images, targets, config, validate=lambda model: next(readings))
+    assert chosen.selected == {"epoch": 2, "score": 0.9}
+    two_epochs = train_classifier(images, targets, ClassifierConfig(**{**config.__dict__, "epochs": 2}))
+    assert torch.equal(predict_proba(chosen, images), predict_proba(two_epochs, images))
+
+
 def test_downstream_reports_auc_per_condition_with_a_patient_bootstrap(lus):
     train, train_labels, _ = split_images(lus, "train")
     test, test_labels, patients = split_images(lus, "test")
@@ -100,6 +129,23 @@ def test_downstream_reports_auc_per_condition_with_a_patient_bootstrap(lus):
         downstream_usefulness(train, positive, test, torch.ones(len(test)), patients, flipped_positives, None, config)
     with pytest.raises(ValueError, match="at least 3"):
         DownstreamConfig(seeds=2)
+    kept = downstream_usefulness(train, positive, test, torch.ones(len(test)), patients, flipped_positives, None,
+                                 config, keep_unmeasurable=True)  # a fold: predictions kept for pooling
+    assert "not_measured" in kept and "auc" not in kept and len(kept["probabilities"]["real"]) == 3
+
+    # Yu et al.'s protocol: a search on the validation patients, each classifier at its best validation epoch
+    val, val_labels, _ = split_images(lus, "val")
+    yu = DownstreamConfig(protocol="yu2023", seeds=3, epochs=3, bootstrap=100)
+    with pytest.raises(ValueError, match="val split"):
+        downstream_usefulness(train, positive, test, torch.tensor([x == "consolidation" for x in test_labels]),
+                              patients, flipped_positives, None, yu)
+    result = downstream_usefulness(train, positive, test, torch.tensor([x == "consolidation" for x in test_labels]),
+                                   patients, flipped_positives, None, yu,
+                                   validation=(val, torch.tensor([x == "consolidation" for x in val_labels])))
+    assert result["protocol"] == "yu2023" and set(result["selection"]) == set(result["auc"])
+    for arm in result["selection"].values():
+        assert len(arm["search_scores"]) == 4 and all(1 <= epoch <= 3 for epoch in arm["epochs"])
+        assert arm["hyperparameters"] in search_space(4, 0)
 
 
 def test_gate_logic_is_strict_about_names_extractors_and_missing_values():

@@ -377,7 +377,7 @@ def test_train_command_registers_serves_and_gates_one_image_model(lus, tmp_path,
     patients = downstream["test_patients_per_class"]
     assert (f"{downstream['train_real_positives']} real positives (the training split's cut to 25%)" in
             written.read_text().partition("## Downstream classifier")[2])
-    assert f"({patients['positive']} positive, {patients['negative']} negative)" in written.read_text()
+    assert f"({patients['positive']} positive, {patients['negative']} of the other classes)" in written.read_text()
     assert [row["gate"] for row in report["gates"]] == ["max_ssim_to_train", "max_sifid", "max_sifid_ratio",
                                                            "min_scan_iou_to_train"]
 

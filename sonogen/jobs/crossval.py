@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,11 +19,12 @@ from sonogen.jobs.data import read_params
 from sonogen.jobs.gating import evaluation_config
 from sonogen.jobs.training import train_generator
 from sonogen.metrics.features import get_extractor
+from sonogen.metrics.protocols import METRICS
 from sonogen.tracking import configure_mlflow, dataset_identity, git_commit
 
 FOLD_RESULT = "fold_result.json"
 # judged on the pooled verdict, not on one fold's few patients
-POOLED_GATES = ("min_auc_delta_lower_ci",)
+POOLED_GATES = ("min_auc_delta_lower_ci", "min_balanced_accuracy_delta_lower_ci")
 
 
 def crossval_extractor(data: str | Path, dataset: str, params: dict, spec: str | None = None) -> str:
@@ -41,39 +43,53 @@ def crossval_extractor(data: str | Path, dataset: str, params: dict, spec: str |
 def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: int, out: str | Path,
                   config_path: str | Path, extractor_spec: str, dataset: str | None = None, seed: int = 0,
                   parent_run_id: str | None = None, log: Callable[[str], None] | None = None,
-                  view: str | Path | None = None) -> dict:
+                  view: str | Path | None = None, protocol: str | None = None) -> dict:
     """Fold ``fold`` of ``folds``: the generator trained on the other folds' patients, gated on the fold's view
     of the data (written to ``view``, default ``out/data``), the downstream classifiers tested on the fold's
-    patients; its result in ``out/fold_result.json``."""
+    patients; its result in ``out/fold_result.json``. ``protocol`` names the downstream protocol in place of
+    params.yaml's ``evaluate.downstream.protocol``."""
     data, out = Path(data), Path(out)
     say = (lambda message: log(f"fold {fold}: {message}")) if log else None
     params = read_params(config_path)
     config, gates, _ = evaluation_config(params)
     if config.downstream is None:
         raise ValueError("cross-validation measures usefulness: params.yaml's evaluate.downstream is switched off")
+    if protocol:
+        config = replace(config, downstream=replace(config.downstream, protocol=protocol))
+        config.downstream.__post_init__()
     records = read_manifest(data)
     fold_of = assign_folds(patient_labels(records), folds, seed)
-    view = fold_view(data, fold_of, fold, view or out / "data")
+    # a protocol that chooses on validation patients gets the next fold's as validation, unseen by the generator
+    validation = (fold + 1) % folds if config.downstream.resolved.needs_validation else None
+    view = fold_view(data, fold_of, fold, view or out / "data", validation)
     if say:
-        say(f"training {family} on {sum(1 for f in fold_of.values() if f != fold)} patients")
+        say(f"training {family} on {sum(1 for f in fold_of.values() if f not in (fold, validation))} patients")
     train_generator(family, view, label, out / "model", config_path, dataset or data.name, register=False,
                     build_prerequisites=True, parent_run_id=parent_run_id, log=say, monitor=extractor_spec)
     generator = load_generator(out / "model" / GENERATOR_DIR, resolve_device(config.device))
     fold_gates = {k: v for k, v in gates_for(gates, generator.gate_set).items() if k not in POOLED_GATES}
     report = evaluate_generator(generator, view, get_extractor(extractor_spec), fold_gates, config, out / "gates",
-                                f"{family}-{label} fold {fold}", log=say, data_name=f"{data}, fold {fold} of {folds}")
+                                f"{family}-{label} fold {fold}", log=say, data_name=f"{data}, fold {fold} of {folds}",
+                                pooled_later=True)
     downstream = report.get("downstream", {})
     result = {
         "fold": fold,
-        "generator_train_patients": sorted(p for p, f in fold_of.items() if f != fold),
+        "generator_train_patients": sorted(p for p, f in fold_of.items() if f not in (fold, validation)),
+        "validation_patients": sorted(p for p, f in fold_of.items() if f == validation),
         "test_patients": sorted(p for p, f in fold_of.items() if f == fold),
         "gates": report["gates"], "passed": report["passed"], "metrics": report["metrics"],
     }
-    if "scores" in downstream:
-        result.update(auc=downstream["auc_per_seed"], scores=downstream["scores"], targets=downstream["targets"],
-                      image_patients=downstream["patients"])
+    if "probabilities" in downstream:
+        result.update(protocol=downstream["protocol"], metric=downstream["metric"], classes=downstream["classes"],
+                      positive=downstream["classes"].index(downstream["label_class"]),
+                      per_seed={m: downstream[f"{m}_per_seed"] for m in METRICS if f"{m}_per_seed" in downstream},
+                      probabilities=downstream["probabilities"], class_targets=downstream["class_targets"],
+                      targets=downstream["targets"], image_patients=downstream["patients"],
+                      selection=downstream["selection"])
     else:
         result["downstream_error"] = downstream.get("error", report["not_measured"].get("auc_delta", "not run"))
+    if "not_measured" in downstream:
+        result["downstream_note"] = downstream["not_measured"]
     (out / FOLD_RESULT).write_text(json.dumps(result) + "\n")
     return result
 
@@ -96,6 +112,7 @@ def crossval_report(results: list[dict], out: str | Path, family: str, label: st
         if key in pooled:
             client.log_metric(run_id, f"crossval.{key}", pooled[key])
     client.set_tag(run_id, "crossval.verdict", pooled["verdict"])
+    client.set_tag(run_id, "crossval.metric", pooled.get("metric", "auc"))
     for name in ("crossval_report.json", "crossval_report.md", "fold_auc.png", "pooled_roc.png"):
         if (Path(out) / name).is_file():
             client.log_artifact(run_id, str(Path(out) / name), "crossval")
@@ -125,7 +142,7 @@ def _start_run(client, family: str, label: str, data: Path | str, dataset: str, 
 
 def crossval(family: str, data: str | Path, label: str, folds: int, out: str | Path, config_path: str | Path,
              dataset: str | None = None, seed: int = 0, extractor: str | None = None,
-             log: Callable[[str], None] | None = None) -> dict:
+             log: Callable[[str], None] | None = None, protocol: str | None = None) -> dict:
     """All folds, then the pooled report in ``out``; one MLflow run with a child run per fold's generator."""
     data, out = Path(data), Path(out)
     dataset = dataset or data.name
@@ -135,7 +152,8 @@ def crossval(family: str, data: str | Path, label: str, folds: int, out: str | P
     try:
         with tempfile.TemporaryDirectory(prefix="sonogen-folds-") as views:  # links to the data: not outputs
             results = [crossval_fold(family, data, label, fold, folds, out / f"fold-{fold}", config_path,
-                                     extractor_spec, dataset, seed, run_id, log, Path(views) / f"fold-{fold}")
+                                     extractor_spec, dataset, seed, run_id, log, Path(views) / f"fold-{fold}",
+                                     protocol)
                        for fold in range(folds)]
         report = crossval_report(results, out, family, label, data, config_path, dataset, seed, extractor_spec, run_id)
     except BaseException:

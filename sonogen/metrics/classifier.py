@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +32,17 @@ class ClassifierConfig:
     batch_size: int = 32
     lr: float = 1e-3
     seed: int = 0
+    augmentations: list[str] = field(default_factory=lambda: ["flip"])  # augment.AUGMENTATIONS
 
     def __post_init__(self):
+        from sonogen.metrics.augment import AUGMENTATIONS
+
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"a classifier needs at least two distinct classes, got {self.classes}")
         if not self.widths or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("widths must be non-empty; epochs and batch_size at least 1")
+        if unknown := sorted(set(self.augmentations) - set(AUGMENTATIONS)):
+            raise ValueError(f"unknown augmentations {unknown}; known: {', '.join(AUGMENTATIONS)}")
 
 
 class ReducedVGG(nn.Module):
@@ -63,14 +69,18 @@ class ReducedVGG(nn.Module):
 
 
 def train_classifier(images: torch.Tensor, targets: torch.Tensor, config: ClassifierConfig,
-                     device: str | torch.device = "cpu") -> ReducedVGG:
+                     device: str | torch.device = "cpu",
+                     validate: Callable[[ReducedVGG], float] | None = None) -> ReducedVGG:
     """Fits on ``images`` ``(N, 1, H, W)`` in [-1, 1] with class indices ``targets``, batches moved to ``device``;
-    deterministic per seed on the CPU.
+    deterministic per seed on the CPU. With ``validate`` (model → score, higher is better, read after every
+    epoch) the best epoch's weights are returned, and ``model.selected`` says which epoch and its score.
 
     The loss weighs classes by inverse frequency, because rare findings are the point of the platform and an
-    unweighted classifier learns to ignore them. Horizontal flips are the only augmentation: a mirrored lung
-    scan is still a plausible scan, a rotated or rescaled one is not.
+    unweighted classifier learns to ignore them. The default augmentation is horizontal flips only: a mirrored
+    lung scan is still a plausible scan, a rotated or rescaled one is not; protocols add intensity changes.
     """
+    from sonogen.metrics.augment import Augmenter
+
     if len(images) != len(targets) or len(images) < 2:
         raise ValueError(f"need at least two images with one target each, got {len(images)} and {len(targets)}")
     generator = torch.Generator().manual_seed(config.seed)
@@ -80,21 +90,28 @@ def train_classifier(images: torch.Tensor, targets: torch.Tensor, config: Classi
     # per step at 223 px (bench/classifier_speed.py); not measured on a GPU, so GPUs keep the default layout
     layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     model = ReducedVGG(config).to(device, memory_format=layout)
+    augment = Augmenter(config.augmentations, config.seed)
     counts = torch.bincount(targets, minlength=len(config.classes)).double()
     weights = torch.where(counts > 0, counts.sum() / (len(config.classes) * counts.clamp(min=1)), 0).float().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    model.train()
-    for _ in range(config.epochs):
+    best: tuple[float, int, dict] | None = None
+    for epoch in range(1, config.epochs + 1):
+        model.train()
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(images), config.batch_size):
             batch = order[start : start + config.batch_size]
-            x = images[batch].to(device)
-            flip = (torch.rand(len(batch), generator=generator) < 0.5).to(device)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x).contiguous(memory_format=layout)
+            x = augment(images[batch], generator).to(device).contiguous(memory_format=layout)
             loss = F.cross_entropy(model(x), targets[batch].to(device), weight=weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        if validate is not None:
+            score = validate(model)
+            if best is None or score > best[0]:
+                best = (score, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    if best is not None:
+        model.load_state_dict(best[2])
+        model.selected = {"epoch": best[1], "score": best[0]}
     # back to the default layout, so the model predicts exactly as it does once saved and loaded
     return model.to(memory_format=torch.contiguous_format).eval()
 
