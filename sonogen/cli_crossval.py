@@ -32,7 +32,8 @@ def crossval_command(
     extractor: Annotated[str | None, typer.Option(
         help="Feature extractor of the folds' gates (default: the dataset's us-encoder).")] = None,
     protocol: Annotated[str | None, typer.Option(
-        help="Downstream protocol: default, yu2023, zhang2023, basarab2024 (default: evaluate.downstream.protocol)."
+        help="Downstream protocol: default, yu2023, zhang2023, basarab2024, diffultra2025 "
+             "(default: evaluate.downstream.protocol)."
     )] = None,
 ):
     """Train the generator K times, each time without one fold's patients, and test the downstream classifiers on

@@ -6,7 +6,9 @@ the downstream classifiers, which are tested on fold k's patients. So every pati
 models that never saw them, and the out-of-fold predictions of all patients are pooled: a metric per training set,
 the paired delta, and a 95 % interval from a patient bootstrap (patients resampled within their label's stratum,
 the same resample for both sets). ``helps`` when the interval lies above 0, ``hurts`` below, else ``no measurable
-effect``; a generator that copies its fold's training images is reported as copying whatever its delta.
+effect``; a generator that copies its fold's training images is reported as copying whatever its delta. A
+family that places lesions has its folds' detections pooled the same way (AP50 and AP); under a detection
+protocol (``diffultra2025``) the verdict is taken on AP50.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import numpy as np  # noqa: E402
 
 from sonogen.data.manifest import read_manifest, write_manifest  # noqa: E402
 from sonogen.data.splits import unit_hash  # noqa: E402
+from sonogen.metrics.detection import pooled_detection  # noqa: E402
 from sonogen.metrics.downstream import AUGMENTED, BASELINE, patient_strata, summarise  # noqa: E402
-from sonogen.metrics.protocols import METRICS  # noqa: E402
+from sonogen.metrics.protocols import METRICS, get_protocol  # noqa: E402
 
 REPORT_JSON, REPORT_MD = "crossval_report.json", "crossval_report.md"
 FOLD_BARS, POOLED_ROC = "fold_auc.png", "pooled_roc.png"
@@ -124,6 +127,24 @@ def pool(folds: list[dict], resamples: int = 1000, seed: int = 0) -> dict:
                                 first.get("classes"), first.get("positive", 1), first.get("metric", "auc"),
                                 resamples, seed)
         pooled["protocol"] = first.get("protocol", "default")
+    if all("detection" in f for f in folds):
+        detection = pooled_detection([b for f in folds for b in f["detection"]["truths"]],
+                                     [p for f in folds for p in f["detection"]["image_patients"]],
+                                     {arm: [[d for f in folds for d in f["detection"]["predictions"][arm][s]]
+                                            for s in range(len(folds[0]["detection"]["predictions"][arm]))]
+                                      for arm in (BASELINE, AUGMENTED)}, BASELINE, AUGMENTED, resamples, seed)
+        pooled["detection"] = detection
+        protocol = folds[0].get("protocol", "default")
+        if get_protocol(protocol).detection:  # the verdict is on detection, the classifiers' metrics come along
+            low, high = detection["ap50_delta_ci95"]
+            effect = HELPS if low > 0 else HURTS if high < 0 else NO_EFFECT
+            pooled = {**{k: v for k, v in pooled.items() if k not in ("verdict", "effect", "reason")},
+                      "protocol": protocol, "metric": "ap50", "real": detection["ap50"][BASELINE],
+                      "real_plus_synthetic": detection["ap50"][AUGMENTED], "delta": detection["ap50_delta"],
+                      "ci_low": low, "ci_high": high, "effect": effect, "verdict": effect,
+                      "patients_per_class": detection["patients_per_class"],
+                      "other_metrics": {"ap": {"delta": detection["ap_delta"], "ci95": detection["ap_delta_ci95"]},
+                                        **_classifier_metrics(pooled)}}
     copying = [f["fold"] for f in folds if any(not row["passed"] for row in f["gates"] if row["gate"] in COPY_GATES)]
     if copying:
         pooled["verdict"] = COPIES
@@ -131,7 +152,15 @@ def pool(folds: list[dict], resamples: int = 1000, seed: int = 0) -> dict:
     return {"folds": folds, "pooled": pooled}
 
 
-NAMES = {"auc": "AUC", "balanced_accuracy": "balanced accuracy"}
+def _classifier_metrics(pooled: dict) -> dict:
+    """The classifiers' deltas and intervals of a pooled verdict, for a verdict taken on another metric."""
+    if "delta" not in pooled:
+        return {}
+    return {pooled["metric"]: {"delta": pooled["delta"], "ci95": [pooled["ci_low"], pooled["ci_high"]]},
+            **pooled.get("other_metrics", {})}
+
+
+NAMES = {"auc": "AUC", "balanced_accuracy": "balanced accuracy", "ap50": "detection AP50", "ap": "detection AP"}
 
 
 def fold_values(fold: dict, metric: str) -> dict[str, list[float]]:
@@ -145,7 +174,8 @@ def verdict_line(pooled: dict) -> str:
     line = (f"{pooled['verdict']}: {NAMES[pooled['metric']]} {pooled['real_plus_synthetic']:.3f} with synthetic "
             f"images against {pooled['real']:.3f} without, delta {pooled['delta']:+.3f}, 95% interval "
             f"[{pooled['ci_low']:+.3f}, {pooled['ci_high']:+.3f}] over "
-            + ", ".join(f"{n} {name} patients" for name, n in pooled.get(
+            + ", ".join((f"{n} patients {name}" if name.startswith("with") else f"{n} {name} patients")
+                        for name, n in pooled.get(
                 "patients_per_class", {"positive": pooled["patients"]["positive"],
                                        "negative": pooled["patients"]["negative"]}).items()))
     if pooled["verdict"] == COPIES:
@@ -177,6 +207,11 @@ def write_report(report: dict, out: str | Path) -> Path:
     for other, values in pooled.get("other_metrics", {}).items():
         lines += ["", f"{NAMES[other]}: delta {values['delta']:+.3f}, 95% interval [{values['ci95'][0]:+.3f}, "
                   f"{values['ci95'][1]:+.3f}]."]
+    if (detection := pooled.get("detection")) and metric != "ap50":
+        lines += ["", "Lesion detection (pooled): " + "; ".join(
+            f"{NAMES[m]} {detection[m][AUGMENTED]:.3f} with synthetic images against {detection[m][BASELINE]:.3f} "
+            f"without, delta {detection[f'{m}_delta']:+.3f}, 95% interval [{detection[f'{m}_delta_ci95'][0]:+.3f}, "
+            f"{detection[f'{m}_delta_ci95'][1]:+.3f}]" for m in ("ap50", "ap")) + "."]
     if per_class := pooled.get("per_class"):
         classes = list(next(iter(per_class.values())))
         lines += ["", "Pooled out-of-fold precision / recall / F1 per class (seed-averaged predictions):", "",
@@ -208,6 +243,9 @@ def _plot(report: dict, out: Path) -> None:
     plt.close(figure)
     from sklearn.metrics import roc_curve
 
+    folds = [f for f in report["folds"] if "targets" in f]
+    if len(folds) < len(report["folds"]):
+        return  # a classifier's ROC needs every fold's predictions
     targets = np.concatenate([f["targets"] for f in folds])
     figure, axis = plt.subplots(figsize=(4.2, 4))
     for arm in arms:

@@ -164,12 +164,18 @@ def evaluate_generator(
         more, more_reasons = _mask_adherence(generator, data, config.seed, device)
         metrics.update(more)
         reasons.update(more_reasons)
-    if generator.places_lesions:
+    # a cross-validated detection verdict replaces this split's, as the pooled AUC replaces its classifiers
+    pooled_detection = bool(crossval and crossval["pooled"].get("detection"))
+    if generator.places_lesions and not pooled_detection:
         log(f"detection: samples with boxes, then {config.detection_seeds} detectors per training set")
-    detection = _detection_gain(generator, data, config, device) if generator.places_lesions else None
+    detection, kept = (_detection_gain(generator, data, config, device, keep=pooled_later)
+                       if generator.places_lesions and not pooled_detection else (None, None))
     if detection is not None:
         metrics.update({f"detection_{metric}_delta": detection[f"real+{generator.family}"][metric]["mean"]
                         - detection["real"][metric]["mean"] for metric in ("ap50", "ap", "ap50_large")})
+        reasons["detection_ap50_delta_lower_ci"] = (
+            "an interval over patients needs cross-validation: sonogen crossval with --protocol diffultra2025, "
+            "then sonogen evaluate --crossval")
     report = _report(subject, metrics, reasons, details, gates, extractor, config,
                      {"synthetic": len(synthetic), "real_train": len(train), "real_test": len(holdout)})
     report.update(family=generator.family, gate_set=generator.gate_set, label=label, data=data_name or str(data),
@@ -178,6 +184,8 @@ def evaluate_generator(
     if detection is not None:
         report["detection"] = detection
     write_report(report, out, history, closest_pairs(synthetic, train, details["memorisation_pixels"]))
+    if kept is not None:  # for the pooled verdict, not the gate report
+        report["detection_predictions"] = kept
     return report
 
 
@@ -200,6 +208,10 @@ def crossval_metrics(report: dict) -> tuple[dict[str, float], dict[str, str], di
             continue
         metrics.update({f"{metric}_real": pooled[metric]["real"], f"{metric}_real_synthetic":
                         pooled[metric]["real+synthetic"], f"{metric}_delta": delta, f"{metric}_delta_lower_ci": low})
+    for metric in ("ap50", "ap"):
+        if detection := pooled.get("detection"):
+            metrics.update({f"detection_{metric}_delta": detection[f"{metric}_delta"],
+                            f"detection_{metric}_delta_lower_ci": detection[f"{metric}_delta_ci95"][0]})
     return metrics, {}, summary
 
 
@@ -238,11 +250,14 @@ def boxed_images(data: str | Path, split: str) -> tuple[torch.Tensor, list]:
     return torch.stack([i["image"] for i in items]), [i["boxes"].tolist() for i in items]
 
 
-def _detection_gain(generator: Generator, data: str | Path, config: EvaluateConfig, device: torch.device) -> dict:
+def _detection_gain(generator: Generator, data: str | Path, config: EvaluateConfig, device: torch.device,
+                    keep: bool = False) -> tuple[dict, dict | None]:
     """The DiffUltra claim on this dataset: AP on the real test boxes of detectors trained on the real training
     images (boxes on the lesion label, none on the others) against the same plus one synthetic image with its
-    box per real lesion image."""
-    from sonogen.metrics.detection import DetectorConfig, detection_comparison
+    box per real lesion image. With ``keep``, also the detections, the test boxes and the test images' patients
+    (a cross-validation fold's, pooled later)."""
+    from sonogen.metrics.detection import (DetectorConfig, detector_predictions, large_lesion_area,
+                                           score_predictions)
     from sonogen.sampling import chunk_seed
 
     train = boxed_images(data, "train")
@@ -250,9 +265,14 @@ def _detection_gain(generator: Generator, data: str | Path, config: EvaluateConf
     chunks = [generator.sample_with_boxes(min(32, wanted - start), chunk_seed(config.seed, start // 32))
               for start in range(0, wanted, 32)]
     synthetic = (torch.cat([images for images, _ in chunks]), [b for _, boxes in chunks for b in boxes])
-    return detection_comparison(train, boxed_images(data, "test"), {generator.family: synthetic},
-                                DetectorConfig(steps=config.detection_steps, seed=config.seed),
-                                seeds=config.detection_seeds, device=device)
+    test = boxed_images(data, "test")
+    predictions = detector_predictions(train, test[0], {generator.family: synthetic},
+                                       DetectorConfig(steps=config.detection_steps, seed=config.seed),
+                                       config.detection_seeds, device)
+    report = score_predictions(predictions, test[1], large_lesion_area(train[1]))
+    kept = {"predictions": predictions, "truths": test[1],
+            "patients": [r.patient_id for r in UltrasoundDataset(data, split="test").records]} if keep else None
+    return report, kept
 
 
 def read_image_folder(folder: str | Path) -> torch.Tensor:

@@ -44,6 +44,7 @@ GATES: dict[str, tuple[str, str]] = {
     "min_mask_dice": ("mask_dice", "min"),
     "min_mask_dice_gain": ("mask_dice_gain", "min"),
     "min_detection_ap50_delta": ("detection_ap50_delta", "min"),
+    "min_detection_ap50_delta_lower_ci": ("detection_ap50_delta_lower_ci", "min"),
 }
 # settings of a gate set that are not thresholds: the extractor its thresholds hold for, and whether promotion to
 # champion needs a cross-validation that found the generator helps

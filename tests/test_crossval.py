@@ -325,3 +325,82 @@ def test_a_protocol_names_what_to_write_when_the_label_is_not_one_of_its_classes
     assert "covid, pneumonia, normal" in result.output and "evaluate.downstream.classes" in result.output
     with pytest.raises(ValueError, match="yu2023"):
         DownstreamConfig(protocol="yu2024")
+
+
+class Placer(Copier):
+    """Returns its training images with their lesion boxes: a family that places lesions, in a few lines."""
+
+    family = "placer"
+    places_lesions = True
+
+    def __init__(self, config: CopierConfig):
+        super().__init__(config)
+        self.memory.register_buffer("boxes", torch.full((config.capacity, 4), -1.0))
+
+    def begin_training(self, images: torch.Tensor, total_steps: int, items=()) -> None:
+        super().begin_training(images, total_steps, items)
+        for k, item in enumerate(list(items)[: self.config.capacity]):
+            if len(item["boxes"]):
+                self.memory.boxes[k] = item["boxes"][0]
+
+    def generate_with_boxes(self, n: int, seed: int, condition: dict[str, Any]) -> tuple[torch.Tensor, list]:
+        rows = [(seed + k) % int(self.memory.count) for k in range(n)]
+        boxes = [[self.memory.boxes[r].tolist()] if self.memory.boxes[r, 0] >= 0 else [] for r in rows]
+        return self.memory.images[rows].clone(), boxes
+
+
+@pytest.fixture
+def placer():
+    register_family(Placer)
+    yield
+    unregister_family(Placer.family)
+
+
+def test_pooled_detection_is_the_ap_of_every_fold_s_detections_with_a_patient_interval():
+    from sonogen.metrics.detection import average_precision, pooled_detection
+
+    rng = np.random.default_rng(0)
+    truths = [[[4.0 + k % 5, 6.0, 14.0 + k % 5, 15.0]] if k % 3 else [] for k in range(60)]
+    patients = [f"p{k // 4}" for k in range(60)]
+    exact = [(boxes, [0.9] * len(boxes)) for boxes in truths]
+    scattered = [([[float(x), float(y), x + 6.0, y + 6.0] for x, y in rng.uniform(0, 24, (2, 2))], [0.5, 0.4])
+                 for _ in truths]
+    result = pooled_detection(truths, patients, {BASELINE: [scattered, scattered], AUGMENTED: [exact, exact]},
+                              BASELINE, AUGMENTED, resamples=50)
+    assert result["ap50"][AUGMENTED] == pytest.approx(1.0)
+    assert result["ap50"][BASELINE] == pytest.approx(average_precision(scattered, truths)["ap50"])
+    assert result["ap50_delta_ci95"][0] > 0 and result["ap_delta"] > 0.5
+    assert result["patients_per_class"] == {"with lesions": 15, "without lesions": 0}  # every patient has one
+    same = pooled_detection(truths, patients, {BASELINE: [scattered], AUGMENTED: [scattered]}, BASELINE, AUGMENTED,
+                            resamples=20)
+    assert same["ap50_delta"] == 0 and same["ap50_delta_ci95"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="no test image has a lesion"):
+        pooled_detection([[]] * 4, ["a", "a", "b", "b"], {BASELINE: [[([], [])] * 4], AUGMENTED: [[([], [])] * 4]},
+                         BASELINE, AUGMENTED)
+
+
+def test_a_lesion_placing_family_is_judged_on_pooled_detection_under_the_diffultra_protocol(lus, workdir, placer):
+    params = {**TINY, "train": {**TINY["train"], "placer": {"train": {"epochs": 1, "batch_size": 2,
+                                                                     "eval_samples": 2}}},
+              "evaluate": {**TINY["evaluate"], "detection_seeds": 2, "detection_steps": 150},
+              "gates": {"placer": {"extractor": "pixels-16", "min_detection_ap50_delta": -1.0}}}
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(app, ["crossval", "placer", "--data", str(lus), "--label", "consolidation",
+                                      "--folds", "3", "--out", "cv", "--extractor", "pixels-16",
+                                      "--protocol", "diffultra2025"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((workdir / "cv" / "crossval_report.json").read_text())
+    pooled, folds = report["pooled"], report["folds"]
+    assert pooled["protocol"] == "diffultra2025" and pooled["metric"] == "ap50"
+    assert pooled["ci_low"] <= pooled["delta"] <= pooled["ci_high"]
+    assert pooled["delta"] == pytest.approx(pooled["detection"]["ap50_delta"])
+    assert pooled["detection"]["images"] == len(read_manifest(lus))  # every image tested once, out of fold
+    assert {"ap", "auc", "balanced_accuracy"} <= set(pooled["other_metrics"])  # the classifiers' come along
+    for fold in folds:  # pooled, so no fold is gated on its own few patients' detection
+        assert "min_detection_ap50_delta" not in [row["gate"] for row in fold["gates"]]
+        assert len(fold["per_seed"]["ap50"]["real"]) == 2
+    assert "detection AP50" in (workdir / "cv" / "crossval_report.md").read_text()
+    refused = CliRunner().invoke(app, ["crossval", "dcgan", "--data", str(lus), "--label", "consolidation",
+                                       "--folds", "3", "--out", "cv2", "--extractor", "pixels-16",
+                                       "--protocol", "diffultra2025"])
+    assert refused.exit_code == 1 and "does not place lesions" in refused.output

@@ -68,7 +68,7 @@ def test_the_detector_learns_toy_lesions_and_the_comparison_reports_intervals():
 
 
 def test_interval_and_invalid_inputs():
-    assert interval([0.5, 0.5, 0.5]) == {"mean": 0.5, "low": 0.5, "high": 0.5, "seeds": 3}
+    assert interval([0.5, 0.5, 0.5]) == {"mean": 0.5, "low": 0.5, "high": 0.5, "seeds": 3, "values": [0.5, 0.5, 0.5]}
     spread = interval([0.4, 0.6])
     assert spread["low"] < 0.4 and spread["high"] > 0.6  # two seeds: a wide t-interval
     with pytest.raises(ValueError, match="divisible"):

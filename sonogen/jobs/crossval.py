@@ -13,18 +13,20 @@ from sonogen.crossval import assign_folds, fold_view, patient_labels, pool, verd
 from sonogen.data.manifest import read_manifest
 from sonogen.evaluation import evaluate_generator, find_encoder, train_encoder
 from sonogen.gates import gates_for
-from sonogen.generators import load_generator
+from sonogen.generators import get_generator, load_generator
 from sonogen.generators.trainer import GENERATOR_DIR, resolve_device
 from sonogen.jobs.data import read_params
 from sonogen.jobs.gating import evaluation_config
 from sonogen.jobs.training import train_generator
+from sonogen.metrics.downstream import AUGMENTED, BASELINE
 from sonogen.metrics.features import get_extractor
 from sonogen.metrics.protocols import METRICS
 from sonogen.tracking import configure_mlflow, dataset_identity, git_commit
 
 FOLD_RESULT = "fold_result.json"
 # judged on the pooled verdict, not on one fold's few patients
-POOLED_GATES = ("min_auc_delta_lower_ci", "min_balanced_accuracy_delta_lower_ci")
+POOLED_GATES = ("min_auc_delta_lower_ci", "min_balanced_accuracy_delta_lower_ci", "min_detection_ap50_delta",
+                "min_detection_ap50_delta_lower_ci")
 
 
 def crossval_extractor(data: str | Path, dataset: str, params: dict, spec: str | None = None) -> str:
@@ -57,6 +59,9 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
     if protocol:
         config = replace(config, downstream=replace(config.downstream, protocol=protocol))
         config.downstream.__post_init__()
+    if config.downstream.resolved.detection and not get_generator(family).places_lesions:
+        raise ValueError(f"protocol {config.downstream.protocol} measures lesion detection, and {family} does not "
+                         "place lesions: use --protocol default (or yu2023) for it")
     records = read_manifest(data)
     fold_of = assign_folds(patient_labels(records), folds, seed)
     # a protocol that chooses on validation patients gets the next fold's as validation, unseen by the generator
@@ -78,6 +83,7 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
         "validation_patients": sorted(p for p, f in fold_of.items() if f == validation),
         "test_patients": sorted(p for p, f in fold_of.items() if f == fold),
         "gates": report["gates"], "passed": report["passed"], "metrics": report["metrics"],
+        "protocol": config.downstream.protocol,
     }
     if "probabilities" in downstream:
         result.update(protocol=downstream["protocol"], metric=downstream["metric"], classes=downstream["classes"],
@@ -90,6 +96,12 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
         result["downstream_error"] = downstream.get("error", report["not_measured"].get("auc_delta", "not run"))
     if "not_measured" in downstream:
         result["downstream_note"] = downstream["not_measured"]
+    if kept := report.get("detection_predictions"):
+        arms = {"real": BASELINE, f"real+{family}": AUGMENTED}  # named as the classifiers' arms
+        result["detection"] = {"predictions": {arms[arm]: runs for arm, runs in kept["predictions"].items()},
+                               "truths": kept["truths"], "image_patients": kept["patients"]}
+        result.setdefault("per_seed", {})["ap50"] = {arms[arm]: values["ap50"]["values"]
+                                                     for arm, values in report["detection"].items()}
     (out / FOLD_RESULT).write_text(json.dumps(result) + "\n")
     return result
 

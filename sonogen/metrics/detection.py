@@ -189,14 +189,45 @@ def average_precision(predictions: list[tuple[Boxes, list[float]]], truths: list
     return results
 
 
-def interval(values: list[float]) -> dict[str, float]:
-    """Mean and a 95% t-interval over seeds."""
+def interval(values: list[float]) -> dict:
+    """Mean and a 95% t-interval over seeds, and the seeds' values."""
     from scipy import stats
 
     values = np.asarray(values, dtype=np.float64)
     half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
     return {"mean": float(values.mean()), "low": float(values.mean() - half), "high": float(values.mean() + half),
-            "seeds": len(values)}
+            "seeds": len(values), "values": values.tolist()}
+
+
+Predictions = list[tuple[Boxes, list[float]]]
+
+
+def large_lesion_area(boxes: list[Boxes]) -> float | None:
+    """The area from which a lesion counts as large: the top 10 % of the training boxes."""
+    areas = [(x1 - x0) * (y1 - y0) for image in boxes for x0, y0, x1, y1 in image]
+    return float(np.quantile(areas, 0.9)) if areas else None
+
+
+def detector_predictions(train: tuple[torch.Tensor, list[Boxes]], test_images: torch.Tensor,
+                         synthetic: dict[str, tuple[torch.Tensor, list[Boxes]]], config: DetectorConfig,
+                         seeds: int = 3, device: str | torch.device = "cpu") -> dict[str, list[Predictions]]:
+    """Per arm (``real``, and ``real+NAME`` per synthetic set) and per seed, the detections on ``test_images`` of
+    a detector trained on the real ``train`` set, plus the synthetic set."""
+    arms = {"real": train} | {f"real+{name}": (torch.cat([train[0], images]), train[1] + boxes)
+                              for name, (images, boxes) in synthetic.items()}
+    return {arm: [detect(train_detector(images, boxes, DetectorConfig(**{**config.__dict__, "seed": config.seed + s}),
+                                        device), test_images) for s in range(seeds)]
+            for arm, (images, boxes) in arms.items()}
+
+
+def score_predictions(predictions: dict[str, list[Predictions]], truths: list[Boxes],
+                      large_area: float | None) -> dict[str, dict[str, dict]]:
+    """Each arm's AP metrics, mean and 95 % interval over its seeds."""
+    report = {}
+    for arm, runs in predictions.items():
+        scores = [average_precision(run, truths, large_area) for run in runs]
+        report[arm] = {metric: interval([score[metric] for score in scores]) for metric in scores[0]}
+    return report
 
 
 def detection_comparison(train: tuple[torch.Tensor, list[Boxes]], test: tuple[torch.Tensor, list[Boxes]],
@@ -206,15 +237,42 @@ def detection_comparison(train: tuple[torch.Tensor, list[Boxes]], test: tuple[to
     """AP on the real ``test`` set of detectors trained on the real ``train`` set (arm ``real``) and on it plus
     each synthetic set (arm ``real+NAME``), one detector per seed; large lesions by area ≥ ``large_area``
     (default: the top 10% of the training boxes)."""
-    if large_area is None:
-        areas = [(x1 - x0) * (y1 - y0) for boxes in train[1] for x0, y0, x1, y1 in boxes]
-        large_area = float(np.quantile(areas, 0.9)) if areas else None
-    arms = {"real": train} | {f"real+{name}": (torch.cat([train[0], images]), train[1] + boxes)
-                              for name, (images, boxes) in synthetic.items()}
-    report = {}
-    for arm, (images, boxes) in arms.items():
-        scores = [average_precision(detect(train_detector(images, boxes, DetectorConfig(**{
-            **config.__dict__, "seed": config.seed + s}), device), test[0]), test[1], large_area)
-            for s in range(seeds)]
-        report[arm] = {metric: interval([score[metric] for score in scores]) for metric in scores[0]}
-    return report
+    large_area = large_lesion_area(train[1]) if large_area is None else large_area
+    return score_predictions(detector_predictions(train, test[0], synthetic, config, seeds, device), test[1],
+                             large_area)
+
+
+def pooled_detection(truths: list[Boxes], patients: list[str], predictions: dict[str, list[Predictions]],
+                     baseline: str, augmented: str, resamples: int = 1000, seed: int = 0) -> dict:
+    """AP50 and AP of out-of-fold detections pooled over folds: each arm's value is the mean over seeds of the AP
+    of its pooled detections; each delta (``augmented − baseline``) with a 95 % interval from a patient bootstrap
+    (patients with and without lesions resampled separately, the same resample for both arms)."""
+    if not any(truths):
+        raise ValueError("no test image has a lesion box: detection AP cannot be measured")
+    patients = np.asarray(patients)
+    groups: dict[bool, list[np.ndarray]] = {False: [], True: []}  # patients without and with a lesion
+    for patient in dict.fromkeys(patients.tolist()):
+        rows = np.flatnonzero(patients == patient)
+        groups[any(truths[i] for i in rows)].append(rows)
+    strata = [group for group in groups.values() if group]
+
+    def mean_ap(arm: str, rows: np.ndarray | None = None) -> dict[str, float]:
+        picked = (lambda items: items) if rows is None else (lambda items: [items[i] for i in rows])
+        scores = [average_precision(picked(run), picked(truths)) for run in predictions[arm]]
+        return {metric: float(np.mean([s[metric] for s in scores])) for metric in ("ap50", "ap")}
+
+    values = {arm: mean_ap(arm) for arm in (baseline, augmented)}
+    rng = np.random.default_rng(seed)
+    deltas = np.empty((resamples, 2))
+    for index in range(resamples):
+        rows = np.concatenate([stratum[i] for stratum in strata for i in rng.integers(0, len(stratum), len(stratum))])
+        drawn = {arm: mean_ap(arm, rows) for arm in (baseline, augmented)}
+        deltas[index] = [drawn[augmented][m] - drawn[baseline][m] for m in ("ap50", "ap")]
+    result = {"images": len(truths), "lesions": int(sum(len(b) for b in truths)), "bootstrap_resamples": resamples,
+              "patients_per_class": {"with lesions": len(groups[True]), "without lesions": len(groups[False])}}
+    for k, metric in enumerate(("ap50", "ap")):
+        result[metric] = {arm: values[arm][metric] for arm in (baseline, augmented)}
+        result[f"{metric}_delta"] = values[augmented][metric] - values[baseline][metric]
+        result[f"{metric}_delta_ci95"] = [float(np.percentile(deltas[:, k], 2.5)),
+                                          float(np.percentile(deltas[:, k], 97.5))]
+    return result

@@ -25,6 +25,7 @@ class Protocol:
     select_on_validation: bool = False  # keep each classifier's epoch with the best validation metric
     metric: str = "auc"  # the verdict's: auc (label vs rest) or balanced_accuracy (over the classes)
     label_fraction: float = 1.0  # share of the label's real training images kept (the rest: synthetic)
+    detection: bool = False  # the verdict on lesion detection AP50 (families that place lesions), not the classifiers
 
     @property
     def needs_validation(self) -> bool:
@@ -41,6 +42,9 @@ PROTOCOLS = {p.name: p for p in (
              classes=("covid", "pneumonia", "normal"), metric="balanced_accuracy", label_fraction=0.25),
     Protocol("basarab2024", "Basarab et al. 2024 (LDM + ControlNet, BUSI): benign, malignant and normal, the "
              "label's AUC with and without synthetic images", classes=("benign", "malignant", "normal")),
+    Protocol("diffultra2025", "DiffUltra (arXiv 2501.06356, lung US): lesion detectors trained on real boxes "
+             "against real plus synthetic boxes, AP50 (and AP over IoU 0.5:0.95) on held-out patients",
+             detection=True),
 )}
 
 
