@@ -302,11 +302,14 @@ class SinDDM(Generator):
                           for g in image_generators(seed, n, stream=LAYOUT_STREAM)])
 
     @torch.no_grad()
-    def scale_samples(self, n: int, seed: int, condition: dict[str, Any] | None = None) -> Iterator[torch.Tensor]:
-        """The batch after each scale, coarsest first; the last is the sample."""
+    def scale_samples(self, n: int, seed: int, condition: dict[str, Any] | None = None,
+                      generators: list[torch.Generator] | None = None) -> Iterator[torch.Tensor]:
+        """The batch after each scale, coarsest first; the last is the sample. ``generators``: each image's noise
+        (default: ``image_generators(seed, n)``), for a pool that hands its members some positions of a seed."""
         condition = condition or {}
         scheduler, sizes = self.scheduler(), self.sample_sizes(condition.get("size"))
-        generators, sources = image_generators(seed, n), self.layout_sources(n, seed, condition.get("source"))
+        generators = generators or image_generators(seed, n)
+        sources = self.layout_sources(n, seed, condition.get("source"))
         x = torch.stack([torch.randn(1, *sizes[0], generator=g) for g in generators]).to(self.device)
         blurred = None
         for scale, size in enumerate(sizes):

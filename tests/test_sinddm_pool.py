@@ -1,0 +1,95 @@
+"""SinDDM pooled as Zhang et al. ran it: one single-image SinDDM per chosen image, trained in turns and saved as
+one model whose samples each come from one member, exactly as that member would draw them."""
+
+import pytest
+import torch
+
+from sonogen.data import UltrasoundDataset
+from sonogen.generators import load_generator
+from sonogen.generators.base import image_generators
+from sonogen.generators.sinddm_pool import SinDDMPool, SinDDMPoolConfig
+from sonogen.generators.trainer import TrainConfig, train
+
+TINY = {"coarsest_area": 100, "coarsest_side": (8, 12), "timesteps": 20, "channels": 16}
+
+
+def trained(lus, out, epochs: int, resume: bool = False) -> SinDDMPool:
+    torch.manual_seed(0)  # as the train job seeds before building a generator
+    # no learning-rate milestones: they are shares of the whole run, which a shorter first run would move
+    model = SinDDMPool(SinDDMPoolConfig(label="normal", max_images=2, lr_milestones=(), **TINY))
+    train(model, lus, "normal", TrainConfig(epochs=epochs, batch_size=4, steps_per_epoch=10, eval_samples=4), out,
+          resume=resume)
+    return model
+
+
+def test_a_pool_trains_one_sinddm_per_image_and_each_sample_is_its_member_s(lus, tmp_path):
+    model = trained(lus, tmp_path / "pool", epochs=2)
+    patients = {r.image: r.patient_id for r in UltrasoundDataset(lus, split="train", labels=["normal"]).records}
+    assert len(model.members) == 2 and len({patients[image] for image in model.config.images}) == 2
+    assert model.step == 20 and [m.step for m in model.members] == [10, 10]  # in turns
+    for member, image in zip(model.members, model.config.images):
+        assert member.config.images == (image,) and len(member._pyramids) == 1  # its own image only
+    assert not torch.equal(model.members[0].layouts, model.members[1].layouts)
+
+    drawn, members = model.sample(6, seed=3), model.member_of(6, 3)
+    assert set(model.member_of(16, 3).tolist()) == {0, 1}
+    noise = image_generators(3, 6)
+    for position in range(6):
+        member = model.members[int(members[position])]
+        *_, alone = member.scale_samples(1, 3, {}, [noise[position]])
+        assert torch.allclose(drawn[position], alone[0].clamp(-1, 1), atol=1e-5)
+    assert torch.allclose(model.sample(4, seed=3), drawn[:4], atol=1e-5)  # not changed by how many are drawn
+
+    loaded = load_generator(model.save(tmp_path / "saved"))
+    assert loaded.family == "sinddmpool" and loaded.learned_images() == model.learned_images()
+    assert torch.equal(loaded.sample(6, seed=3), drawn)
+    assert loaded.sample(2, 3, {"size": [24, 40]}).shape == (2, 1, 24, 40)
+    with pytest.raises(ValueError, match="size"):
+        loaded.sample(1, 0, {"size": [4, 4000]})
+
+
+def test_a_resumed_pool_ends_where_an_uninterrupted_one_does(lus, tmp_path):
+    whole = trained(lus, tmp_path / "whole", epochs=2)
+    trained(lus, tmp_path / "parts", epochs=1)
+    resumed = trained(lus, tmp_path / "parts", epochs=2, resume=True)
+    assert [m.step for m in resumed.members] == [10, 10]
+    for name, weights in whole._weights().items():
+        assert torch.allclose(resumed._weights()[name], weights, atol=1e-6), name
+
+
+def test_a_pool_refuses_what_only_fewddm_does():
+    with pytest.raises(ValueError, match="layout_per_source"):
+        SinDDMPoolConfig(label="x", max_images=2, layout_per_source=True)
+    with pytest.raises(ValueError, match="not been trained"):
+        SinDDMPool(SinDDMPoolConfig(label="x", **TINY)).sample(1, 0)
+
+
+def test_a_pool_cross_validates_under_the_zhang_protocol_from_each_fold_s_own_patients(lus, tmp_path, monkeypatch):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from sonogen.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "train": {"sinddmpool": {"model": {**TINY, "coarsest_side": [8, 12], "max_images": 2},
+                                 "train": {"epochs": 1, "steps_per_epoch": 4, "batch_size": 2, "eval_samples": 2}}},
+        "evaluate": {"samples": 8, "few_image_samples": 8, "encoder_epochs": 1,
+                     # the paper's three classes are not the phantom's: its two stand in
+                     "downstream": {"protocol": "zhang2023", "classes": ["consolidation", "normal"], "seeds": 3,
+                                    "epochs": 1, "bootstrap": 100}},
+        "gates": {"sinddmpool": {"extractor": "pixels-16"}}}))
+    result = CliRunner().invoke(app, ["crossval", "sinddmpool", "--data", str(lus), "--label", "consolidation",
+                                      "--folds", "3", "--out", "cv", "--extractor", "pixels-16"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "cv" / "crossval_report.json").read_text())
+    assert report["pooled"]["protocol"] == "zhang2023" and report["pooled"]["metric"] == "balanced_accuracy"
+    patient_of = {r.image: r.patient_id for r in UltrasoundDataset(lus).records}
+    for fold in report["folds"]:
+        saved = json.loads((tmp_path / "cv" / f"fold-{fold['fold']}" / "model" / "generator" / "config.json")
+                           .read_text())["config"]
+        assert len(saved["members"]) == 2  # one SinDDM per image, each of a patient the fold trains on
+        assert {patient_of[image] for image in saved["images"]} <= set(fold["generator_train_patients"])
