@@ -1,8 +1,8 @@
-"""crossval_fold: one fold of a patient-level cross-validation (the generator trained without the fold's patients,
-gated, and the downstream classifiers tested on them)."""
+"""crossval_fold: one fold of a patient-level cross-validation (a us-encoder and the generator trained without the
+fold's patients, the generator gated, and the downstream classifiers tested on them)."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Output
 
 from components import IMAGE
 
@@ -10,7 +10,6 @@ from components import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def crossval_fold(
     prepared: Input[Dataset],
-    encoder: Input[Model],
     result: Output[Artifact],
     family: str,
     label: str,
@@ -28,6 +27,6 @@ def crossval_fold(
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as config:
         config.write(params)  # read as `dvc repro` reads params.yaml
     outcome = run_fold(family, prepared.path, label, fold, folds, result.path, config.name,
-                       f"us-encoder:{encoder.path}", dataset_name, seed, view=tempfile.mkdtemp(),
+                       None, dataset_name, seed, view=tempfile.mkdtemp(),  # None: the fold's own us-encoder
                        log=lambda line: print(time.strftime("%H:%M:%S"), line, flush=True))
     result.metadata.update({"fold": fold, "passed": outcome["passed"], "test_patients": len(outcome["test_patients"])})

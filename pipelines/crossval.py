@@ -1,6 +1,6 @@
-"""The cross-validation pipeline ``sonogen-crossval``: prepare → us-encoder → a fold per task (a ParallelFor, one
-GPU each on a cluster) → the pooled verdict; beside it the generator trained on every training patient, gated on
-that verdict, and registered if it passes.
+"""The cross-validation pipeline ``sonogen-crossval``: prepare → a fold per task (a ParallelFor, one GPU each on a
+cluster; each fold trains its own us-encoder) → the pooled verdict; beside it the us-encoder and the generator
+trained on every training patient, the generator gated on that verdict and registered if it passes.
 
 The same steps as ``sonogen crossval`` and the DVC ``crossval`` stage (``sonogen.jobs.crossval``); the folds'
 generator runs are MLflow runs of their own, which the pooled run names (a cluster has no parent run to nest
@@ -37,8 +37,8 @@ def crossval_pipeline(
     prepared, encoder = prepared_and_encoder(params, raw, dvc_repo, dvc_rev, dataset_name)
     with dsl.ParallelFor(items=folds, name="fold") as fold:
         folded = _gpu_training(crossval_fold(
-            prepared=prepared.outputs["prepared"], encoder=encoder.outputs["encoder"], family=family, label=label,
-            fold=fold, folds=fold_count, params=params, seed=seed, dataset_name=dataset_name,
+            prepared=prepared.outputs["prepared"], family=family, label=label, fold=fold, folds=fold_count,
+            params=params, seed=seed, dataset_name=dataset_name,
         ))
     pooled = _cluster_environment(crossval_pool(
         prepared=prepared.outputs["prepared"], results=dsl.Collected(folded.outputs["result"]), family=family,

@@ -30,7 +30,8 @@ def crossval_command(
     seed: Annotated[int | None, typer.Option(help="Seed of the fold assignment (default: crossval.seed, else 0).")]
     = None,
     extractor: Annotated[str | None, typer.Option(
-        help="Feature extractor of the folds' gates (default: the dataset's us-encoder).")] = None,
+        help="Feature extractor shared by the folds' gates (default: each fold trains a us-encoder on its "
+             "training patients).")] = None,
     protocol: Annotated[str | None, typer.Option(
         help="Downstream protocol: default, yu2023, zhang2023, basarab2024, diffultra2025 "
              "(default: evaluate.downstream.protocol)."

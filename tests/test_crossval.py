@@ -269,6 +269,27 @@ def test_the_crossval_pipeline_runs_its_folds_in_parallel_with_kfp_local(workdir
 
     tags = mlflow.MlflowClient().get_model_version("lus-dcgan-consolidation", "1").tags
     assert tags["crossval.verdict"] == pooled["verdict"]
+    encoders = [fold["extractor"] for fold in json.loads(report.read_text())["folds"]]
+    assert len(set(encoders)) == 3 and all(e.startswith("us-encoder:") for e in encoders)  # each fold its own
+
+
+def test_by_default_a_fold_measures_with_a_us_encoder_of_its_own_training_patients(lus, workdir):
+    import mlflow
+
+    from sonogen.data.manifest import MANIFEST, file_sha256
+    from sonogen.jobs.crossval import crossval_fold
+
+    params = {**TINY, "gates": {"dcgan": {"extractor": "us-encoder", "max_near_copy_fraction": 0.5}}}
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    result = crossval_fold("dcgan", lus, "consolidation", 0, 3, workdir / "fold", "params.yaml", None, "lus",
+                           view=workdir / "view")
+    assert result["extractor"] == f"us-encoder:{workdir / 'fold' / 'encoder'}"
+    [version] = mlflow.MlflowClient().search_model_versions("name='lus-us-encoder'")
+    # trained on the fold's view, whose training split holds none of the fold's test patients
+    assert version.tags["data_manifest_sha256"] == file_sha256(workdir / "view" / MANIFEST)
+    trained_on = {r.patient_id for r in read_manifest(workdir / "view") if r.split == "train"}
+    assert trained_on and not trained_on & set(result["test_patients"])
+    assert [row for row in result["gates"] if row["gate"] == "max_near_copy_fraction"]
 
 
 def relabelled(lus: Path, out: Path, names: dict[str, str], split_normals: str | None = None) -> Path:

@@ -11,7 +11,7 @@ from typing import Callable
 
 from sonogen.crossval import assign_folds, fold_view, patient_labels, pool, verdict_line, write_report
 from sonogen.data.manifest import read_manifest
-from sonogen.evaluation import evaluate_generator, find_encoder, train_encoder
+from sonogen.evaluation import evaluate_generator, train_encoder
 from sonogen.gates import gates_for
 from sonogen.generators import get_generator, load_generator
 from sonogen.generators.trainer import GENERATOR_DIR, resolve_device
@@ -24,36 +24,32 @@ from sonogen.metrics.protocols import METRICS
 from sonogen.tracking import configure_mlflow, dataset_identity, git_commit
 
 FOLD_RESULT = "fold_result.json"
+PER_FOLD = "us-encoder, one per fold on its training patients"
 # judged on the pooled verdict, not on one fold's few patients
 POOLED_GATES = ("min_auc_delta_lower_ci", "min_balanced_accuracy_delta_lower_ci", "min_detection_ap50_delta",
                 "min_detection_ap50_delta_lower_ci")
 
 
-def crossval_extractor(data: str | Path, dataset: str, params: dict, spec: str | None = None) -> str:
-    """The feature extractor every fold's gates use: ``spec``, else the dataset's us-encoder (trained if missing).
-    It is a measuring device shared by the folds: it never decides which patients a generator learns from."""
-    if spec not in (None, "us-encoder"):
-        return spec
-    uri = find_encoder(data, dataset)
-    if uri is None:
-        config, _, epochs = evaluation_config(params)
-        uri = train_encoder(data, Path("encoders") / f"{dataset}-us-encoder", dataset, epochs,
-                            device=config.device)["folder"]
-    return f"us-encoder:{uri}"
+def crossval_extractor(spec: str | None = None) -> str | None:
+    """The feature extractor of the folds' gates and kept-epoch readings: a ``spec`` naming one is shared by every
+    fold; by default (None or ``us-encoder``) None: each fold trains its own us-encoder on its training patients,
+    so not even the measuring device has seen the patients a fold is tested on."""
+    return None if spec in (None, "us-encoder") else spec
 
 
 def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: int, out: str | Path,
-                  config_path: str | Path, extractor_spec: str, dataset: str | None = None, seed: int = 0,
+                  config_path: str | Path, extractor_spec: str | None, dataset: str | None = None, seed: int = 0,
                   parent_run_id: str | None = None, log: Callable[[str], None] | None = None,
                   view: str | Path | None = None, protocol: str | None = None) -> dict:
     """Fold ``fold`` of ``folds``: the generator trained on the other folds' patients, gated on the fold's view
     of the data (written to ``view``, default ``out/data``), the downstream classifiers tested on the fold's
-    patients; its result in ``out/fold_result.json``. ``protocol`` names the downstream protocol in place of
+    patients; its result in ``out/fold_result.json``. ``extractor_spec`` None: the fold's own us-encoder, trained
+    on its training patients (``out/encoder``). ``protocol`` names the downstream protocol in place of
     params.yaml's ``evaluate.downstream.protocol``."""
     data, out = Path(data), Path(out)
     say = (lambda message: log(f"fold {fold}: {message}")) if log else None
     params = read_params(config_path)
-    config, gates, _ = evaluation_config(params)
+    config, gates, encoder_epochs = evaluation_config(params)
     if config.downstream is None:
         raise ValueError("cross-validation measures usefulness: params.yaml's evaluate.downstream is switched off")
     if protocol:
@@ -67,6 +63,11 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
     # a protocol that chooses on validation patients gets the next fold's as validation, unseen by the generator
     validation = (fold + 1) % folds if config.downstream.resolved.needs_validation else None
     view = fold_view(data, fold_of, fold, view or out / "data", validation)
+    if extractor_spec is None:
+        if say:
+            say("us-encoder on the fold's training patients")
+        encoder = train_encoder(view, out / "encoder", dataset or data.name, encoder_epochs, device=config.device)
+        extractor_spec = f"us-encoder:{encoder['folder']}"
     if say:
         say(f"training {family} on {sum(1 for f in fold_of.values() if f not in (fold, validation))} patients")
     train_generator(family, view, label, out / "model", config_path, dataset or data.name, register=False,
@@ -83,7 +84,7 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
         "validation_patients": sorted(p for p, f in fold_of.items() if f == validation),
         "test_patients": sorted(p for p, f in fold_of.items() if f == fold),
         "gates": report["gates"], "passed": report["passed"], "metrics": report["metrics"],
-        "protocol": config.downstream.protocol,
+        "protocol": config.downstream.protocol, "extractor": extractor_spec,
     }
     if "probabilities" in downstream:
         result.update(protocol=downstream["protocol"], metric=downstream["metric"], classes=downstream["classes"],
@@ -158,16 +159,17 @@ def crossval(family: str, data: str | Path, label: str, folds: int, out: str | P
     """All folds, then the pooled report in ``out``; one MLflow run with a child run per fold's generator."""
     data, out = Path(data), Path(out)
     dataset = dataset or data.name
-    extractor_spec = crossval_extractor(data, dataset, read_params(config_path), extractor)
+    extractor_spec = crossval_extractor(extractor)
+    described = extractor_spec or PER_FOLD
     client = _client()
-    run_id = _start_run(client, family, label, data, dataset, folds, seed, extractor_spec)
+    run_id = _start_run(client, family, label, data, dataset, folds, seed, described)
     try:
         with tempfile.TemporaryDirectory(prefix="sonogen-folds-") as views:  # links to the data: not outputs
             results = [crossval_fold(family, data, label, fold, folds, out / f"fold-{fold}", config_path,
                                      extractor_spec, dataset, seed, run_id, log, Path(views) / f"fold-{fold}",
                                      protocol)
                        for fold in range(folds)]
-        report = crossval_report(results, out, family, label, data, config_path, dataset, seed, extractor_spec, run_id)
+        report = crossval_report(results, out, family, label, data, config_path, dataset, seed, described, run_id)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
