@@ -112,6 +112,24 @@ def train_command(
                       f"as @{info['alias']}: models:/{info['registered_model']}@{info['alias']}")
 
 
+@app.command("pool")
+@_user_errors
+def pool_command(
+    members: Annotated[list[Path], typer.Argument(help="Folders of models trained apart (e.g. models/sinddm-*).")],
+    out: Annotated[Path, typer.Option(help="Output folder of the pooled model.")],
+    register: Annotated[bool, typer.Option(help="Register the pooled model with alias 'candidate'.")] = True,
+):
+    """Pool models trained apart (one single-image SinDDM per parallel task) into one model (sinddmpool)."""
+    from sonogen.jobs import pool_trained
+
+    info = pool_trained(members, out, register)
+    console.print(f"pooled {len(members)} models into {info['family']} ({len(info['images'])} images): saved "
+                  f"{out / 'generator'}; MLflow run {info['run_id']}")
+    if "version" in info:
+        console.print(f"registered [bold]{info['registered_model']}[/bold] version {info['version']} "
+                      f"as @{info['alias']}: models:/{info['registered_model']}@{info['alias']}")
+
+
 @app.command("train-encoder")
 @_user_errors
 def train_encoder_command(

@@ -93,3 +93,38 @@ def test_a_pool_cross_validates_under_the_zhang_protocol_from_each_fold_s_own_pa
                            .read_text())["config"]
         assert len(saved["members"]) == 2  # one SinDDM per image, each of a patient the fold trains on
         assert {patient_of[image] for image in saved["images"]} <= set(fold["generator_train_patients"])
+
+
+def test_sinddms_trained_apart_pool_into_one_registered_model(lus, tmp_path, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    from sonogen.cli import app
+    from sonogen.jobs import train_generator
+    from sonogen.registry import load_registered_generator, model_version
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"train": {"sinddm": {
+        "model": {**TINY, "coarsest_side": [8, 12]},
+        "train": {"epochs": 1, "steps_per_epoch": 4, "batch_size": 2, "eval_samples": 2}}}}))
+    records = UltrasoundDataset(lus, split="train", labels=["consolidation"]).records
+    images = [records[0].image, next(r.image for r in records if r.patient_id != records[0].patient_id)]
+    folders = []
+    for k, image in enumerate(images):  # as parallel tasks would, each on its own
+        folders.append(tmp_path / "models" / f"member-{k}")
+        train_generator("sinddm", lus, "consolidation", folders[-1], "tiny.yaml", "lus", register=False,
+                        model_overrides={"images": [image]})
+    runner = CliRunner()
+    result = runner.invoke(app, ["pool", *map(str, folders), "--out", "models/pool"])
+    assert result.exit_code == 0, result.output
+    pooled = load_registered_generator("models:/lus-sinddmpool-consolidation/1")
+    assert pooled.family == "sinddmpool" and list(pooled.learned_images()) == images
+    assert model_version("lus-sinddmpool-consolidation", "1").tags["training_images"] == ",".join(images)
+    members = [load_generator(folder / "generator") for folder in folders]
+    drawn, chosen, noise = pooled.sample(4, 1), pooled.member_of(4, 1), image_generators(1, 4)
+    for position in range(4):
+        *_, alone = members[int(chosen[position])].scale_samples(1, 1, {}, [noise[position]])
+        assert torch.allclose(drawn[position], alone[0].clamp(-1, 1), atol=1e-5)
+    twice = runner.invoke(app, ["pool", str(folders[0]), str(folders[0]), "--out", "models/twice"])
+    assert twice.exit_code == 1 and "same image" in twice.output

@@ -68,6 +68,8 @@ class Generator(ABC):
     gate_variants: ClassVar[tuple[str, ...]] = ()
     # config keys of generators saved by earlier versions that this family no longer has: ignored when they load
     retired_config_keys: ClassVar[frozenset[str]] = frozenset()
+    # the family whose models this family pools when they were trained apart (``from_members``), or None
+    pools: ClassVar[str | None] = None
 
     def __init__(self, config):
         if not isinstance(config, self.config_class):
@@ -261,6 +263,11 @@ class Generator(ABC):
             for module in self.networks().values():
                 module.eval()
         return self
+
+    @classmethod
+    def from_members(cls, members: Sequence[Generator]) -> Generator:
+        """One model of trained generators of the family ``pools`` names (trained apart, e.g. as parallel tasks)."""
+        raise NotImplementedError(f"the {cls.family} family pools no other models")
 
     # persistence -------------------------------------------------------------------------------------------
 

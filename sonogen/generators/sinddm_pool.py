@@ -44,6 +44,7 @@ class SinDDMPool(Generator):
     conditions = frozenset({"label", "size"})
     min_training_images = 1
     steps_per_epoch = 500
+    pools = "sinddm"
 
     def __init__(self, config: SinDDMPoolConfig):
         super().__init__(config)
@@ -59,6 +60,28 @@ class SinDDMPool(Generator):
 
     def learned_images(self) -> tuple[str, ...]:
         return tuple(self.config.images)
+
+    @classmethod
+    def from_members(cls, members: Sequence[Generator]) -> SinDDMPool:
+        """A pool of single-image SinDDMs trained apart, in the given order."""
+        if not members or any(member.family != cls.pools for member in members):
+            raise ValueError(f"a {cls.family} pools trained {cls.pools} models, got "
+                             f"{sorted({member.family for member in members}) or 'none'}")
+        for what in ("label", "image_shape"):
+            if len(values := {str(getattr(member.config, what)) for member in members}) > 1:
+                raise ValueError(f"the models to pool must share their {what}: got {', '.join(sorted(values))}")
+        images = [image for member in members for image in member.learned_images()]
+        if len(set(images)) < len(images):
+            raise ValueError("two of the models to pool learned the same image: pool each image once")
+        template = {f.name: getattr(members[0].config, f.name) for f in dataclasses.fields(MultiScaleDDMConfig)}
+        pool = cls(SinDDMPoolConfig(**{**template, "images": tuple(images), "max_images": len(images),
+                                       "image_shape": None, "blur_gaps": (),
+                                       "members": tuple(dataclasses.asdict(m.config) for m in members)}))
+        for mine, theirs in zip(pool.members, members):
+            mine._load_weights(theirs._weights())
+            mine.step, mine.epoch = theirs.step, theirs.epoch
+        pool.step, pool.epoch = sum(m.step for m in members), max(m.epoch for m in members)
+        return pool
 
     def to(self, device: torch.device | str) -> SinDDMPool:
         super().to(device)
