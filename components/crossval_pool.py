@@ -27,7 +27,7 @@ def crossval_pool(
     from pathlib import Path
 
     from sonogen.jobs import crossval_report
-    from sonogen.jobs.crossval import FOLD_RESULT
+    from sonogen.jobs.crossval import FOLD_RESULT, PER_FOLD
     from sonogen.tracking import RunRecord
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as config:
@@ -35,7 +35,7 @@ def crossval_pool(
     folds = [json.loads((Path(r.path) / FOLD_RESULT).read_text()) for r in results]
     runs = [RunRecord.read(Path(r.path) / "model").run_id for r in results]  # the folds' own MLflow runs
     outcome = crossval_report(folds, report.path, family, label, prepared.path, config.name, dataset_name, seed,
-                              fold_runs=runs)
+                              PER_FOLD, fold_runs=runs)
     shutil.copy(Path(report.path) / "crossval_report.md", summary.path)
     pooled = outcome["pooled"]
     for key in ("real", "real_plus_synthetic", "delta", "ci_low", "ci_high"):
