@@ -174,7 +174,7 @@ def test_a_gan_keeps_its_best_epoch_when_the_last_one_is_worse_and_says_why(data
 
     config = TrainConfig(epochs=3, batch_size=4, eval_samples=4, monitor_samples=8, keep_best=True)
     summary = train(tiny(), dataset, "consolidation", config, tmp_path / "kept",
-                    monitor=Monitor("test-features@1", Readings(), min_1nn=0.0))
+                    monitor=Monitor("test-features@1", Readings(), min_1nn=0.0, max_diversity_ratio=float("inf")))
     best = summary["best_epoch"]
     assert best["epoch"] == 2 and best["monitor"] == "test-features@1"
     assert best["reason"].startswith("epoch 2 (kmmd") and "the lowest kMMD among the epochs" in best["reason"]
@@ -195,3 +195,20 @@ def test_training_records_quality_curves(dataset, tmp_path):
         train(tiny(64), dataset, "consolidation", TrainConfig(epochs=1), tmp_path / "bad")
     with pytest.raises(ValueError, match="pneumothorax"):
         train(tiny(), dataset, "pneumothorax", TrainConfig(epochs=1), tmp_path / "bad")
+
+
+def test_a_collapsed_epoch_is_not_kept_however_low_its_kmmd():
+    from sonogen.generators.best_epoch import BestEpoch, Monitor
+
+    class Collapsed:
+        def sample(self, n, seed):
+            return torch.zeros(n, 1, 32, 32)  # one image, again and again
+
+    monitor = Monitor("test-features@1", lambda images: images.flatten(1), min_1nn=0.0)
+    real = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert monitor.read(Collapsed(), real)["diversity_ratio"] > 1.5
+    best = BestEpoch()
+    assert best.offer(monitor, 5, {"kmmd": 0.3, "one_nn_acc": 0.9, "diversity_ratio": 1.2})
+    assert not best.offer(monitor, 10, {"kmmd": 0.1, "one_nn_acc": 0.9, "diversity_ratio": 1.9})
+    assert best.epoch == 5 and "diversity ratio ≤ 1.5" in best.reason
+
