@@ -208,8 +208,8 @@ def crossval_metrics(report: dict) -> tuple[dict[str, float], dict[str, str], di
             continue
         metrics.update({f"{metric}_real": pooled[metric]["real"], f"{metric}_real_synthetic":
                         pooled[metric]["real+synthetic"], f"{metric}_delta": delta, f"{metric}_delta_lower_ci": low})
-    for metric in ("ap50", "ap"):
-        if detection := pooled.get("detection"):
+    if detection := pooled.get("detection"):
+        for metric in ("ap50", "ap"):
             metrics.update({f"detection_{metric}_delta": detection[f"{metric}_delta"],
                             f"detection_{metric}_delta_lower_ci": detection[f"{metric}_delta_ci95"][0]})
     return metrics, {}, summary

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sonogen.metrics.downstream import patient_resamples
+
 STRIDE = 4
 Boxes = list[list[float]]
 
@@ -262,10 +264,8 @@ def pooled_detection(truths: list[Boxes], patients: list[str], predictions: dict
         return {metric: float(np.mean([s[metric] for s in scores])) for metric in ("ap50", "ap")}
 
     values = {arm: mean_ap(arm) for arm in (baseline, augmented)}
-    rng = np.random.default_rng(seed)
     deltas = np.empty((resamples, 2))
-    for index in range(resamples):
-        rows = np.concatenate([stratum[i] for stratum in strata for i in rng.integers(0, len(stratum), len(stratum))])
+    for index, rows in enumerate(patient_resamples(strata, resamples, seed)):
         drawn = {arm: mean_ap(arm, rows) for arm in (baseline, augmented)}
         deltas[index] = [drawn[augmented][m] - drawn[baseline][m] for m in ("ap50", "ap")]
     result = {"images": len(truths), "lesions": int(sum(len(b) for b in truths)), "bootstrap_resamples": resamples,

@@ -15,7 +15,7 @@ replicate seeds inside each resample, as in the "with vs without synthetic data"
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -96,15 +96,21 @@ def patient_strata(targets: np.ndarray, patients: list[str]) -> dict[int, list[n
     return dict(sorted(by_class.items()))
 
 
+def patient_resamples(strata: list[list[np.ndarray]], resamples: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """``resamples`` bootstrap draws of image rows: in each stratum its patients (each a list of rows) drawn with
+    replacement, as many as it has."""
+    rng = np.random.default_rng(seed)
+    for _ in range(resamples):
+        yield np.concatenate([stratum[i] for stratum in strata for i in rng.integers(0, len(stratum), len(stratum))])
+
+
 def paired_bootstrap(targets: np.ndarray, patients: list[str], probabilities: dict[str, np.ndarray], metric: str,
                      positive: int, resamples: int, seed: int = 0) -> tuple[float, float]:
     """95 % interval of ``metric``'s ``real+synthetic − real`` over patient resamples within each class's
     patients; ``probabilities[arm]`` is ``(seeds, images, classes)``, averaged over seeds inside a resample."""
     strata = list(patient_strata(targets, patients).values())
-    rng = np.random.default_rng(seed)
     deltas = np.empty(resamples)
-    for index in range(resamples):
-        rows = np.concatenate([stratum[i] for stratum in strata for i in rng.integers(0, len(stratum), len(stratum))])
+    for index, rows in enumerate(patient_resamples(strata, resamples, seed)):
         deltas[index] = np.subtract(*(np.mean([score(metric, targets[rows], p[rows], positive)
                                                for p in probabilities[arm]]) for arm in (AUGMENTED, BASELINE)))
     return float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5))
