@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -67,6 +68,9 @@ def train_command(
     skip_declined: Annotated[bool, typer.Option(
         "--skip-declined", help="For a label the family does not train on, write declined.json and succeed "
                                 "(a DVC matrix of families × labels) instead of failing.")] = False,
+    nproc_per_node: Annotated[int, typer.Option(
+        help="Train data-parallel on N local ranks (torchrun: N GPUs, or CPU processes with gloo); "
+             "train.batch_size is then the global batch.")] = 1,
     image: Annotated[list[str] | None, typer.Option(hidden=True)] = None,
     max_images: Annotated[int | None, typer.Option(hidden=True)] = None,
     mode: Annotated[str | None, typer.Option(hidden=True)] = None,
@@ -79,7 +83,17 @@ def train_command(
 ):
     """Train a generator on one label of a prepared dataset, tracked in MLflow."""
     from sonogen.config import parse_assignments
+    from sonogen.generators import distributed
     from sonogen.jobs import generator_name, train_generator
+
+    if nproc_per_node != 1:
+        from sonogen.jobs.launch import run_on_local_ranks
+
+        if status := run_on_local_ranks(nproc_per_node, sys.argv[1:]):
+            console.print(f"[red]torchrun failed (exit {status}): a rank failed or was killed (see above); "
+                          f"--resume continues from the last checkpoint[/red]")
+            raise typer.Exit(status)
+        return
 
     overrides = parse_assignments(set_ or [])
     given = {"image": list(image or ()), "max_images": max_images, "mode": mode, "base_model": base_model,
@@ -96,6 +110,9 @@ def train_command(
                            progress=_progress(f"training {family} on {label}"), model_overrides=overrides,
                            log=None if console.is_terminal else log, build_prerequisites=build_prerequisites,
                            skip_declined=skip_declined, monitor=monitor)
+    distributed.stop()
+    if info.get("rank"):  # under torchrun, rank 0 reports
+        return
     if "declined" in info:
         console.print(f"not trained: {info['declined']} ({out / 'declined.json'})")
         return
@@ -299,5 +316,7 @@ def _short(value: str) -> str:
         return value
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # torchrun runs `python -m sonogen.cli -- ARGS`; some Pythons keep its `--`
+    if sys.argv[1:2] == ["--"]:
+        del sys.argv[1]
     app()

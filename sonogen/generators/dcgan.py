@@ -201,11 +201,12 @@ class DCGAN(Generator):
         batch = images.shape[0]
         ones = torch.ones(batch, device=images.device)
         zeros = torch.zeros(batch, device=images.device)
-        fake = self.generator(torch.randn(batch, self.config.latent_dim, device=images.device))
+        generator, discriminator = self.parallel(self.generator), self.parallel(self.discriminator)
+        fake = generator(self.randn((batch, self.config.latent_dim), images.device))
 
         optimizers["discriminator"].zero_grad(set_to_none=True)
-        real_logits = self.discriminator(images)
-        fake_logits = self.discriminator(fake.detach())
+        real_logits = discriminator(images)
+        fake_logits = discriminator(fake.detach())
         loss_d = F.binary_cross_entropy_with_logits(real_logits.float(), ones) + F.binary_cross_entropy_with_logits(
             fake_logits.float(), zeros
         )
@@ -213,7 +214,7 @@ class DCGAN(Generator):
         optimizers["discriminator"].step()
 
         optimizers["generator"].zero_grad(set_to_none=True)
-        loss_g = F.binary_cross_entropy_with_logits(self.discriminator(fake).float(), ones)
+        loss_g = F.binary_cross_entropy_with_logits(discriminator(fake).float(), ones)
         loss_g.backward()
         optimizers["generator"].step()
         self.step += 1

@@ -165,6 +165,10 @@ class DiffUltra(Generator):
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         return self.ldm.train_step(batch)
 
+    def distribute(self, wrap, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+        self.ldm.distribute(wrap, rank, world)
+
     def held_out_losses(self, images: torch.Tensor, items: Sequence[dict]) -> dict[str, float]:
         return self.ldm.held_out_losses(images, items)
 

@@ -24,7 +24,7 @@ from sonogen.data.manifest import mask_from_boxes
 from sonogen.generators.base import CONFIG, Generator, batch_indices, image_generators
 from sonogen.generators.families import register_family
 from sonogen.generators.ldm_modes import MODES, ControlMaps, blank_control, mode_of
-from sonogen.generators.ldm_networks import SCHEDULERS
+from sonogen.generators.ldm_networks import SCHEDULERS, AutoencoderStep, posterior_sample
 from sonogen.sampling import decode_png, gaussian_latents
 
 CONTROL_SOURCES = ("mask", "boxes")
@@ -119,6 +119,7 @@ class LatentDiffusion(Generator):
                 parameter.requires_grad_(not config.lora_rank or "lora_" in name)
         if self.mode.trains_autoencoder:
             self.vae.requires_grad_(True)  # trained first; later encoded without gradients
+        self._autoencoder_step = AutoencoderStep(self.vae)
 
     # the networks, by name (diffusers' own objects)
     vae = property(lambda self: self.nets.vae)
@@ -221,9 +222,8 @@ class LatentDiffusion(Generator):
         c, images = self.config, batch["images"]
         optimizers = self.optimizers()
         if self.mode.trains_autoencoder and self.step < c.vae_steps:
-            posterior = self.vae.encode(images).latent_dist
-            reconstruction = self.vae.decode(posterior.sample()).sample
-            loss = F.l1_loss(reconstruction.float(), images.float()) + c.kl_weight * posterior.kl().mean()
+            reconstruction, kl = self.parallel(self._autoencoder_step)(images, self.randn)
+            loss = F.l1_loss(reconstruction.float(), images.float()) + c.kl_weight * kl
             optimizers["vae"].zero_grad(set_to_none=True)
             loss.backward()
             optimizers["vae"].step()
@@ -231,12 +231,14 @@ class LatentDiffusion(Generator):
             self._set_latent_scale()
             return {"loss_vae": loss.item()}
         with torch.no_grad():
-            latents = self.vae.encode(self.nets.vae_input(images)).latent_dist.sample() * self.vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
-                                  device=latents.device)
+            latents = posterior_sample(self.vae.encode(self.nets.vae_input(images)).latent_dist, self.randn)
+            latents = latents * self.vae.config.scaling_factor
+        noise = self.randn(latents.shape, latents.device, latents.dtype)
+        timesteps = self.randint(self.noise_scheduler.config.num_train_timesteps, len(latents), latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = self._predict(noisy, timesteps, self._embed(batch["labels"]), batch["maps"])
+        states = self.nets.embed(batch["labels"], self.device, self.sampling_labels(), c.prompt_template,
+                                 embedding=self.parallel(self.label_embedding) if self.label_embedding else None)
+        prediction = self._predict(noisy, timesteps, states, batch["maps"], parallel=True)
         loss = F.mse_loss(prediction, self._target(latents, noise, timesteps), reduction="none").mean(dim=(1, 2, 3))
         if c.snr_gamma:
             from diffusers.training_utils import compute_snr
@@ -254,13 +256,22 @@ class LatentDiffusion(Generator):
         return {"loss": loss.item()}
 
     def _predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, states: torch.Tensor,
-                 maps: torch.Tensor | None) -> torch.Tensor:
+                 maps: torch.Tensor | None, parallel: bool = False) -> torch.Tensor:
+        """The UNet's prediction (with the ControlNet's residuals); ``parallel``: through their DDP wrappers."""
+        network = self.parallel if parallel else (lambda module: module)
         residuals = {}
         if maps is not None:
-            down, mid = self.controlnet(noisy, timesteps, states, controlnet_cond=self.nets.control_image(maps),
-                                        return_dict=False)
+            down, mid = network(self.controlnet)(noisy, timesteps, states,
+                                                 controlnet_cond=self.nets.control_image(maps), return_dict=False)
             residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-        return self.unet(noisy, timesteps, states, **residuals).sample.float()
+        return network(self.unet)(noisy, timesteps, states, **residuals).sample.float()
+
+    def distribute(self, wrap, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+        for module in self.mode.trained(self.nets):  # the UNet (with its label embedding), or the ControlNet
+            self._parallel[id(module)] = wrap(module)
+        if self.mode.trains_autoencoder:  # its phase calls encode and decode, not forward
+            self._parallel[id(self._autoencoder_step)] = wrap(self._autoencoder_step)
 
     def _target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.noise_scheduler.config.prediction_type == "v_prediction":

@@ -47,6 +47,25 @@ def sampling_scheduler(name: str, config) -> Any:
     return {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}[name].from_config(settings)
 
 
+def posterior_sample(posterior, randn) -> torch.Tensor:
+    """A draw from the autoencoder's posterior with noise from ``randn(shape, device, dtype)`` (a rank's share of
+    the global batch's draw under data-parallel training; as ``posterior.sample()`` in one process)."""
+    return posterior.mean + posterior.std * randn(posterior.mean.shape, posterior.mean.device, posterior.mean.dtype)
+
+
+class AutoencoderStep(nn.Module):
+    """The autoencoder phase of a from-scratch model as one ``forward`` (so that DDP sees it): the reconstruction
+    of a posterior draw and the posterior's mean KL divergence."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor, randn) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(images).latent_dist
+        return self.vae.decode(posterior_sample(posterior, randn)).sample, posterior.kl().mean()
+
+
 class LatentNetworks:
     def __init__(self):
         self.vae = self.unet = self.text_encoder = self.tokenizer = None
@@ -154,11 +173,12 @@ class LatentNetworks:
     # conditioning -------------------------------------------------------------------------------------------
 
     def embed(self, labels: torch.Tensor, device: torch.device, label_names: tuple[str, ...], template: str,
-              prompts: list[str] | None = None) -> torch.Tensor:
+              prompts: list[str] | None = None, embedding: nn.Module | None = None) -> torch.Tensor:
         """Cross-attention states: of the prompts when given, else of the labels (0 is unconditional, k the k-th
-        of ``label_names``) through the label embedding or the text encoder's reading of each label's prompt."""
+        of ``label_names``) through the label embedding (or ``embedding``, its data-parallel wrapper) or the text
+        encoder's reading of each label's prompt."""
         if self.label_embedding is not None:
-            return self.label_embedding(labels.to(device))[:, None]
+            return (embedding or self.label_embedding)(labels.to(device))[:, None]
         if prompts is not None:
             return self.encode_text(prompts, device)
         if self._label_states is None:  # the text encoder never trains: each label's prompt is read once

@@ -212,11 +212,12 @@ class SinDDM(Generator):
     def train_step(self, batch: ScaleBatch) -> dict[str, float]:
         scheduler = self.scheduler()
         clean = batch.clean
-        timesteps = torch.randint(0, scheduler.train_timesteps(batch.scale), (len(clean),), device=clean.device)
-        noise = torch.randn_like(clean)
+        timesteps = self.randint(scheduler.train_timesteps(batch.scale), len(clean), clean.device)
+        noise = self.randn(clean.shape, clean.device, clean.dtype)
         target = scheduler.training_target(clean, batch.blurred, timesteps, batch.scale)
         sources = torch.full_like(timesteps, batch.source) if self._told_source(batch.scale) else None
-        predicted = self.denoiser(scheduler.add_noise(target, noise, timesteps), timesteps, batch.scale, sources)
+        predicted = self.parallel(self.denoiser)(scheduler.add_noise(target, noise, timesteps), timesteps,
+                                                 batch.scale, sources)
         loss = (predicted.float() - noise).abs().mean()  # L1 on the predicted noise
         optimizer = self.optimizers()["denoiser"]
         for group in optimizer.param_groups:
@@ -227,6 +228,11 @@ class SinDDM(Generator):
         self.step += 1
         self._update_ema()
         return {"loss": loss.item(), "lr": self.learning_rate()}
+
+    def distribute(self, wrap, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+        # told its source only at the coarsest scale: the source embedding is unused in the other scales' steps
+        self._parallel[id(self.denoiser)] = wrap(self.denoiser, find_unused_parameters=self.config.layout_per_source)
 
     def _weights(self) -> dict[str, torch.Tensor]:
         layouts = {} if self.layouts is None else {LAYOUTS: self.layouts.contiguous().cpu()}

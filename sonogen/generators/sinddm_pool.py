@@ -128,6 +128,11 @@ class SinDDMPool(Generator):
         self.step += 1
         return losses
 
+    def distribute(self, wrap, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+        for member in self.members:
+            member.distribute(wrap, rank, world)
+
     def load_checkpoint(self, path) -> None:
         super().load_checkpoint(path)
         for k, member in enumerate(self.members):  # each member's schedule runs on its own steps

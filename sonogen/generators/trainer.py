@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from sonogen.data import UltrasoundDataset
+from sonogen.generators import distributed
 from sonogen.generators.base import CHECKPOINT, Generator
 from sonogen.generators.best_epoch import BEST_DIR, BestEpoch, Monitor
 from sonogen.metrics import PIXELS_16, kernel_mmd, one_nn_accuracy, pixel_features
@@ -44,10 +45,19 @@ class TrainConfig:
     compile: bool = False
     keep_best: bool | None = None  # keep the best epoch by realism readings (None: the family's choice, GANs do)
     monitor_samples: int = 256  # samples per reading when keeping the best epoch
+    # data-parallel training (torchrun): batch_size is the global batch, split evenly over the ranks
+    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (GPU ranks only)
+    collective_timeout_s: float = 1800.0  # a rank that waits longer on the others fails instead of hanging
+    nodes: int = 1  # on a cluster: the pipeline submits a Kubeflow TrainJob when nodes · gpus_per_node > 1
+    gpus_per_node: int = 1
 
     def __post_init__(self):
-        if min(self.epochs, self.batch_size, self.checkpoint_every, self.eval_every, self.steps_per_epoch or 1) < 1:
-            raise ValueError("epochs, batch_size, steps_per_epoch, checkpoint_every and eval_every must be ≥ 1")
+        if min(self.epochs, self.batch_size, self.checkpoint_every, self.eval_every, self.steps_per_epoch or 1,
+               self.nodes, self.gpus_per_node) < 1:
+            raise ValueError("epochs, batch_size, steps_per_epoch, checkpoint_every, eval_every, nodes and "
+                             "gpus_per_node must be ≥ 1")
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"collective_timeout_s must be positive, got {self.collective_timeout_s}")
         if self.eval_samples < 2 or self.monitor_samples < 2:
             raise ValueError("eval_samples and monitor_samples must be at least 2")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -153,6 +163,9 @@ def train(
     """Trains on the ``train`` split images of ``label`` (or of every label the family learns; those it selects);
     writes ``out/generator``, checkpoints and history.
 
+    Under torchrun each rank runs this with the same arguments: every rank draws the same global batches and
+    trains on its share of each (``Generator.distribute``); rank 0 alone evaluates, logs and writes.
+
     Per epoch it logs the losses, a sample grid of fixed latents, ``quality`` against the real training images
     and the family's ``held_out_losses`` on the ``val`` split. ``resume`` continues from
     ``out/checkpoint.safetensors``. ``progress`` wraps the epochs (a progress bar); ``log`` receives progress
@@ -172,7 +185,11 @@ def train(
                          f"at least {generator.min_training_images} are needed")
     items = [dataset[k] for k in chosen]
     images = torch.stack([item["image"] for item in items])
-    device = resolve_device(config.device)
+    ranks = distributed.current()
+    device = distributed.device_of(ranks, resolve_device(config.device))
+    if ranks.distributed and config.batch_size % ranks.world:
+        raise ValueError(f"train.batch_size {config.batch_size} is the global batch: make it a multiple of the "
+                         f"{ranks.world} ranks")
     generator.to(device)
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     if device.type == "cuda" and config.channels_last:
@@ -198,6 +215,12 @@ def train(
         history = [h for h in json.loads(history_path.read_text()) if h["epoch"] <= generator.epoch]
     elif resume:
         raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
+    if ranks.distributed:
+        if config.sync_batchnorm:
+            for module in generator.networks().values():
+                distributed.sync_batchnorm(module, device)
+        generator.distribute(distributed.ddp_wrapper(device), ranks.rank, ranks.world)
+    main = ranks.main
 
     keep_best = generator.keeps_best_epoch if config.keep_best is None else config.keep_best
     if keep_best:
@@ -206,8 +229,8 @@ def train(
         monitor_real = own[torch.randperm(len(own), generator=torch.Generator().manual_seed(1))][:monitor.samples]
     best = BestEpoch.load(out) if resume else BestEpoch()
     epochs = range(generator.epoch, config.epochs)
-    heartbeat = Heartbeat(log, config.epochs)
-    for epoch in progress(epochs) if progress else epochs:
+    heartbeat = Heartbeat(log if main else None, config.epochs)
+    for epoch in progress(epochs) if progress and main else epochs:
         # seeded per epoch so a resumed run draws the same batches and noise as an uninterrupted one
         torch.manual_seed(config.seed * 100_003 + epoch)
         order = generator.training_batches(loader_images, config.batch_size, steps,
@@ -215,17 +238,22 @@ def train(
         sums: dict[str, float] = {}
         batches = 0
         for batch in order:
+            if ranks.distributed:
+                batch = generator.share_batch(batch, distributed.batch_size_of(batch))
             autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
             with autocast:
                 losses = generator.train_step(batch)
             batches += 1
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + value
-            if tracker and generator.step % config.log_every_steps == 0:
+            if main and tracker and generator.step % config.log_every_steps == 0:  # rank 0's share
                 tracker.log_metrics(losses, step=generator.step)
             heartbeat.step(epoch + 1, generator.step, losses)
         generator.epoch = epoch + 1
-        record = {"epoch": generator.epoch, "step": generator.step, **{k: v / batches for k, v in sums.items()}}
+        losses = distributed.mean_over_ranks({k: v / batches for k, v in sums.items()})
+        record = {"epoch": generator.epoch, "step": generator.step, **losses}
+        if not main:
+            continue
         if generator.epoch % config.eval_every == 0 or generator.epoch == config.epochs:
             metrics, samples = quality(generator, real, config.eval_samples)
             if held_out is not None:
@@ -247,13 +275,17 @@ def train(
         if generator.epoch % config.checkpoint_every == 0 or generator.epoch == config.epochs:
             generator.save_checkpoint(checkpoint)
             history_path.write_text(json.dumps(history, indent=2) + "\n")
-    if keep_best and best.epoch:  # the kept epoch's weights are the model
+    if main and keep_best and best.epoch:  # the kept epoch's weights are the model
         shutil.rmtree(out / GENERATOR_DIR, ignore_errors=True)
         shutil.copytree(out / BEST_DIR, out / GENERATOR_DIR)
-    else:
+    elif main:
         generator.save(out / GENERATOR_DIR)
-    history_path.write_text(json.dumps(history, indent=2) + "\n")
+    if main:
+        history_path.write_text(json.dumps(history, indent=2) + "\n")
+    distributed.barrier()  # the others wait for rank 0's model before the job counts as done
     return {
+        "ranks": ranks.world,
+        "per_rank_batch": config.batch_size // ranks.world,
         "best_epoch": asdict(best) if keep_best else None,
         "train_images": len(images),
         "feature_extractor": PIXELS_16,

@@ -12,7 +12,7 @@ import yaml
 
 from sonogen.config import config_from_dict
 from sonogen.evaluation import gate_tags, read_report
-from sonogen.generators import get_generator
+from sonogen.generators import distributed, get_generator
 from sonogen.generators.base import CONFIG
 from sonogen.generators.trainer import GENERATOR_DIR, TrainConfig, train
 from sonogen.jobs.data import build_lesion_bank, read_params
@@ -72,11 +72,12 @@ def _prerequisite(what: str, key: str, family: str, data: Path, label: str, out:
     say = log or (lambda message: None)
     if what == "lesion_bank":
         folder = out / "bank"
-        if not (resume and folder.is_dir()):
+        if not (resume and folder.is_dir()) and distributed.current().main:  # one rank builds, the others wait
             settings = {k: v for k, v in (read_params(config_path).get("lesion_bank") or {}).items()
                         if k in ("structure_size", "bandwidth")}
             say(f"{family} needs a lesion bank ({key}): building it from the {label} training boxes")
             build_lesion_bank(data, folder, label, "train", dataset=dataset, **settings)
+        distributed.barrier()
         return folder
     folder = out / "base"
     if not (resume and (folder / GENERATOR_DIR / CONFIG).is_file()):
@@ -110,7 +111,10 @@ def train_generator(
     What the family needs first (``Generator.prerequisites``) and is not given is made inside ``out``: a lesion
     bank always, a model to train on only with ``build_prerequisites`` (else it is an error). A label the family declines is an error, or with
     ``skip_declined`` a ``declined.json`` in ``out`` saying why (a DVC matrix of families × labels). With
-    ``parent_run_id`` the MLflow run is that run's child (a cross-validation fold)."""
+    ``parent_run_id`` the MLflow run is that run's child (a cross-validation fold).
+
+    Under torchrun every rank calls this; rank 0 alone tracks, writes and registers (the others return their
+    rank)."""
     import mlflow
 
     data, out = Path(data), Path(out)
@@ -122,6 +126,8 @@ def train_generator(
             raise ValueError(f"{family} does not train on {label}: {reason}")
         write_declined(out, family, label, reason)
         return {"declined": reason, "family": family, "label": label}
+    train_config = config_from_dict(TrainConfig, family_sections(config_path, family)[1])
+    ranks = distributed.start(train_config.collective_timeout_s)
     needed = family_class.prerequisites(settings)
     # a lesion bank is quick to build from the data; a model to train on is a run of its own, made when asked
     models = {key: what for key, what in needed.items() if what != "lesion_bank"}
@@ -132,7 +138,10 @@ def train_generator(
     for key, what in needed.items():
         settings[key] = str(_prerequisite(what, key, family, data, label, out, config_path, dataset, resume, log))
     model_config = config_from_dict(family_class.config_class, settings)
-    train_config = config_from_dict(TrainConfig, family_sections(config_path, family)[1])
+    if not ranks.main:
+        torch.manual_seed(train_config.seed)
+        train(family_class(model_config), data, label, train_config, out, resume=resume)
+        return {"rank": ranks.rank, "family": family, "label": label}
     tracking_uri = configure_mlflow()
     run_id = RunRecord.read(out).run_id if resume and (out / RUN_INFO).exists() else None
     mlflow.set_experiment(experiment or f"{dataset}-{family}")
@@ -142,6 +151,7 @@ def train_generator(
         if run_id is None:
             mlflow.log_params({
                 **_flatten("model", asdict(model_config)), **_flatten("train", asdict(train_config)), **identity,
+                "train.ranks": ranks.world, "train.per_rank_batch": train_config.batch_size // ranks.world,
             })
             mlflow.set_tags({"family": family, "label": label, "dataset": dataset, "code_version": git_commit()})
         record = RunRecord(run.info.run_id, tracking_uri, family, label, dataset, str(data))
