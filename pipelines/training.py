@@ -1,5 +1,8 @@
 """The training pipeline: prepare → us-encoder → for each (family, label): train → evaluate → if passed: register.
 
+A (family, label) whose params ask for more than one GPU (``train.<family>.train.nodes`` × ``gpus_per_node``) is
+in ``trainer_runs``: its train task submits a Kubeflow Trainer TrainJob of that size instead of training in its pod.
+
 What a family needs before training (a lesion bank, a model it builds on: ``Generator.prerequisites``) is made by
 its train task; the (family, label) runs a family declines (``Generator.declines``) are left out of the list.
 
@@ -19,7 +22,9 @@ from components.evaluate_gates import evaluate_gates
 from components.prepare_data import prepare_data
 from components.register_model import register_model
 from components.train_encoder import train_encoder
+from components import IMAGE
 from components.train_generator import train_generator
+from components.train_on_trainer import train_on_trainer
 
 PIPELINE_NAME = "sonogen-training"
 # cluster wiring (infra/base): object-store credentials from a Secret, service endpoints from a ConfigMap
@@ -72,6 +77,7 @@ def _register_if_passed(trained: dsl.PipelineTask, gated: dsl.PipelineTask) -> N
 def training_pipeline(
     params: str,
     runs: list = [{"family": "dcgan", "label": "consolidation"}, {"family": "dcgan", "label": "normal"}],  # noqa: B006
+    trainer_runs: list = [],  # noqa: B006  ({family, label, nodes, gpus_per_node}: trained as TrainJobs)
     raw: str = "phantom",
     dvc_repo: str = "",
     dvc_rev: str = "",
@@ -87,23 +93,41 @@ def training_pipeline(
             dataset_name=dataset_name,
         ))
         _register_if_passed(trained, gate(prepared, trained, encoder, params))
+    with dsl.ParallelFor(items=trainer_runs, name="family-label-on-trainer") as run:
+        # a small pod that submits and follows the TrainJob; the GPUs are the job's
+        trained = _cluster_environment(train_on_trainer(
+            prepared=prepared.outputs["prepared"], encoder=encoder.outputs["encoder"], family=run.family,
+            label=run.label, params=params, nodes=run.nodes, gpus_per_node=run.gpus_per_node, image=IMAGE,
+            dataset_name=dataset_name,
+        )).set_cpu_request("1").set_memory_request("2G")
+        _register_if_passed(trained, gate(prepared, trained, encoder, params))
 
 
 def arguments_from_params(params_text: str) -> dict:
     """Pipeline arguments from the text of params.yaml (the same parameters ``dvc repro`` uses)."""
     from sonogen.generators import get_generator
-    from sonogen.jobs import model_settings
+    from sonogen.generators.trainer import TrainConfig
+    from sonogen.jobs import family_sections, model_settings
 
     params = yaml.safe_load(params_text) or {}
     dataset = params.get("dataset") or {}
     train = params.get("train") or {}
     raw = dataset.get("raw", "data/raw/phantom")
-    runs = [{"family": family, "label": label}
-            for family, label in itertools.product(train.get("families", []), train.get("labels", []))
-            if not get_generator(family).declines(model_settings(params, family, label))]
+    runs, trainer_runs = [], []
+    for family, label in itertools.product(train.get("families", []), train.get("labels", [])):
+        if get_generator(family).declines(model_settings(params, family, label)):
+            continue
+        settings = family_sections(params, family)[1]
+        nodes = int(settings.get("nodes", TrainConfig.nodes))
+        gpus_per_node = int(settings.get("gpus_per_node", TrainConfig.gpus_per_node))
+        if nodes * gpus_per_node > 1:
+            trainer_runs.append({"family": family, "label": label, "nodes": nodes, "gpus_per_node": gpus_per_node})
+        else:
+            runs.append({"family": family, "label": label})
     return {
         "params": params_text,
         "runs": runs,
+        "trainer_runs": trainer_runs,
         # the DVC phantom stage's output is simulated inside the pipeline from the same parameters
         "raw": "phantom" if raw == "data/raw/phantom" else raw,
         "dataset_name": dataset.get("name", "lus"),

@@ -44,11 +44,10 @@ OLD_FLAGS = {"image": "images", "max_images": "max_images", "mode": "mode", "bas
 @_user_errors
 def train_command(
     family: Annotated[str, typer.Argument(help="Generator family, e.g. dcgan.")],
-    data: Annotated[Path, typer.Option(help="Prepared dataset folder.")],
+    data: Annotated[str, typer.Option(help="Prepared dataset folder, or its s3:// URI (downloaded first).")],
     label: Annotated[str, typer.Option(help="Label to learn; one generator per label.")],
-    config: Annotated[
-        Path | None, typer.Option(help="YAML with model/train sections, or params.yaml (train.<family>).")
-    ] = None,
+    config: Annotated[str | None, typer.Option(
+        help="YAML with model/train sections, or params.yaml (train.<family>); a path or s3:// URI.")] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="A model setting of the family's config, KEY=VALUE (YAML value), repeatable; wins over "
                       "--config. An unknown key or a wrong type lists the family's keys (docs/<family>.md).")]
@@ -68,6 +67,9 @@ def train_command(
     skip_declined: Annotated[bool, typer.Option(
         "--skip-declined", help="For a label the family does not train on, write declined.json and succeed "
                                 "(a DVC matrix of families × labels) instead of failing.")] = False,
+    upload: Annotated[str | None, typer.Option(
+        help="Copy the output folder there when trained (s3:// URI or folder): a Kubeflow TrainJob's model out.")]
+    = None,
     nproc_per_node: Annotated[int, typer.Option(
         help="Train data-parallel on N local ranks (torchrun: N GPUs, or CPU processes with gloo); "
              "train.batch_size is then the global batch.")] = 1,
@@ -106,13 +108,21 @@ def train_command(
         console.print(f"[yellow]--{flag.replace('_', '-')} is deprecated:[/yellow] write --set {key}={shown}")
         overrides.setdefault(key, value)
     out = out or Path("models") / generator_name(family, label, overrides)
-    info = train_generator(family, data, label, out, config, dataset, experiment, register, resume,
+    from sonogen.tracking import local_file, local_folder, upload_folder
+
+    data_folder = local_folder(data, "--data")
+    dataset = dataset or (data_folder.name if "://" not in data else data.rstrip("/").rsplit("/", 1)[-1])
+    config_file = local_file(config, "--config") if config else None
+    info = train_generator(family, data_folder, label, out, config_file, dataset, experiment, register, resume,
                            progress=_progress(f"training {family} on {label}"), model_overrides=overrides,
                            log=None if console.is_terminal else log, build_prerequisites=build_prerequisites,
                            skip_declined=skip_declined, monitor=monitor)
     distributed.stop()
     if info.get("rank"):  # under torchrun, rank 0 reports
         return
+    if upload:
+        upload_folder(out, upload)
+        console.print(f"copied {out} to {upload}")
     if "declined" in info:
         console.print(f"not trained: {info['declined']} ({out / 'declined.json'})")
         return

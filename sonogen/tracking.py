@@ -104,6 +104,24 @@ def local_folder(uri: str, what: str) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
 
 
+def local_file(uri: str, what: str) -> Path:
+    """A local file for a path or an object-store URI (downloaded as ``local_folder``)."""
+    if "://" not in uri:
+        if not Path(uri).is_file():
+            raise FileNotFoundError(f"{what} {uri} is not a file")
+        return Path(uri)
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+
+
+def upload_folder(folder: str | Path, uri: str) -> None:
+    """Copies ``folder``'s content to ``uri`` (``s3://…`` or a local folder) through MLflow's artifact stores."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    get_artifact_repository(uri).log_artifacts(str(folder))
+
+
 class NotRegistered(ValueError):
     """A registered model, version or alias that does not exist (yet)."""
 

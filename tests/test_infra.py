@@ -140,8 +140,9 @@ def find(kind: str, name: str, namespace: str | None = None) -> dict | None:
 
 
 def pod_specs() -> list[tuple[dict, dict]]:
-    """(object, pod spec) for every workload and every component of a KServe InferenceService (whose component specs
-    embed a PodSpec): the policy checks below (Secrets, ConfigMaps, images, non-root, requests) apply to all."""
+    """(object, pod spec) for every workload, every component of a KServe InferenceService and every job of a Kubeflow
+    TrainingRuntime (which embed PodSpecs): the policy checks below (Secrets, ConfigMaps, images, non-root,
+    requests) apply to all."""
     specs = []
     for obj in objects():
         if obj["kind"] in WORKLOAD_KINDS:
@@ -150,6 +151,9 @@ def pod_specs() -> list[tuple[dict, dict]]:
             specs.append((obj, obj["spec"]))
         elif obj["kind"] == "InferenceService":
             specs += [(obj, obj["spec"][c]) for c in ISVC_COMPONENTS if c in obj["spec"]]
+        elif obj["kind"] == "TrainingRuntime":  # Kubeflow Trainer: a JobSet template of pod templates
+            specs += [(obj, job["template"]["spec"]["template"]["spec"])
+                      for job in obj["spec"]["template"]["spec"]["replicatedJobs"]]
     return specs
 
 
@@ -291,6 +295,18 @@ def test_kfp_is_the_pinned_upstream_install():
     ref = refs.pop()
     readme_refs = set(re.findall(r"github\.com/kubeflow/pipelines/\S*\?ref=([\w.]+)", (INFRA / "README.md").read_text()))
     assert readme_refs == {ref}, f"infra/README.md installs KFP {readme_refs}, infra/kfp pins {ref}"
+
+
+def test_trainer_is_the_pinned_upstream_release_of_the_api_the_sdk_speaks():
+    kust = yaml.safe_load((INFRA / "trainer" / "kustomization.yaml").read_text())
+    remote = [r for r in kust["resources"] if is_remote(r)]
+    assert [r.split("?")[0] for r in remote] == ["github.com/kubeflow/trainer/manifests/overlays/manager"]
+    ref = re.search(r"\?ref=(.+)$", remote[0]).group(1)
+    readme_refs = set(re.findall(r"github\.com/kubeflow/trainer/\S*\?ref=([\w.]+)", (INFRA / "README.md").read_text()))
+    assert readme_refs == {ref}, f"infra/README.md installs Trainer {readme_refs}, infra/trainer pins {ref}"
+    api = lock_pins()["kubeflow-trainer-api"]
+    assert ref.lstrip("v").split(".")[:2] == api.split(".")[:2], f"Trainer {ref} but kubeflow-trainer-api {api}"
+    assert "runtime.yaml" in kust["resources"]
 
 
 def test_base_has_the_serving_slot_and_no_namespace_override():

@@ -59,8 +59,10 @@ def test_training_and_gates_request_a_gpu_and_every_task_gets_cluster_credential
     gpu = {name: e["container"]["resources"].get("accelerator") for name, e in executors.items()
            if "accelerator" in e["container"].get("resources", {})}
     one_gpu = {"count": "1", "resourceCount": "1", "resourceType": "nvidia.com/gpu", "type": "nvidia.com/gpu"}
-    # the family × label loop (a family's prerequisites train in its task), the encoder, the gates
-    assert gpu == {name: one_gpu for name in ("exec-train-generator", "exec-train-encoder", "exec-evaluate-gates")}
+    # the family × label loop (a family's prerequisites train in its task), the encoder, the gates (of both loops);
+    # the task that submits a TrainJob asks for none: the job's pods have the GPUs
+    assert gpu == {name: one_gpu for name in ("exec-train-generator", "exec-train-encoder", "exec-evaluate-gates",
+                                              "exec-evaluate-gates-2")}
     assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
     kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(kubernetes) == set(executors)
@@ -87,6 +89,31 @@ def test_runs_are_derived_from_the_families_and_the_labels_they_train(tmp_path):
     defaults = spec["root"]["inputDefinitions"]["parameters"]
     assert defaults["runs"]["defaultValue"] == arguments["runs"]
     assert "defaultValue" not in defaults["params"]  # the params text is given with each run
+
+
+def test_runs_of_more_than_one_gpu_go_to_kubeflow_trainer_and_the_compiled_pipeline_shows_the_switch(tmp_path):
+    train = TINY_PARAMS["train"]
+    params = {**TINY_PARAMS, "train": {**train, "families": ["dcgan", "ldm"], "labels": ["consolidation"], "ldm": {
+        "model": {"image_size": 32}, "train": {"epochs": 1, "nodes": 2, "gpus_per_node": 4}}}}
+    arguments = arguments_from_params(yaml.safe_dump(params))
+    assert arguments["runs"] == [{"family": "dcgan", "label": "consolidation"}]
+    assert arguments["trainer_runs"] == [{"family": "ldm", "label": "consolidation", "nodes": 2, "gpus_per_node": 4}]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    sonogen("pipeline", "compile", "-o", str(tmp_path / "p.yaml"), "--params", str(tmp_path / "params.yaml"), cwd=REPO)
+    spec, platform = yaml.safe_load_all((tmp_path / "p.yaml").read_text())
+    assert spec["root"]["inputDefinitions"]["parameters"]["trainer_runs"]["defaultValue"] == arguments["trainer_runs"]
+    loop = spec["root"]["dag"]["tasks"]["for-loop-3"]
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--trainer_runs"
+    task = spec["components"]["comp-for-loop-3"]["dag"]["tasks"]["train-on-trainer"]
+    inputs = task["inputs"]["parameters"]
+    assert inputs["nodes"]["componentInputParameter"] == "pipelinechannel--trainer_runs-loop-item"
+    assert inputs["nodes"]["parameterExpressionSelector"] == "parseJson(string_value)[\"nodes\"]"
+    assert inputs["image"]["runtimeValue"]["constant"] == IMAGE  # the TrainJob's pods run this task's image
+    executor = spec["deploymentSpec"]["executors"]["exec-train-on-trainer"]["container"]
+    assert "accelerator" not in executor["resources"] and executor["image"] == IMAGE
+    assert "train_on_trainer" in " ".join(executor["command"])
+    kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-on-trainer"]
+    assert {s["secretName"] for s in kubernetes["secretAsEnv"]} == {"sonogen-s3"}  # it stages params and model
 
 
 def test_the_component_image_is_the_one_the_dockerfile_builds(compiled, tmp_path):

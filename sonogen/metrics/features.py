@@ -53,11 +53,15 @@ def pixel_extractor(size: int = 16) -> Extractor:
 
 
 def encoder_extractor(source: str | Path) -> Extractor:
-    """The ``us-encoder``: a saved classifier folder, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``."""
+    """The ``us-encoder``: a saved classifier folder (or ``s3://`` URI), or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``."""
     from sonogen.metrics.classifier import load_classifier
 
     folder, name, version = Path(source), None, None
-    if str(source).startswith("models:/"):
+    if "://" in str(source) and not str(source).startswith("models:/"):  # an object store (s3://)
+        from sonogen.tracking import local_folder
+
+        folder = local_folder(str(source), "us-encoder")
+    elif str(source).startswith("models:/"):
         import mlflow
 
         from sonogen.tracking import resolve_version
