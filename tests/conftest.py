@@ -163,6 +163,7 @@ def start_server(root: Path, tracking_uri: str, model: str, *args: str) -> tuple
     """``sonogen serve --model MODEL ARGS`` as a real process on a free loopback port, once it answers; its output
     goes to ``root/serve-PORT.log`` (a pipe nobody reads would fill and stop the server)."""
     import requests
+    import torch
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -170,7 +171,10 @@ def start_server(root: Path, tracking_uri: str, model: str, *args: str) -> tuple
     log = root / f"serve-{port}.log"
     with log.open("w") as output:
         process = subprocess.Popen([sys.executable, "-m", "sonogen.cli", "serve", "--model", model, "--port",
-                                    str(port), *args], cwd=root, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+                                    str(port), *args], cwd=root,
+                                   # as many threads as this process: sums rounded alike, images equal to its samples
+                                   env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+                                        "OMP_NUM_THREADS": str(torch.get_num_threads())},
                                    stdout=output, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60

@@ -101,7 +101,7 @@ def test_a_train_task_on_trainer_trains_from_s3_on_two_ranks_and_passes_the_mode
     assert trainer_api.invalid == [], trainer_api.invalid
     assert any("finished epoch 2/2" in line for line in lines), lines
     assert info["ranks"] == 2 and info["final"]["epoch"] == 2
-    run = mlflow.get_run(info["run_id"])
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(info["run_id"])
     assert run.data.params["train.ranks"] == "2" and run.data.params["train.per_rank_batch"] == "2"
     model = load_generator(tmp_path / "model" / "generator")
     assert model.sample(2, seed=3).shape == (2, 1, 32, 32)
