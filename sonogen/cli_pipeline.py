@@ -11,8 +11,9 @@ from sonogen.cli_common import console, user_errors as _user_errors
 
 pipeline_app = typer.Typer(help="Kubeflow Pipelines: compile the training and cross-validation pipelines, run them "
                                 "here or on a cluster.", no_args_is_help=True)
-Which = Annotated[str, typer.Option("--pipeline", help="training, or crossval (sonogen-crossval: one family and label "
-                                                       "per run, --family and --label).")]
+Which = Annotated[str, typer.Option("--pipeline", help="training; crossval (sonogen-crossval: one family and label "
+                                                       "per run, --family and --label); or generate (sonogen-generate: "
+                                                       "a synthetic dataset in shards, --model, --n, --out).")]
 
 
 Image = Annotated[str | None, typer.Option(
@@ -43,6 +44,11 @@ def pipeline_compile_command(
 
         console.print(f"wrote {compile_crossval_pipeline(out)}")
         return
+    if pipeline == "generate":
+        from pipelines.generation import compile_generation_pipeline
+
+        console.print(f"wrote {compile_generation_pipeline(out)}")
+        return
     _check_pipeline(pipeline)
     from pipelines.training import compile_pipeline
 
@@ -50,8 +56,8 @@ def pipeline_compile_command(
 
 
 def _check_pipeline(pipeline: str) -> None:
-    if pipeline not in ("training", "crossval"):
-        raise ValueError(f"--pipeline must be training or crossval, got {pipeline!r}")
+    if pipeline not in ("training", "crossval", "generate"):
+        raise ValueError(f"--pipeline must be training, crossval or generate, got {pipeline!r}")
 
 
 @pipeline_app.command("run")
@@ -79,6 +85,13 @@ def pipeline_run_command(
     label: Annotated[str | None, typer.Option(help="crossval: the label it draws.")] = None,
     folds: Annotated[int | None, typer.Option(min=2, help="crossval: folds (default: params.yaml's crossval.folds).")]
     = None,
+    model: Annotated[str | None, typer.Option(help="generate: models:/NAME@ALIAS or models:/NAME/VERSION.")] = None,
+    n: Annotated[int | None, typer.Option("--n", min=1, help="generate: number of images.")] = None,
+    out: Annotated[str | None, typer.Option(help="generate: s3://bucket/prefix (a cluster) or a folder.")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="generate: seed of the whole set.")] = 0,
+    batch: Annotated[int, typer.Option(min=1, help="generate: images per chunk.")] = 64,
+    condition: Annotated[str, typer.Option(help="generate: what every image is drawn with, as JSON.")] = "{}",
+    shards: Annotated[int, typer.Option(min=1, help="generate: workers, one GPU each on a cluster.")] = 1,
 ):
     """Run the training (or cross-validation) pipeline: locally with kfp.local (default) or on a Kubeflow cluster
     (--host)."""
@@ -88,12 +101,25 @@ def pipeline_run_command(
     _check_pipeline(pipeline)
     from pipelines.crossval import (PIPELINE_NAME as CROSSVAL, compile_crossval_pipeline, crossval_arguments,
                                     run_crossval_local)
+    from pipelines.generation import (PIPELINE_NAME as GENERATE, compile_generation_pipeline, generation_arguments,
+                                      run_generation_local)
     from pipelines.training import PIPELINE_NAME as TRAINING, arguments_from_params, compile_pipeline, run_local
     from sonogen.registry import list_models
 
-    if not params.is_file():
+    if pipeline == "generate":
+        import json
+
+        if not model or not n or not out:
+            raise ValueError("--pipeline generate needs --model, --n and --out")
+        try:
+            drawn_with = json.loads(condition)
+        except ValueError as err:
+            raise ValueError(f"--condition: not JSON ({err})") from None
+        arguments = generation_arguments(model, n, out, seed, batch, drawn_with, shards)
+        compile_package, run_here, name = compile_generation_pipeline, run_generation_local, GENERATE
+    elif not params.is_file():
         raise FileNotFoundError(f"{params} not found")
-    if pipeline == "crossval":
+    elif pipeline == "crossval":
         if not family or not label:
             raise ValueError("--pipeline crossval needs --family and --label")
         arguments = crossval_arguments(params.read_text(), family, label, folds)
@@ -101,7 +127,8 @@ def pipeline_run_command(
     else:
         arguments = arguments_from_params(params.read_text())
         compile_package, run_here, name = compile_pipeline, run_local, TRAINING
-    arguments.update({k: v for k, v in {"raw": raw, "dvc_repo": dvc_repo, "dvc_rev": dvc_rev}.items() if v})
+    if pipeline != "generate":
+        arguments.update({k: v for k, v in {"raw": raw, "dvc_repo": dvc_repo, "dvc_rev": dvc_rev}.items() if v})
     if host:
         from sonogen.submit import submit_pipeline
 
@@ -123,6 +150,8 @@ def pipeline_run_command(
                           f"{' '.join('@' + a for a in row['aliases'])} (gate {row['tags'].get('gate', '-')})")
     for report in sorted(Path(pipeline_root).rglob("crossval_report.md")) if pipeline == "crossval" else []:
         console.print(f"cross-validation report: {report}")
+    if pipeline == "generate":
+        console.print(f"{n} images in {out} (manifest.csv, generate.json)")
     console.print(f"task outputs and gate reports: {pipeline_root}/")
 
 

@@ -102,13 +102,35 @@ def generate_command(
     out: Annotated[str, typer.Option(help="Output folder or s3://bucket/prefix.")],
     seed: Annotated[int, typer.Option(min=0, help="Seed of the whole set.")] = 0,
     batch: Annotated[int, typer.Option(min=1, help="Images per chunk (the unit of resumption).")] = 64,
+    condition: Annotated[str, typer.Option(help='What every image is drawn with, as JSON: {"label": "normal"}, '
+                                                '{"size_bias": "large"}, {"size": [96, 128]} (the family\'s keys).')]
+    = "{}",
+    shards: Annotated[int, typer.Option(min=1, help="Workers sharing the set (each runs with its --shard).")] = 1,
+    shard: Annotated[int, typer.Option(min=0, help="This worker's part, 0 … --shards − 1.")] = 0,
+    merge: Annotated[bool, typer.Option("--merge", help="Join the --shards workers' parts into manifest.csv.")]
+    = False,
 ):
-    """Write a large synthetic dataset (images + manifest.csv); rerun the same command to resume."""
-    from sonogen.generate import generate_dataset
+    """Write a large synthetic dataset (images + manifest.csv); rerun the same command to resume. With --shards K,
+    K workers (--shard 0 … K−1) draw disjoint parts of the same set, then one --merge writes its manifest."""
+    import json
 
-    result = generate_dataset(model, n, out, seed=seed, batch=batch, progress=progress(f"generating {n} images"))
-    console.print(f"{result['images']} images of {result['model_name']} v{result['model_version']} in {out} "
-                  f"({result['skipped_chunks']} of {result['chunks']} chunks were already there); manifest.csv")
+    from sonogen.generate import generate_dataset, merge_shards
+
+    if merge:
+        result = merge_shards(out, shards)
+        console.print(f"merged {shards} shards: {result['images']} images of {result['model_name']} "
+                      f"v{result['model_version']} in {out}; manifest.csv")
+        return
+    try:
+        drawn_with = json.loads(condition)
+    except ValueError as err:
+        raise ValueError(f"--condition: not JSON ({err})") from None
+    result = generate_dataset(model, n, out, seed=seed, batch=batch, condition=drawn_with, shards=shards,
+                              shard=shard, progress=progress(f"generating {n} images"))
+    part = "" if shards == 1 else f"shard {shard} of {shards}: "
+    console.print(f"{part}{result['images']} images of {result['model_name']} v{result['model_version']} in {out} "
+                  f"({result['skipped_chunks']} of {result['chunks']} chunks were already there); "
+                  + ("manifest.csv" if shards == 1 else f"then merge: sonogen generate … --shards {shards} --merge"))
 
 
 @user_errors

@@ -2,8 +2,14 @@
 ``manifest.csv``, with each image's lesion boxes from families that place lesions) to a folder or an ``s3://`` prefix.
 
 Work goes in chunks of ``batch`` images; chunk ``k`` is drawn with ``chunk_seed(seed, k)``, so every image is
-reproducible from its manifest row. A rerun of the same command skips the chunks already written, and a rerun
-with other settings into the same place is refused rather than mixed in. A local output can be ``dvc add``-ed.
+reproducible from its manifest row, and the set does not depend on how the work is split: with ``shards`` K, worker
+``shard`` i draws the chunks k ≡ i (mod K) into the same place and writes its part of the manifest, and
+``merge_shards`` joins the parts into ``manifest.csv`` (the ``sonogen-generate`` pipeline: a task per shard, then
+the merge). A rerun skips the chunks already written, and a rerun with other settings into the same place is
+refused rather than mixed in. A local output can be ``dvc add``-ed.
+
+Each synthetic image is a patient of its own, ``synthetic-<model>-v<version>-s<seed>-<index>``; real imports refuse
+that prefix, so a synthetic set mixed with real data splits by patient without a collision.
 """
 
 from __future__ import annotations
@@ -14,10 +20,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sonogen.data.manifest import MANIFEST, Record
+from sonogen.data.manifest import MANIFEST, SYNTHETIC_PATIENT, Record, read_manifest
 from sonogen.sampling import chunk_seed, png_bytes
 
 PLAN = "generate.json"
+SHARD_MANIFESTS = "shards"  # shards/<i>-of-<K>.csv: each worker's part of manifest.csv
+
+
+def shard_manifest(shard: int, shards: int) -> str:
+    return f"{SHARD_MANIFESTS}/{shard:04d}-of-{shards:04d}.csv"
 
 
 class Destination:
@@ -57,21 +68,36 @@ class Destination:
         return (self.root / name).read_bytes()
 
 
+def check_condition(condition: dict[str, Any], conditions: frozenset[str], labels: tuple[str, ...]) -> None:
+    """The condition keys and label the model takes (the family checks the values as it draws)."""
+    if not isinstance(condition, dict):
+        raise ValueError(f"--condition must be a JSON object, got {condition!r}")
+    if unknown := sorted(set(condition) - set(conditions)):
+        raise ValueError(f"--condition: this model does not take {unknown}; it takes {sorted(conditions)}")
+    if "label" in condition and condition["label"] not in labels:
+        raise ValueError(f"--condition: label {condition['label']!r} is not one of {list(labels)}")
+
+
 def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int = 64,
-                     condition: dict[str, Any] | None = None, progress=None) -> dict:
-    """Writes ``n`` images of ``model_uri`` to ``out``; returns a summary (written, skipped chunks, manifest)."""
+                     condition: dict[str, Any] | None = None, progress=None, shards: int = 1, shard: int = 0) -> dict:
+    """Writes the images of ``model_uri`` that are this shard's (all of the ``n`` with one shard) to ``out``, and
+    the manifest (one shard) or this shard's part of it; returns a summary (written, skipped chunks)."""
     from sonogen.registry import model_name_of
     from sonogen.backends import load_backend
 
     if n < 1 or batch < 1:
         raise ValueError(f"n and batch must be at least 1, got n={n}, batch={batch}")
+    if shards < 1 or not 0 <= shard < shards:
+        raise ValueError(f"--shard must be from 0 to --shards − 1 ({shards - 1}), got {shard}")
+    condition = dict(condition or {})
     backend = load_backend(model_uri)
     if backend is None:
         raise ValueError(f"{model_uri} is not in the registry")
+    check_condition(condition, backend.conditions, backend.labels)
     name = model_name_of(model_uri)
-    label = (condition or {}).get("label", backend.label)
+    label = condition.get("label", backend.label)
     plan = {"model_name": name, "model_version": backend.version, "family": backend.family, "label": label,
-            "n": n, "seed": seed, "batch": batch, "condition": condition or {}}
+            "n": n, "seed": seed, "batch": batch, "condition": condition}
     destination = Destination(out)
     if PLAN in destination.existing:
         previous = json.loads(destination.read(PLAN))
@@ -79,7 +105,7 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
             raise ValueError(f"{out} holds a generation with other settings ({previous}); choose another --out")
     else:
         destination.write(PLAN, (json.dumps(plan, indent=2) + "\n").encode())
-    chunks = [(k, start, min(batch, n - start)) for k, start in enumerate(range(0, n, batch))]
+    chunks = [(k, start, min(batch, n - start)) for k, start in enumerate(range(0, n, batch)) if k % shards == shard]
     records, skipped = [], 0
     for k, start, size in (progress or iter)(chunks):
         names = [f"images/{start + i:07d}.png" for i in range(size)]
@@ -99,13 +125,38 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
                 destination.write(boxes_name[0], json.dumps(boxes).encode())
         for i, (image_name, data) in enumerate(zip(names, pngs)):
             records.append(Record(
-                image=image_name, patient_id=f"synthetic-{name}-v{backend.version}", source=f"{name}@v{backend.version}",
-                label=label, split="train", boxes=boxes[i] if boxes else [],
+                image=image_name, patient_id=f"{SYNTHETIC_PATIENT}{name}-v{backend.version}-s{seed}-{start + i:07d}",
+                source=f"{name}@v{backend.version}", label=label, split="train", boxes=boxes[i] if boxes else [],
                 origin=f"seed={chunk_seed(seed, k)};index={i}",
                 licence="synthetic: see the model card", sha256=hashlib.sha256(data).hexdigest(),
             ))
+    destination.write(MANIFEST if shards == 1 else shard_manifest(shard, shards), _manifest_bytes(records))
+    return {"out": out, "images": len(records), "chunks": len(chunks), "skipped_chunks": skipped,
+            "shard": shard, "shards": shards, **plan}
+
+
+def merge_shards(out: str, shards: int) -> dict:
+    """Joins the ``shards`` workers' manifest parts in ``out`` into ``manifest.csv``, once every part is there and
+    together they hold the plan's ``n`` images."""
+    destination = Destination(out)
+    if PLAN not in destination.existing:
+        raise ValueError(f"{out} holds no generation ({PLAN} is missing)")
+    plan = json.loads(destination.read(PLAN))
+    missing = [k for k in range(shards) if shard_manifest(k, shards) not in destination.existing]
+    if missing:
+        raise ValueError(f"{out}: shard(s) {missing} of {shards} have not finished; run them, then merge again")
+    import tempfile
+
+    records = []
+    for k in range(shards):
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / MANIFEST).write_bytes(destination.read(shard_manifest(k, shards)))
+            records += read_manifest(tmp)
+    records.sort(key=lambda record: record.image)
+    if len(records) != plan["n"] or len({r.image for r in records}) != plan["n"]:
+        raise ValueError(f"{out}: the {shards} shards hold {len(records)} images, not the {plan['n']} planned")
     destination.write(MANIFEST, _manifest_bytes(records))
-    return {"out": out, "images": n, "chunks": len(chunks), "skipped_chunks": skipped, **plan}
+    return {"out": out, "images": len(records), "shards": shards, **plan}
 
 
 def _manifest_bytes(records: list[Record]) -> bytes:

@@ -44,6 +44,7 @@ class Record:
 COLUMNS = tuple(f.name for f in fields(Record))
 OPTIONAL_COLUMNS = ("flags",)  # manifests written before these columns existed still read
 BURNED_IN = "burned_in_annotation"
+SYNTHETIC_PATIENT = "synthetic-"  # the patient ids of generated images start so; real imports may not
 
 
 def image_id(image_path: str) -> str:

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from sonogen.data.manifest import MANIFEST, Box, Record, file_sha256, save_png, write_manifest
+from sonogen.data.manifest import MANIFEST, SYNTHETIC_PATIENT, Box, Record, file_sha256, save_png, write_manifest
 from sonogen.data.pseudonyms import PseudonymKey
 
 IMPORT_REPORT = "import_report.json"
@@ -141,6 +141,9 @@ class DatasetWriter:
 
         ``companions`` are files read together with it (its masks): imported or skipped with it, counted apiece.
         """
+        if patient_id.startswith(SYNTHETIC_PATIENT):
+            raise ValueError(f"{file}: patient id {patient_id!r} starts with {SYNTHETIC_PATIENT!r}, which marks "
+                             f"generated images; import with --anonymise-names (keyed pseudonyms) or rename the patient")
         self.files_seen += 1 + len(companions)
         try:
             samples = read()

@@ -1,0 +1,100 @@
+"""Sharded bulk generation: K workers draw disjoint parts of one synthetic dataset, a merge joins them, and the set
+equals a one-worker run's; the sonogen-generate pipeline does that with kfp.local; conditions are checked; synthetic
+patients never collide with real ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import NAME
+from sonogen.cli import app
+from sonogen.data.manifest import SYNTHETIC_PATIENT, read_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def generate(registry, out, *args, version="1"):
+    return CliRunner().invoke(app, ["generate", "--model", f"models:/{NAME}/{version}", "-n", "10", "--out", str(out),
+                                    "--seed", "3", "--batch", "3", *args], env={"MLFLOW_TRACKING_URI": registry["uri"]})
+
+
+def dataset(folder: Path) -> dict[str, bytes]:
+    return {record.image: (folder / record.image).read_bytes() for record in read_manifest(folder)}
+
+
+@pytest.mark.parametrize("version", ["1", "2"])  # ONNX Runtime (exported) and torch
+def test_shards_draw_disjoint_parts_that_merge_into_the_one_worker_set(registry, tmp_path, version):
+    whole = generate(registry, tmp_path / "whole", version=version)
+    assert whole.exit_code == 0, whole.output
+    out = tmp_path / "sharded"
+    first = generate(registry, out, "--shards", "2", "--shard", "0", version=version)
+    assert first.exit_code == 0 and "shard 0 of 2: 6 images" in first.output, first.output  # chunks 0 and 2
+    early = generate(registry, out, "--shards", "2", "--merge", version=version)
+    assert early.exit_code == 1 and "shard(s) [1] of 2 have not finished" in early.output
+    assert generate(registry, out, "--shards", "2", "--shard", "1", version=version).exit_code == 0
+    merged = generate(registry, out, "--shards", "2", "--merge", version=version)
+    assert merged.exit_code == 0 and "merged 2 shards: 10 images" in merged.output, merged.output
+    assert dataset(out) == dataset(tmp_path / "whole")  # the same images, whoever drew them
+    records = read_manifest(out)
+    patients = [record.patient_id for record in records]
+    assert len(set(patients)) == 10 and all(p.startswith(SYNTHETIC_PATIENT) for p in patients)
+    assert patients[0] == f"{SYNTHETIC_PATIENT}{NAME}-v{version}-s3-0000000"
+
+
+def test_a_condition_is_checked_against_the_model_before_anything_is_drawn(registry, tmp_path):
+    bad_key = generate(registry, tmp_path / "a", "--condition", '{"size_bias": "large"}')
+    assert bad_key.exit_code == 1 and "does not take ['size_bias']; it takes ['label']" in bad_key.output
+    bad_label = generate(registry, tmp_path / "b", "--condition", '{"label": "normal"}')
+    assert bad_label.exit_code == 1 and "label 'normal' is not one of ['consolidation']" in bad_label.output
+    not_json = generate(registry, tmp_path / "c", "--condition", "{label")
+    assert not_json.exit_code == 1 and "--condition: not JSON" in not_json.output
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").rglob("*.png"))
+    labelled = generate(registry, tmp_path / "d", "--condition", '{"label": "consolidation"}', version="2")
+    assert labelled.exit_code == 0, labelled.output
+    assert json.loads((tmp_path / "d" / "generate.json").read_text())["condition"] == {"label": "consolidation"}
+
+
+def test_a_real_import_refuses_patient_ids_that_mark_synthetic_images(tmp_path):
+    from sonogen.data.writer import DatasetWriter
+
+    with pytest.raises(ValueError, match="starts with 'synthetic-', which marks generated images"):
+        with DatasetWriter(tmp_path / "out", source="test") as writer:
+            writer.add_file("a.png", lambda: [], label="normal", patient_id="synthetic-x", licence="CC BY 4.0")
+
+
+def test_the_generate_pipeline_draws_two_shards_with_kfp_local_into_the_one_worker_set(registry, tmp_path):
+    out, whole = tmp_path / "sharded", tmp_path / "whole"
+    assert generate(registry, whole).exit_code == 0
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"]}
+    env.pop("SONOGEN_IMAGE", None)
+    run = subprocess.run([sys.executable, "-m", "sonogen.cli", "pipeline", "run", "--pipeline", "generate", "--model",
+                          f"models:/{NAME}/1", "--n", "10", "--seed", "3", "--batch", "3", "--shards", "2", "--out",
+                          str(out), "--pipeline-root", str(tmp_path / "kfp")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert dataset(out) == dataset(whole)
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["0000-of-0002.csv", "0001-of-0002.csv"]
+
+
+def test_the_compiled_generate_pipeline_fans_out_over_shards_on_gpus_then_merges(tmp_path):
+    package = tmp_path / "generate.yaml"
+    done = CliRunner().invoke(app, ["pipeline", "compile", "--pipeline", "generate", "-o", str(package)])
+    assert done.exit_code == 0, done.output
+    spec, platform = yaml.safe_load_all(package.read_text())
+    loop = spec["root"]["dag"]["tasks"]["for-loop-1"]
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--shards"
+    merge = spec["root"]["dag"]["tasks"]["merge-generated"]
+    assert merge["dependentTasks"] == ["for-loop-1"]
+    resources = spec["deploymentSpec"]["executors"]["exec-generate-shard"]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-merge-generated"]["container"]["resources"]
+    kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert {s["secretName"] for s in kubernetes["exec-generate-shard"]["secretAsEnv"]} == {"sonogen-s3"}
