@@ -1,7 +1,9 @@
 """The sampling endpoint against the in-process sampler it wraps: latency p50/p99 and throughput at concurrency
-1, 8 and 32 (each client asks for one image at a time), for the paper DCGAN (256 px by default) exported to ONNX.
+1, 8 and 32 (each client asks for one image at a time), for the paper DCGAN (256 px by default) exported to ONNX,
+or with ``--torch`` sampled by torch (the path of every family without an ONNX export, whose concurrent requests
+the server draws together: ``serving.batching.DrawBatcher``).
 
-    python bench/endpoint_latency.py [--requests 64] [--image-size 256]
+    python bench/endpoint_latency.py [--requests 64] [--image-size 256] [--torch]
 
 Baselines from the same run: in-process latency of one image (the same ONNX Runtime sampler, no HTTP, in a
 process of its own) and in-process throughput at the server's batch size, before and after. The server runs as
@@ -30,7 +32,7 @@ NAME = "bench-dcgan"
 MAX_BATCH = 16
 
 
-def register_random_generator(root: Path, image_size: int) -> str:
+def register_random_generator(root: Path, image_size: int, export: bool = True) -> str:
     import mlflow
     import torch
 
@@ -42,7 +44,8 @@ def register_random_generator(root: Path, image_size: int) -> str:
     folder = DCGAN(DCGANConfig(label="consolidation", image_size=image_size)).save(root / "generator")
     run_id = mlflow.MlflowClient().create_run(mlflow.set_experiment("bench-endpoint").experiment_id).info.run_id
     version = register_generator(run_id, folder, NAME, {"family": "dcgan", "label": "consolidation"})
-    export_registered(f"models:/{NAME}/{version}")
+    if export:
+        export_registered(f"models:/{NAME}/{version}")
     return version
 
 
@@ -78,11 +81,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--image-size", type=int, default=256,
                         help="32 leaves the network almost free, which isolates the endpoint's own overhead")
+    parser.add_argument("--torch", action="store_true", help="sample with torch: no ONNX export")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="sonogen-endpoint-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     os.chdir(root)
-    version = register_random_generator(root, args.image_size)
+    version = register_random_generator(root, args.image_size, export=not args.torch)
 
     uri = f"models:/{NAME}/{version}"
     p50_single, rate_before, runtime = in_process(uri)
@@ -130,7 +134,7 @@ def main() -> None:
         # runs, while the server idles, and the ratios use their mean
         rate_after = in_process(uri)[1]
         baseline = (rate_before + rate_after) / 2
-        print(f"in-process (ONNX Runtime, {runtime}): one image p50 {p50_single * 1e3:.1f} ms; "
+        print(f"in-process ({runtime}): one image p50 {p50_single * 1e3:.1f} ms; "
               f"batch {MAX_BATCH}: {rate_before:.2f} images/s before, {rate_after:.2f} after")
         print("| concurrency | requests | p50 ms | p99 ms | images/s | × in-process batch throughput |")
         print("|---|---|---|---|---|---|")

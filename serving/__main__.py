@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token", default=env("SONOGEN_SERVE_TOKEN") or None,
                         help="require 'Authorization: Bearer TOKEN' on everything but the health probes")
     parser.add_argument("--max-n", type=int, default=int(env("SONOGEN_SERVE_MAX_N", "256")))
-    parser.add_argument("--max-batch", type=int, default=int(env("SONOGEN_SERVE_MAX_BATCH", "16")))
+    parser.add_argument("--max-batch", type=int, default=int(env("SONOGEN_SERVE_MAX_BATCH", "0")) or None,
+                        help="images per network call (default: 16 on a CPU; on a GPU 1024 for GANs, 64 else)")
     parser.add_argument("--max-body-bytes", type=int, default=int(env("SONOGEN_SERVE_MAX_BODY_BYTES", MAX_BODY_BYTES)))
     parser.add_argument("--watch", type=float, default=float(env("SONOGEN_SERVE_WATCH_S", "0")),
                         help="poll the alias every this many seconds and reload on promotion (0: off)")

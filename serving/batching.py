@@ -1,4 +1,5 @@
-"""Runs the latents of concurrent requests through the network together.
+"""Runs concurrent requests through the network together: the latents of exported GANs (``Batcher``), the draws
+of torch families that share a condition (``DrawBatcher``).
 
 No request waits for company: the worker takes whatever is queued when the network becomes free, up to
 ``max_batch`` images, so a lone request runs at once and a busy server fills its batches.
@@ -7,6 +8,7 @@ No request waits for company: the worker takes whatever is queued when the netwo
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 
 import numpy as np
@@ -50,6 +52,65 @@ class Batcher:
             for (_, future), part in zip(batch, np.split(images, offsets)):
                 if not future.done():  # a client that went away cancelled its future
                     future.set_result(part)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.get_loop().call_soon_threadsafe(self._worker.cancel)
+
+
+class DrawBatcher:
+    """The torch families' counterpart: concurrent draws ``(n, seed)`` with the same condition go through the
+    network together (``run(draws, condition)``), up to ``max_batch`` images; a draw is never split (its images
+    depend on its seed and their index), so one larger than ``max_batch`` runs alone. Draws with other conditions
+    wait for a later call, in the order they came."""
+
+    def __init__(self, run: Callable[[list, dict], tuple[np.ndarray, list | None]], max_batch: int):
+        self._run, self.max_batch = run, max_batch
+        self._queue: list = []
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def run(self, n: int, seed: int, condition: dict) -> tuple[np.ndarray, list | None]:
+        if self._worker is None:
+            self._wake = asyncio.Event()
+            self._worker = asyncio.create_task(self._work())
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((json.dumps(condition, sort_keys=True, default=str), n, seed, condition, future))
+        self._wake.set()
+        return await future
+
+    def _take(self) -> list:
+        """The first queued draw and those after it with its condition that fit beside it."""
+        key, size, batch, kept = self._queue[0][0], 0, [], []
+        for item in self._queue:
+            if item[0] == key and (not batch or size + item[1] <= self.max_batch):
+                batch.append(item)
+                size += item[1]
+            else:
+                kept.append(item)
+        self._queue[:] = kept
+        return batch
+
+    async def _work(self) -> None:
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = self._take()
+            try:
+                images, boxes = await asyncio.to_thread(self._run, [(n, seed) for _, n, seed, _, _ in batch],
+                                                        batch[0][3])
+            except Exception as err:  # every waiting request learns what failed
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            start = 0
+            for _, n, _, _, future in batch:
+                if not future.done():  # a client that went away cancelled its future
+                    future.set_result((images[start:start + n], None if boxes is None else boxes[start:start + n]))
+                start += n
 
     def close(self) -> None:
         if self._worker is not None:

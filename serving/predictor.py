@@ -18,7 +18,7 @@ import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse, Model
 from kserve.errors import InvalidInput
 
-from serving.batching import Batcher
+from serving.batching import Batcher, DrawBatcher
 from serving.requests import SamplingRequest, parse_request, parse_v2_request
 from sonogen.sampling import gaussian_latents, png_bytes
 
@@ -26,11 +26,13 @@ INLINE_ENCODE = 4  # images per request encoded on the event loop itself
 
 
 class SamplerModel(Model):
-    def __init__(self, name: str, model_uri: str, max_n: int = 256, max_batch: int = 16):
+    def __init__(self, name: str, model_uri: str, max_n: int = 256, max_batch: int | None = None):
+        """``max_batch``: images per network call (default: what suits the model's device and family)."""
         super().__init__(name)
-        self.model_uri, self.max_n, self.max_batch = model_uri, max_n, max_batch
+        self.model_uri, self.max_n, self.requested_batch = model_uri, max_n, max_batch
+        self.max_batch = max_batch or 16
         self.version: str | None = None
-        self.batcher: Batcher | None = None
+        self.batcher: Batcher | DrawBatcher | None = None
         self._lock = threading.Lock()
 
     def load(self) -> bool:
@@ -44,7 +46,9 @@ class SamplerModel(Model):
             if self.batcher is not None:
                 self.batcher.close()
             self.backend, self.version = backend, backend.version
-            self.batcher = Batcher(backend.run, self.max_batch) if backend.run else None
+            self.max_batch = self.requested_batch or backend.max_batch
+            self.batcher = (Batcher(backend.run, self.max_batch) if backend.run
+                            else DrawBatcher(backend.sample_draws, self.max_batch))
             self.ready = True
         return True
 
@@ -65,9 +69,9 @@ class SamplerModel(Model):
     async def _sample(self, request: SamplingRequest) -> tuple[np.ndarray, list | None]:
         """The request's images, with each image's lesion boxes from families that place lesions."""
         backend, batcher = self.backend, self.batcher
-        if batcher is None:  # torch families sample whole requests
+        if isinstance(batcher, DrawBatcher):  # torch families: whole draws, batched with others of the condition
             try:
-                return await asyncio.to_thread(backend.sample, request.n, request.seed, request.condition)
+                return await batcher.run(request.n, request.seed, request.condition)
             except ValueError as err:  # the family's own condition checks
                 raise InvalidInput(f"condition: {err}") from err
         chunks = [gaussian_latents(request.seed, min(self.max_batch, request.n - start), backend.latent_dim, start)

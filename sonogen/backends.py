@@ -28,6 +28,9 @@ class Backend:
     run: Callable[[np.ndarray], np.ndarray] | None = None
     # torch: (n, seed, condition) → (images, each image's lesion boxes or None)
     sample: Callable[[int, int, dict[str, Any]], tuple[np.ndarray, list | None]] | None = None
+    # torch: several (n, seed) draws sharing a condition in as few network calls as the family can
+    sample_draws: Callable[[list[tuple[int, int]], dict[str, Any]], tuple[np.ndarray, list | None]] | None = None
+    max_batch: int = 16  # images per network call that suit the device and the family (a server's default)
 
     def draw(self, n: int, seed: int, condition: dict[str, Any] | None = None) -> tuple[np.ndarray, list | None]:
         """Images ``(n, H, W)`` uint8 for ``seed``, whichever runtime holds the generator, with the lesion boxes
@@ -52,18 +55,38 @@ def _onnx_backend(path: str, version: str, family: str, label: str, precision: s
         return to_uint8(session.run(["images"], {"latents": batch})[0])
 
     runtime = f"onnxruntime:{session.get_providers()[0]}{'' if precision == 'fp32' else ':' + precision}"
+    on_gpu = session.get_providers()[0] == "CUDAExecutionProvider"
     return Backend(version, family, label, (label,), frozenset({"label"}), runtime,
-                   latent_dim=int(latents.shape[1]), run=run)
+                   latent_dim=int(latents.shape[1]), run=run, max_batch=GAN_GPU_BATCH if on_gpu else CPU_BATCH)
+
+
+# images per network call by default: a GAN generator is one forward pass, cheap per image, and fills a GPU only
+# at large batches (bench/RESULTS.md, sampling the 256 px DCGAN); a diffusion model loops over steps and holds its
+# activations for the whole batch
+CPU_BATCH, GAN_GPU_BATCH, DIFFUSION_GPU_BATCH = 16, 1024, 64
+
+
+def default_max_batch(generator) -> int:
+    if generator.device.type != "cuda":
+        return CPU_BATCH
+    try:
+        generator.sampling_network()
+    except NotImplementedError:
+        return DIFFUSION_GPU_BATCH
+    return GAN_GPU_BATCH
 
 
 def _torch_backend(generator, version: str) -> Backend:
     def sample(n: int, seed: int, condition: dict[str, Any]) -> tuple[np.ndarray, list | None]:
-        images, boxes = generator.sample_with_boxes(n, seed, condition)
+        return sample_draws([(n, seed)], condition)
+
+    def sample_draws(draws: list[tuple[int, int]], condition: dict[str, Any]) -> tuple[np.ndarray, list | None]:
+        images, boxes = generator.sample_draws(draws, condition)
         return to_uint8(images), boxes
 
     return Backend(version, generator.family, generator.config.label, generator.sampling_labels(),
                    frozenset(generator.conditions), f"torch:{generator.device}", generator.places_lesions,
-                   sample=sample)
+                   sample=sample, sample_draws=sample_draws, max_batch=default_max_batch(generator))
 
 
 def load_backend(model_uri: str) -> Backend | None:

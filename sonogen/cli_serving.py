@@ -48,7 +48,8 @@ def serve_command(
     host: Annotated[str, typer.Option(help="Interface to bind; loopback unless you mean to share it.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
     max_n: Annotated[int, typer.Option(min=1, help="Most images one call may ask for.")] = 256,
-    max_batch: Annotated[int, typer.Option(min=1, help="Most images per network call (requests are batched).")] = 16,
+    max_batch: Annotated[int | None, typer.Option(min=1, help="Most images per network call (requests are batched; "
+                                                        "default: 16 on a CPU, more on a GPU by family).")] = None,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body accepted.")] = 64 * 1024,
     token: Token = None,
     watch: Annotated[float, typer.Option(help="Poll the alias every this many seconds and reload on promotion "

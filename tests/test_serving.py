@@ -405,3 +405,22 @@ def test_the_image_entry_point_refuses_a_model_that_is_not_registered(registry):
                             text=True, timeout=120, env={**os.environ, "MLFLOW_TRACKING_URI": registry["uri"]})
     assert result.returncode == 1
     assert "models:/no-such-model@champion does not exist in the registry" in result.stderr
+
+
+def test_a_torch_family_draws_concurrent_requests_together_each_with_its_own_images(registry):
+    process, url = _start_server(registry, "--version", "2", "--token", TOKEN, "--max-batch", "8")
+    try:
+        request = lambda seed: predict(url, {"instances": [{"n": 3, "seed": seed}]}).json()  # noqa: E731
+        alone = {seed: request(seed) for seed in range(6)}
+        with ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(request, range(6)))
+    finally:
+        stop_server(process)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+        generator = load_registered_generator(f"models:/{NAME}/2")
+    for seed, response in enumerate(together):
+        [prediction] = response["predictions"]
+        assert prediction["model_version"] == "2" and prediction["images"] == alone[seed]["predictions"][0]["images"]
+        images = np.stack([decode(image) for image in prediction["images"]])
+        assert np.array_equal(images, to_uint8(generator.sample(3, seed)))

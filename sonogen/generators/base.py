@@ -262,19 +262,27 @@ class Generator(ABC):
         """``n`` images for ``seed``: the same seed, weights and condition always give the same images."""
         return self.sample_with_boxes(n, seed, condition)[0]
 
-    @torch.no_grad()
     def sample_with_boxes(self, n: int, seed: int, condition: dict[str, Any] | None = None
                           ) -> tuple[torch.Tensor, list | None]:
-        """``sample`` and, from families that place lesions, each image's list of lesion boxes.
+        """``sample`` and, from families that place lesions, each image's list of lesion boxes."""
+        return self.sample_draws([(n, seed)], condition)
+
+    @torch.no_grad()
+    def sample_draws(self, draws: Sequence[tuple[int, int]], condition: dict[str, Any] | None = None
+                     ) -> tuple[torch.Tensor, list | None]:
+        """The images (and boxes) of several draws ``(n, seed)`` that share ``condition``, in order: each draw's are
+        the images ``sample`` gives it alone, made in as few network calls as the family can (``generate_draws``):
+        what a server runs for concurrent requests.
 
         Safe to call from many threads: a generator whose networks are all in eval mode (as loaded) samples
         without touching them; one in training mode is switched to eval and back under a lock, so no
         concurrent call ever runs a network in training mode (where BatchNorm would update its statistics).
         """
-        if n < 1:
-            raise ValueError(f"n must be at least 1, got {n}")
-        if seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        for n, seed in draws:
+            if n < 1:
+                raise ValueError(f"n must be at least 1, got {n}")
+            if seed < 0:
+                raise ValueError(f"seed must be a non-negative integer, got {seed}")
         condition = self.check_condition(condition)
         with self._mode_lock:
             modes = {name: module.training for name, module in self.networks().items()}
@@ -282,14 +290,23 @@ class Generator(ABC):
                 for module in self.networks().values():
                     module.eval()
                 try:
-                    return self._generate_on_cpu(n, seed, condition)
+                    return self._generate_on_cpu(draws, condition)
                 finally:
                     for name, module in self.networks().items():
                         module.train(modes[name])
-        return self._generate_on_cpu(n, seed, condition)
+        return self._generate_on_cpu(draws, condition)
 
-    def _generate_on_cpu(self, n: int, seed: int, condition: dict[str, Any]) -> tuple[torch.Tensor, list | None]:
-        images, boxes = self.generate_with_boxes(n, seed, condition)
+    def generate_draws(self, draws: Sequence[tuple[int, int]], condition: dict[str, Any]
+                       ) -> tuple[torch.Tensor, list | None]:
+        """``generate_with_boxes`` of each draw, concatenated; a family whose sampling runs on per-image noise
+        overrides it to draw them all in one batched call."""
+        parts = [self.generate_with_boxes(n, seed, condition) for n, seed in draws]
+        boxes = None if parts[0][1] is None else [box for _, part in parts for box in part]
+        return torch.cat([images for images, _ in parts]), boxes
+
+    def _generate_on_cpu(self, draws: Sequence[tuple[int, int]], condition: dict[str, Any]
+                         ) -> tuple[torch.Tensor, list | None]:
+        images, boxes = self.generate_draws(draws, condition)
         return images.float().cpu(), boxes
 
     def eval_mode(self) -> Generator:

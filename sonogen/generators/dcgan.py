@@ -190,6 +190,10 @@ class DCGAN(Generator):
     def generate(self, n: int, seed: int, condition: dict[str, Any]) -> torch.Tensor:
         return self.generator(self.latents(n, seed).to(self.device))
 
+    def generate_draws(self, draws, condition: dict[str, Any]) -> tuple[torch.Tensor, None]:
+        latents = torch.cat([self.latents(n, seed) for n, seed in draws])
+        return self.generator(latents.to(self.device)), None
+
     def sampling_network(self) -> tuple[nn.Module, torch.Tensor]:
         return self.generator, self.latents(2, 0)
 

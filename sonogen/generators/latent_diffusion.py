@@ -329,13 +329,20 @@ class LatentDiffusion(Generator):
         return self.nets.pipeline_parts(scheduler or self.config.scheduler)
 
     def generate(self, n: int, seed: int, condition: dict[str, Any]) -> torch.Tensor:
-        c = self.config
+        return self.generate_draws([(n, seed)], condition)[0]
+
+    def generate_draws(self, draws, condition: dict[str, Any]) -> tuple[torch.Tensor, None]:
+        """Every draw's images in one pipeline call: each image's starting latents and noise come from its own
+        seed and index, so an image is the same in any company."""
+        c, n = self.config, sum(count for count, _ in draws)
         label = torch.full((n,), self.sampling_labels().index(condition.get("label", c.label)) + 1)
         prompts = [condition["prompt"]] * n if "prompt" in condition else None
         mask = condition.get("mask")
         side = c.image_size // 2 ** (len(self.vae.config.block_out_channels) - 1)
-        shape = (n, self.unet.config.in_channels, side, side)
-        latents = torch.from_numpy(gaussian_latents(seed, n, int(np.prod(shape[1:])))).reshape(shape)
+        shape = (self.unet.config.in_channels, side, side)
+        latents = torch.cat([torch.from_numpy(gaussian_latents(seed, count, int(np.prod(shape))))
+                             for count, seed in draws]).reshape(n, *shape)
+        noise = [g for count, seed in draws for g in image_generators(seed, count)]
         with self._averaged_weights():
             pipe = self.nets.pipeline(condition.get("scheduler") or c.scheduler, with_controlnet=mask is not None)
             extra = {} if mask is None else {"image": self.nets.control_image(mask[None, None].expand(n, 1, -1, -1))}
@@ -343,9 +350,9 @@ class LatentDiffusion(Generator):
                           negative_prompt_embeds=self._embed(torch.zeros(n, dtype=torch.long)),
                           num_inference_steps=condition.get("steps", c.steps),
                           guidance_scale=float(condition.get("guidance_scale", c.guidance_scale)),
-                          latents=latents.to(self.device), generator=image_generators(seed, n),
+                          latents=latents.to(self.device), generator=noise,
                           height=c.image_size, width=c.image_size, output_type="pt", **extra).images
-        return images.mean(dim=1, keepdim=True) * 2 - 1
+        return images.mean(dim=1, keepdim=True) * 2 - 1, None
 
     # persistence ---------------------------------------------------------------------------------------------
 
