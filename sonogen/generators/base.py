@@ -1,7 +1,8 @@
 """The contract every generator family implements, and its safetensors + JSON persistence.
 
 A family is a ``Generator`` subclass with a typed config dataclass. It owns its networks, optimisers and one
-training step; the shared trainer owns the loop, devices, precision, checkpoints, logging and progress.
+training step; the shared trainer owns the loop, devices, precision, checkpoints, logging and progress. The contract's
+data-parallel part (how a step runs on several ranks) is ``distributed.DataParallelSteps``.
 Saved generators are a folder with ``config.json`` (family, config, training position) and
 ``weights.safetensors``; checkpoints add optimiser state to the same safetensors file. Nothing is pickled.
 """
@@ -14,7 +15,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ def batch_indices(count: int, batch_size: int, steps: int | None, generator: tor
         yield order[start : start + batch_size]
 
 
-class Generator(ABC):
+class Generator(distributed.DataParallelSteps, ABC):
     """A generator family. Its ``config_class`` is a dataclass with at least ``label`` (the label the generator is
     named for and gated on). Everything the platform (training, evaluation, the pipelines, serving) needs to know
     about a family is asked here, never by reading its config or importing its module."""
@@ -182,38 +183,6 @@ class Generator(ABC):
     def train_step(self, batch: Any) -> dict[str, float]:
         """One optimisation step on a batch of ``training_batches`` (by default images ``(B, 1, H, W)`` in
         [-1, 1]); returns the losses."""
-
-    # data-parallel training (torchrun): the trainer calls ``distribute``; ``train_step`` runs its trained networks
-    # through ``parallel`` and draws its noise with ``randn`` / ``randint``, so that R ranks with batch b take the
-    # step one process takes with batch R·b
-
-    def distribute(self, wrap: Callable[..., nn.Module], rank: int, world: int) -> None:
-        """Trains as rank ``rank`` of ``world``: each network with trained parameters is wrapped (``wrap``: DDP;
-        it takes ``find_unused_parameters``) for ``parallel`` to return. Families whose step leaves some trained
-        parameters unused, or runs a network through a method other than ``forward``, wrap what they call."""
-        self.rank, self.world = rank, world
-        for module in self.networks().values():
-            if any(parameter.requires_grad for parameter in module.parameters()):
-                self._parallel[id(module)] = wrap(module)
-
-    def parallel(self, module: nn.Module) -> nn.Module:
-        """``module`` as ``train_step`` calls it: through its data-parallel wrapper once distributed (the
-        gradients are averaged over the ranks), else itself."""
-        return self._parallel.get(id(module), module)
-
-    def randn(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Standard normal noise of this rank's ``shape`` (batch first): its rows of the draw for the global batch,
-        so the ranks together draw what one process drawing the global batch would."""
-        noise = torch.randn((shape[0] * self.world, *shape[1:]), device=device, dtype=dtype)
-        return distributed.share(noise, self.rank, self.world)
-
-    def randint(self, high: int, count: int, device: torch.device) -> torch.Tensor:
-        """``count`` integers in ``[0, high)``: this rank's of the draw for the global batch (as ``randn``)."""
-        return distributed.share(torch.randint(0, high, (count * self.world,), device=device), self.rank, self.world)
-
-    def share_batch(self, batch: Any, size: int) -> Any:
-        """This rank's part of a global batch of ``size`` from ``training_batches``."""
-        return distributed.share_batch(batch, self.rank, self.world, size)
 
     @abstractmethod
     def generate(self, n: int, seed: int, condition: dict[str, Any]) -> torch.Tensor:

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -144,3 +144,41 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
         tensor = tensor.cuda()
     dist.all_reduce(tensor)
     return dict(zip(keys, (tensor.cpu() / dist.get_world_size()).tolist()))
+
+
+class DataParallelSteps:
+    """The data-parallel part of the generator contract (``base.Generator`` inherits it): the trainer calls
+    ``distribute``; ``train_step`` runs its trained networks through ``parallel`` and draws its noise with ``randn``
+    / ``randint``, so that R ranks with batch b take the step one process takes with batch R·b."""
+
+    rank: int
+    world: int
+    _parallel: dict[int, nn.Module]
+
+    def distribute(self, wrap: Callable[..., nn.Module], rank: int, world: int) -> None:
+        """Trains as rank ``rank`` of ``world``: each network with trained parameters is wrapped (``wrap``: DDP;
+        it takes ``find_unused_parameters``) for ``parallel`` to return. Families whose step leaves some trained
+        parameters unused, or runs a network through a method other than ``forward``, wrap what they call."""
+        self.rank, self.world = rank, world
+        for module in self.networks().values():
+            if any(parameter.requires_grad for parameter in module.parameters()):
+                self._parallel[id(module)] = wrap(module)
+
+    def parallel(self, module: nn.Module) -> nn.Module:
+        """``module`` as ``train_step`` calls it: through its data-parallel wrapper once distributed (the
+        gradients are averaged over the ranks), else itself."""
+        return self._parallel.get(id(module), module)
+
+    def randn(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Standard normal noise of this rank's ``shape`` (batch first): its rows of the draw for the global batch,
+        so the ranks together draw what one process drawing the global batch would."""
+        noise = torch.randn((shape[0] * self.world, *shape[1:]), device=device, dtype=dtype)
+        return share(noise, self.rank, self.world)
+
+    def randint(self, high: int, count: int, device: torch.device) -> torch.Tensor:
+        """``count`` integers in ``[0, high)``: this rank's of the draw for the global batch (as ``randn``)."""
+        return share(torch.randint(0, high, (count * self.world,), device=device), self.rank, self.world)
+
+    def share_batch(self, batch: Any, size: int) -> Any:
+        """This rank's part of a global batch of ``size`` from ``training_batches``."""
+        return share_batch(batch, self.rank, self.world, size)
