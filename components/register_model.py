@@ -1,4 +1,5 @@
-"""register_model: registers a generator that passed its gates as `<dataset>-<family>-<label>@candidate`."""
+"""register_model: registers a generator that passed its gates as `<dataset>-<family>-<label>@candidate`, and exports
+a GAN to ONNX on the version, so that the slim serving image serves it without a manual step."""
 
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Model
@@ -10,9 +11,13 @@ from components import IMAGE
 def register_model(model: Input[Model], report: Input[Artifact], alias: str = "candidate") -> str:
     from pathlib import Path
 
+    from sonogen.export import export_if_servable_by_onnx
     from sonogen.jobs import register_trained, trained_name
 
     entry = register_trained(model.path, alias=alias, gate_report=Path(report.path) / trained_name(model.path))
     if entry["registered_model"] is None:
         raise RuntimeError(f"{entry['model_name']} failed its gates {entry['failed_gates']}; not registered")
+    if exported := export_if_servable_by_onnx(entry["model_uri"]):
+        print(f"exported {entry['model_uri']} to ONNX: {exported['artifact']} (max |Δ| {exported['max_abs_diff']:.2g} "
+              f"from torch)", flush=True)
     return entry["model_uri"]

@@ -152,3 +152,15 @@ def export_registered(model_uri: str, tolerance: float = PARITY_TOLERANCE, preci
     for key in left_by_int8:
         client.delete_model_version_tag(name, version, key)
     return {"model_name": name, "version": version, "artifact": artifact, **report}
+
+
+def export_if_servable_by_onnx(model_uri: str) -> dict | None:
+    """``export_registered`` (fp32) for a generator whose sampling is one network (a GAN), so that the slim serving
+    image serves it; None for the others (a diffusion loop), which the torch image serves."""
+    from sonogen.registry import load_registered_generator
+
+    try:
+        load_registered_generator(model_uri).sampling_network()
+    except NotImplementedError:
+        return None
+    return export_registered(model_uri)

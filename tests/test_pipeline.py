@@ -136,6 +136,7 @@ def test_local_run_trains_gates_and_registers_like_dvc(tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     version_1 = client.get_model_version("lus-dcgan-normal", "1")
     assert version_1.tags["gate.extractor"] == "lus-us-encoder@1"
+    assert version_1.tags["onnx_artifact"].endswith(".onnx")  # exported as registered: the slim image serves it
     assert client.get_registered_model("lus-dcgan-normal").aliases == {"candidate": 1}
     reports = list((tmp_path / ".kfp").rglob("gate_report.md"))
     assert len(reports) == 2
@@ -166,6 +167,7 @@ def test_local_run_of_diffultra_builds_its_bank_and_ldm_in_its_task_then_gates_a
     assert "registered lus-diffultra-consolidation version 1 @candidate (gate passed)" in out
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.get_registered_model("lus-diffultra-consolidation").aliases == {"candidate": 1}
+    assert "onnx_artifact" not in client.get_model_version("lus-diffultra-consolidation", "1").tags  # a loop
     [bank_run] = client.search_runs([client.get_experiment_by_name("lus-lesion-bank").experiment_id])
     assert bank_run.data.metrics["bank.lesions"] >= 1
     [report] = (tmp_path / ".kfp").rglob("gate_report.md")
