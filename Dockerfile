@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1.7
 #
-# sonogen container images: two targets of one multi-stage build (BuildKit, the default builder of Docker >= 23).
+# sonogen container images: three targets of one multi-stage build (BuildKit, the default builder of Docker >= 23).
 #
 #   train  the image every Kubeflow Pipelines component runs in (`sonogen ...`): CUDA base, Python 3.11, the whole
 #          project installed from requirements.lock, with torch (same pin as the lock) resolved to PyTorch's CUDA build.
@@ -9,17 +9,23 @@
 #          pyyaml, and the project's packages installed without their dependencies -- no torch, full MLflow, DVC or
 #          diffusers. Only modules that import nothing beyond that set work there (the `serving` package and the
 #          parts of `sonogen` it uses): it serves generators exported with `sonogen export onnx`.
+#   serve-gpu  the predictor of every family on NVIDIA GPUs (`python -m serving`): the train image (CUDA torch,
+#          diffusers, the whole lock) with onnxruntime-gpu in place of onnxruntime, so exported GANs run on ONNX
+#          Runtime's CUDA provider and SinDDM, FewDDM, ldm and DiffUltra on CUDA torch.
 #
-# Image tags: ghcr.io/sonogen/sonogen-train:<version> and ghcr.io/sonogen/sonogen-serve:<version>, where <version> is
-# `version` in pyproject.toml -- now ghcr.io/sonogen/sonogen-train:0.1.0 and ghcr.io/sonogen/sonogen-serve:0.1.0.
-# A pushed version is never rebuilt with other content: bump pyproject's version (and these two lines) instead.
+# Image tags: ghcr.io/sonogen/sonogen-train:<version>, ghcr.io/sonogen/sonogen-serve:<version> and
+# ghcr.io/sonogen/sonogen-serve-gpu:<version>, where <version> is `version` in pyproject.toml -- now
+# ghcr.io/sonogen/sonogen-train:0.1.0, ghcr.io/sonogen/sonogen-serve:0.1.0 and ghcr.io/sonogen/sonogen-serve-gpu:0.1.0.
+# A pushed version is never rebuilt with other content: bump pyproject's version (and these lines) instead.
 #
 # Build and push, from the repository root:
 #   VERSION=$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 #   docker build --target train --build-arg GIT_COMMIT=$(git rev-parse HEAD) -t ghcr.io/sonogen/sonogen-train:$VERSION .
 #   docker build --target serve --build-arg GIT_COMMIT=$(git rev-parse HEAD) -t ghcr.io/sonogen/sonogen-serve:$VERSION .
+#   docker build --target serve-gpu --build-arg GIT_COMMIT=$(git rev-parse HEAD) -t ghcr.io/sonogen/sonogen-serve-gpu:$VERSION .
 #   docker push ghcr.io/sonogen/sonogen-train:$VERSION
 #   docker push ghcr.io/sonogen/sonogen-serve:$VERSION
+#   docker push ghcr.io/sonogen/sonogen-serve-gpu:$VERSION
 #
 # The training pipeline takes its component image from `--image`, else from the environment variable SONOGEN_IMAGE,
 # else ghcr.io/sonogen/sonogen-train:<version>: push the train image before submitting a run of a new version.
@@ -96,6 +102,30 @@ RUN python -m pip install --no-deps . \
 
 USER 1000:1000
 ENTRYPOINT ["sonogen"]
+
+
+# --------------------------------------------------------------------------------------------------- serve-gpu --
+FROM train AS serve-gpu
+
+LABEL org.opencontainers.image.title="sonogen-serve-gpu"
+
+# onnxruntime-gpu is the same import package as the lock's onnxruntime, at its release; it finds the CUDA, cuDNN and
+# cuBLAS libraries torch's CUDA wheels brought (their folders go into the loader cache). The checks fail the build
+# without ORT's CUDA provider, with a CPU-only torch or without the diffusion and serving imports.
+USER 0:0
+RUN ORT_VERSION=$(sed -n 's/^onnxruntime==//p' requirements.lock) \
+ && test -n "$ORT_VERSION" \
+ && python -m pip uninstall --yes onnxruntime \
+ && python -m pip install -c requirements.lock "onnxruntime-gpu==${ORT_VERSION}" \
+ && python -c "import glob, os, sysconfig; site = sysconfig.get_paths()['purelib']; dirs = sorted({os.path.dirname(p) for p in glob.glob(os.path.join(site, 'nvidia', '**', 'lib*.so*'), recursive=True)}); assert dirs, 'no CUDA libraries'; open('/etc/ld.so.conf.d/zz-nvidia-wheels.conf', 'w').write(''.join(d + chr(10) for d in dirs))" \
+ && ldconfig \
+ && python -c "import onnxruntime, torch, diffusers, peft, kserve, serving.predictor; assert 'CUDAExecutionProvider' in onnxruntime.get_available_providers(), onnxruntime.get_available_providers(); assert torch.version.cuda, 'CPU-only torch'"
+
+USER 1000:1000
+ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
+# KServe's default REST and gRPC ports.
+EXPOSE 8080 8081
+ENTRYPOINT ["python", "-m", "serving"]
 
 
 # ------------------------------------------------------------------------------------------------------- serve --

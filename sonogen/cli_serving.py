@@ -171,3 +171,33 @@ def show_command(
     from sonogen.registry import model_card
 
     typer.echo(model_card(name, version))
+
+
+@user_errors
+def deploy_command(
+    model: Annotated[str, typer.Argument(help="Registered model name (or models:/NAME@ALIAS).")],
+    alias: Annotated[str, typer.Option(help="The alias the predictor serves and follows.")] = "champion",
+    out: Annotated[Path | None, typer.Option(help="Folder of the kustomization (default deploy/<name>).")] = None,
+    device: Annotated[str, typer.Option(help="gpu (one nvidia.com/gpu per replica) or cpu.")] = "gpu",
+    node_selector: Annotated[list[str] | None, typer.Option(
+        help="KEY=VALUE a serving node must carry (e.g. nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3); repeatable.")]
+    = None,
+    min_replicas: Annotated[int, typer.Option(min=1, help="Warm replicas (one watches the alias).")] = 1,
+    max_replicas: Annotated[int, typer.Option(min=1, help="Most replicas KServe scales to.")] = 2,
+):
+    """Write the KServe InferenceService of a registered model (the image, GPU, probes, timeout and autoscaling its
+    family needs) as a kustomization: kubectl apply -k deploy/<name>."""
+    from sonogen.deploy import deploy
+
+    selector = {}
+    for pair in node_selector or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--node-selector takes KEY=VALUE, got {pair!r}")
+        selector[key] = value
+    name = model.removeprefix("models:/").partition("@")[0]
+    result = deploy(model, out or Path("deploy") / name, alias, device, selector, min_replicas, max_replicas)
+    console.print(f"{result['name']}@{result['alias']} (version {result['version']}, {result['family']}, "
+                  f"{result['runtime']}) on {result['device']}: {result['image']}")
+    console.print(f"apply with: kubectl apply -k {result['out']}")
+

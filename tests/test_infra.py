@@ -713,7 +713,7 @@ def dockerignored(relative: str) -> bool:
 def test_dockerfile_has_train_and_serve_targets():
     assert dockerfile_instructions()
     assert DOCKERFILE.read_text().startswith("# syntax=docker/dockerfile:1"), "BuildKit syntax (RUN --mount)"
-    assert {"train", "serve"} <= set(stages())
+    assert {"train", "serve", "serve-gpu"} <= set(stages())
 
 
 def test_dockerfile_base_images_are_pinned():
@@ -734,7 +734,7 @@ def test_dockerfile_base_images_are_pinned():
                     assert_pinned(source, f"Dockerfile stage {name}: {kw} from {source}")
 
 
-@pytest.mark.parametrize("target", ["train", "serve"])
+@pytest.mark.parametrize("target", ["train", "serve", "serve-gpu"])
 def test_dockerfile_targets_run_as_non_root(target):
     user = last_in_chain(target, "USER")
     assert user, f"{target} sets no USER: it would run as root"
@@ -750,7 +750,20 @@ def test_dockerfile_targets_run_as_non_root(target):
 def test_dockerfile_entrypoints():
     assert json.loads(last_in_chain("train", "ENTRYPOINT")) == ["sonogen"]
     assert json.loads(last_in_chain("serve", "ENTRYPOINT")) == ["python", "-m", "serving"]
+    assert json.loads(last_in_chain("serve-gpu", "ENTRYPOINT")) == ["python", "-m", "serving"]
     assert "sonogen" in pyproject()["project"]["scripts"], "ENTRYPOINT sonogen needs the console script"
+
+
+def test_dockerfile_serve_gpu_serves_every_family_on_cuda():
+    assert stage_chain("serve-gpu") == ["serve-gpu", "train"]  # on the CUDA train image: CUDA torch, diffusers
+    serve_gpu = "\n".join(args for kw, args in stages()["serve-gpu"]["instructions"] if kw == "RUN")
+    # the lock's onnxruntime release, as the GPU build, in its place
+    assert "sed -n 's/^onnxruntime==//p' requirements.lock" in serve_gpu and "onnxruntime-gpu==${ORT_VERSION}" in serve_gpu
+    assert "pip uninstall --yes onnxruntime" in serve_gpu
+    for check in ("'CUDAExecutionProvider' in onnxruntime.get_available_providers()", "torch.version.cuda",
+                  "import onnxruntime, torch, diffusers, peft, kserve, serving.predictor"):
+        assert check in serve_gpu, f"serve-gpu's smoke checks miss {check}"
+    assert env_of("serve-gpu")["NVIDIA_DRIVER_CAPABILITIES"].split(",") >= ["compute"]
 
 
 def test_dockerfile_train_environment():
@@ -833,7 +846,7 @@ def test_dockerfile_serve_is_slim_and_follows_the_lock():
 def test_dockerfile_header_documents_build_push_and_tags():
     header = DOCKERFILE.read_text().split("\nARG ", 1)[0]
     version = pyproject()["project"]["version"]
-    for image in ("sonogen-train", "sonogen-serve"):
+    for image in ("sonogen-train", "sonogen-serve", "sonogen-serve-gpu"):
         tags = re.findall(rf"ghcr\.io/sonogen/{image}:([\w.${{}}<>-]+)", header)
         assert tags, f"the header does not name ghcr.io/sonogen/{image}"
         literal = [t.rstrip(".") for t in tags if not t.startswith(("$", "<"))]
