@@ -185,10 +185,10 @@ def test_two_ranks_train_end_to_end_a_killed_rank_fails_the_job_and_resume_finis
     assert resumed.returncode == 0, output[-3000:]
     history = json.loads((out / "history.json").read_text())
     assert [record["epoch"] for record in history] == list(range(1, 13))
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # an earlier test may have pointed mlflow elsewhere
-    runs = mlflow.search_runs(experiment_names=[f"{lus.name}-dcgan"])
-    assert len(runs) == 1 and runs.iloc[0]["params.train.ranks"] == "2"
-    assert runs.iloc[0]["params.train.per_rank_batch"] == "2" and runs.iloc[0]["params.train.batch_size"] == "4"
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])  # its own store, whatever other tests set
+    [run] = client.search_runs([client.get_experiment_by_name(f"{lus.name}-dcgan").experiment_id])
+    assert run.data.params["train.ranks"] == "2" and run.data.params["train.per_rank_batch"] == "2"
+    assert run.data.params["train.batch_size"] == "4"
     model = load_generator(out / "generator")
     first = model.sample(3, seed=7)
     assert first.shape == (3, 1, 32, 32) and torch.equal(first, load_generator(out / "generator").sample(3, seed=7))
