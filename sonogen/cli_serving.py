@@ -106,6 +106,10 @@ def generate_command(
     condition: Annotated[str, typer.Option(help='What every image is drawn with, as JSON: {"label": "normal"}, '
                                                 '{"size_bias": "large"}, {"size": [96, 128]} (the family\'s keys).')]
     = "{}",
+    condition_folder: Annotated[str | None, typer.Option(
+        help="KEY=FOLDER: each image drawn with its own PNG of FOLDER as that condition (a ControlNet's mask, "
+             "DiffUltra's background image); masks are copied beside the images as the manifest's mask column.")]
+    = None,
     shards: Annotated[int, typer.Option(min=1, help="Workers sharing the set (each runs with its --shard).")] = 1,
     shard: Annotated[int, typer.Option(min=0, help="This worker's part, 0 … --shards − 1.")] = 0,
     merge: Annotated[bool, typer.Option("--merge", help="Join the --shards workers' parts into manifest.csv.")]
@@ -126,8 +130,14 @@ def generate_command(
         drawn_with = json.loads(condition)
     except ValueError as err:
         raise ValueError(f"--condition: not JSON ({err})") from None
+    per_image = None
+    if condition_folder:
+        key, sep, folder = condition_folder.partition("=")
+        if not sep or not key or not folder:
+            raise ValueError(f"--condition-folder takes KEY=FOLDER (e.g. mask=masks/), got {condition_folder!r}")
+        per_image = (key, folder)
     result = generate_dataset(model, n, out, seed=seed, batch=batch, condition=drawn_with, shards=shards,
-                              shard=shard, progress=progress(f"generating {n} images"))
+                              shard=shard, progress=progress(f"generating {n} images"), per_image=per_image)
     part = "" if shards == 1 else f"shard {shard} of {shards}: "
     console.print(f"{part}{result['images']} images of {result['model_name']} v{result['model_version']} in {out} "
                   f"({result['skipped_chunks']} of {result['chunks']} chunks were already there); "

@@ -78,10 +78,47 @@ def check_condition(condition: dict[str, Any], conditions: frozenset[str], label
         raise ValueError(f"--condition: label {condition['label']!r} is not one of {list(labels)}")
 
 
+def condition_files(key: str, folder: str | Path) -> tuple[list[Path], dict[str, Any]]:
+    """The PNGs of ``folder`` (sorted), drawn with one image each as ``condition[key]`` (image j takes file j mod
+    their count), and how the plan records them."""
+    files = sorted(Path(folder).glob("*.png"))
+    if not files:
+        raise ValueError(f"--condition-folder {key}={folder}: no PNG files there")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return files, {"key": key, "files": len(files), "sha256": digest.hexdigest()}
+
+
+def _draw_each(backend, key: str, files: list[Path], first: int, size: int, seed: int,
+               condition: dict[str, Any]) -> tuple[Any, list | None, list[str]]:
+    """Images ``first`` … ``first + size - 1`` drawn one by one, image j with seed ``chunk_seed(seed, j)`` and file
+    j mod the files' count as ``condition[key]`` (a base64 PNG, as a request sends it)."""
+    import base64
+
+    import numpy as np
+
+    images, boxes, used = [], [], []
+    for j in range(first, first + size):
+        path = files[j % len(files)]
+        drawn, drawn_boxes = backend.draw(1, chunk_seed(seed, j),
+                                          {**condition, key: base64.b64encode(path.read_bytes()).decode()})
+        images.append(drawn[0])
+        boxes.append(drawn_boxes[0] if drawn_boxes else None)
+        used.append(path.name)
+    return np.stack(images), None if boxes[0] is None else boxes, used
+
+
 def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int = 64,
-                     condition: dict[str, Any] | None = None, progress=None, shards: int = 1, shard: int = 0) -> dict:
+                     condition: dict[str, Any] | None = None, progress=None, shards: int = 1, shard: int = 0,
+                     per_image: tuple[str, str | Path] | None = None) -> dict:
     """Writes the images of ``model_uri`` that are this shard's (all of the ``n`` with one shard) to ``out``, and
-    the manifest (one shard) or this shard's part of it; returns a summary (written, skipped chunks)."""
+    the manifest (one shard) or this shard's part of it; returns a summary (written, skipped chunks).
+
+    ``per_image`` ``(key, folder)``: each image is drawn alone with its own file of the folder as that condition
+    (a ControlNet's ``mask``, DiffUltra's background ``image``); masks are copied beside the images, into the
+    manifest's ``mask`` column, so the set is image + mask pairs."""
     from sonogen.registry import model_name_of
     from sonogen.backends import load_backend
 
@@ -93,11 +130,15 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
     backend = load_backend(model_uri)
     if backend is None:
         raise ValueError(f"{model_uri} is not in the registry")
-    check_condition(condition, backend.conditions, backend.labels)
+    files: list[Path] = []
+    if per_image:
+        files, recorded = condition_files(*per_image)
+    check_condition({**condition, **({per_image[0]: ""} if per_image else {})}, backend.conditions, backend.labels)
     name = model_name_of(model_uri)
     label = condition.get("label", backend.label)
     plan = {"model_name": name, "model_version": backend.version, "family": backend.family, "label": label,
-            "n": n, "seed": seed, "batch": batch, "condition": condition}
+            "n": n, "seed": seed, "batch": batch, "condition": condition,
+            **({"condition_files": recorded} if per_image else {})}
     destination = Destination(out)
     if PLAN in destination.existing:
         previous = json.loads(destination.read(PLAN))
@@ -112,22 +153,31 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
         # families that place lesions keep each chunk's boxes beside its images, written last: a chunk counts as
         # done only once its boxes are there too
         boxes_name = [f"boxes/{start:07d}.json"] if backend.places_lesions else []
-        if all(done in destination.existing for done in names + boxes_name):
+        masks = [f"masks/{start + i:07d}.png" for i in range(size)] if per_image and per_image[0] == "mask" else []
+        used = [files[(start + i) % len(files)].name for i in range(size)] if per_image else []
+        if all(done in destination.existing for done in names + masks + boxes_name):
             skipped += 1
             pngs = [destination.read(image_name) for image_name in names]
             boxes = json.loads(destination.read(boxes_name[0])) if boxes_name else None
         else:
-            images, boxes = backend.draw(size, chunk_seed(seed, k), condition)
+            if per_image:
+                images, boxes, used = _draw_each(backend, per_image[0], files, start, size, seed, condition)
+            else:
+                images, boxes = backend.draw(size, chunk_seed(seed, k), condition)
             pngs = [png_bytes(image) for image in images]
+            for mask_name, file_name in zip(masks, used):  # the masks first: the images mark a chunk done
+                destination.write(mask_name, (Path(per_image[1]) / file_name).read_bytes())
             for image_name, data in zip(names, pngs):
                 destination.write(image_name, data)
             if boxes_name:
                 destination.write(boxes_name[0], json.dumps(boxes).encode())
         for i, (image_name, data) in enumerate(zip(names, pngs)):
+            origin = (f"seed={chunk_seed(seed, start + i)};index=0;{per_image[0]}={used[i]}" if per_image
+                      else f"seed={chunk_seed(seed, k)};index={i}")
             records.append(Record(
                 image=image_name, patient_id=f"{SYNTHETIC_PATIENT}{name}-v{backend.version}-s{seed}-{start + i:07d}",
                 source=f"{name}@v{backend.version}", label=label, split="train", boxes=boxes[i] if boxes else [],
-                origin=f"seed={chunk_seed(seed, k)};index={i}",
+                mask=masks[i] if masks else "", origin=origin,
                 licence="synthetic: see the model card", sha256=hashlib.sha256(data).hexdigest(),
             ))
     destination.write(MANIFEST if shards == 1 else shard_manifest(shard, shards), _manifest_bytes(records))

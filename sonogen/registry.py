@@ -33,6 +33,8 @@ def register_generator(
 
     configure_mlflow()
     client = mlflow.MlflowClient()
+    # the run's own experiment: what this process trained or registered before may have set another one
+    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -80,6 +80,23 @@ def write_dicom(path: Path, frames: np.ndarray, patient_id: str, frame_time_ms: 
     ds.save_as(path, enforce_file_format=True)
 
 
+MLFLOW_STATE = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")
+MLFLOW_AT_START = {name: os.environ.get(name) for name in MLFLOW_STATE}
+
+
+@pytest.fixture(autouse=True)
+def mlflow_environment_stays_in_its_test():
+    """MLflow writes its tracking URI and active experiment into the environment (set_tracking_uri, set_experiment),
+    where a later test's subprocesses (dvc repro, a server) would inherit another test's store: every test ends with
+    the MLflow variables the session began with (a shared fixture made during a test is undone with it too)."""
+    yield
+    for name, value in MLFLOW_AT_START.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
 from conftest import NAME
+from test_latent_diffusion import tiny_sd  # noqa: F401  (a fixture)
 from sonogen.cli import app
 from sonogen.data.manifest import SYNTHETIC_PATIENT, read_manifest
 
@@ -98,3 +100,39 @@ def test_the_compiled_generate_pipeline_fans_out_over_shards_on_gpus_then_merges
     assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-merge-generated"]["container"]["resources"]
     kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert {s["secretName"] for s in kubernetes["exec-generate-shard"]["secretAsEnv"]} == {"sonogen-s3"}
+
+
+def test_a_folder_of_masks_conditions_each_image_and_the_set_is_image_mask_pairs(tiny_sd, tmp_path):
+    import base64
+
+    import numpy as np
+    from PIL import Image
+
+    from sonogen.backends import load_backend
+    from sonogen.generate import generate_dataset
+    from sonogen.generators.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+    from sonogen.sampling import chunk_seed
+
+    torch.manual_seed(0)
+    folder = LatentDiffusion(LatentDiffusionConfig(label="consolidation", mode="controlnet", base_model=str(tiny_sd),
+                                                   image_size=32, steps=2)).save(tmp_path / "controlnet")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for k, (top, left) in enumerate([(4, 4), (16, 12), (8, 20)]):
+        mask = np.zeros((32, 32), np.uint8)
+        mask[top:top + 10, left:left + 8] = 255
+        Image.fromarray(mask).save(masks / f"lesion-{k}.png")
+    out = tmp_path / "pairs"
+    result = generate_dataset(str(folder), 4, str(out), seed=2, batch=3, per_image=("mask", masks))
+    assert result["condition_files"] == {"key": "mask", "files": 3, "sha256": result["condition_files"]["sha256"]}
+    records = read_manifest(out)
+    assert [r.mask for r in records] == [f"masks/{k:07d}.png" for k in range(4)]
+    assert (out / records[3].mask).read_bytes() == (masks / "lesion-0.png").read_bytes()  # image 3 takes file 0
+    backend = load_backend(str(folder))
+    for j, record in enumerate(records):
+        mask_png = base64.b64encode((out / record.mask).read_bytes()).decode()
+        alone, _ = backend.draw(1, chunk_seed(2, j), {"mask": mask_png})
+        assert np.array_equal(np.asarray(Image.open(out / record.image)), alone[0]), record.image
+    with pytest.raises(ValueError, match="other settings"):  # another folder is another set
+        (masks / "lesion-0.png").unlink()
+        generate_dataset(str(folder), 4, str(out), seed=2, batch=3, per_image=("mask", masks))

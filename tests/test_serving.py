@@ -67,7 +67,7 @@ def test_export_matches_torch_and_is_logged_on_the_version(registry):
     assert export["max_abs_diff"] <= 1e-4 and export["bytes"] > 0
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
-        tags = mlflow.MlflowClient().get_model_version(NAME, "1").tags
+        tags = mlflow.MlflowClient(registry["uri"]).get_model_version(NAME, "1").tags
         assert tags["onnx_artifact"] == export["artifact"]
         assert mlflow.artifacts.download_artifacts(export["artifact"]).endswith(".onnx")
 
@@ -221,12 +221,12 @@ def test_promotion_is_gated_audited_picked_up_by_a_watching_server_and_rolled_ba
         assert requests.get(f"{url}/v2/health/ready").status_code == 200
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
-            audit = mlflow.MlflowClient().get_model_version(NAME, "1").tags
+            audit = mlflow.MlflowClient(registry["uri"]).get_model_version(NAME, "1").tags
         again = runner.invoke(app, ["registry", "promote", NAME, "1", "--reason", "once more"], env=env)
         assert again.exit_code == 1 and "already @champion" in again.output
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
-            assert mlflow.MlflowClient().get_model_version(NAME, "1").tags == audit, "the audit trail is kept"
+            assert mlflow.MlflowClient(registry["uri"]).get_model_version(NAME, "1").tags == audit, "the audit trail is kept"
         no_previous = runner.invoke(app, ["registry", "rollback", NAME], env=env)
         assert no_previous.exit_code == 1 and "no previous holder" in no_previous.output
         forced = runner.invoke(app, ["registry", "promote", NAME, "2", "--force", "--reason", "clinical review"],
@@ -236,7 +236,7 @@ def test_promotion_is_gated_audited_picked_up_by_a_watching_server_and_rolled_ba
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
-            tags = mlflow.MlflowClient().get_model_version(NAME, "2").tags
+            tags = mlflow.MlflowClient(registry["uri"]).get_model_version(NAME, "2").tags
         assert (tags["champion.reason"], tags["champion.previous_version"], tags["champion.forced"]) == \
             ("clinical review", "1", "true")
         assert tags["champion.by"] and tags["champion.at"].endswith("Z")
@@ -329,7 +329,7 @@ def test_int8_export_is_gated_on_its_samples_batch_invariant_and_replaced_by_fp3
     assert CliRunner().invoke(app, ["export", "onnx", uri, "--precision", "fp16"]).exit_code == 1
     export = CliRunner().invoke(app, ["export", "onnx", uri, "--precision", "int8"])
     assert export.exit_code == 0 and "ONNX int8" in export.output, export.output
-    tags = mlflow.MlflowClient().get_model_version(NAME, version).tags
+    tags = mlflow.MlflowClient(registry["uri"]).get_model_version(NAME, version).tags
     assert tags["onnx_precision"] == "int8" and float(tags["onnx_mmd_ratio"]) <= 0.1
     backend = load_backend(uri)
     assert backend.runtime == "onnxruntime:CPUExecutionProvider:int8"
@@ -338,7 +338,7 @@ def test_int8_export_is_gated_on_its_samples_batch_invariant_and_replaced_by_fp3
     assert np.array_equal(images[:2], backend.images(2, 7))
     assert np.abs(images.astype(int) - to_uint8(load_registered_generator(uri).sample(5, 7))).mean() < 2
     assert CliRunner().invoke(app, ["export", "onnx", uri]).exit_code == 0
-    tags = mlflow.MlflowClient().get_model_version(NAME, version).tags
+    tags = mlflow.MlflowClient(registry["uri"]).get_model_version(NAME, version).tags
     assert tags["onnx_precision"] == "fp32" and "onnx_mmd_ratio" not in tags
     assert load_backend(uri).runtime == "onnxruntime:CPUExecutionProvider"
 
