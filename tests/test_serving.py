@@ -69,7 +69,7 @@ def test_export_matches_torch_and_is_logged_on_the_version(registry):
         patch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
         tags = mlflow.MlflowClient(registry["uri"]).get_model_version(NAME, "1").tags
         assert tags["onnx_artifact"] == export["artifact"]
-        assert mlflow.artifacts.download_artifacts(export["artifact"]).endswith(".onnx")
+        assert mlflow.artifacts.download_artifacts(export["artifact"], tracking_uri=registry["uri"]).endswith(".onnx")
 
 
 def test_v1_predict_returns_the_generator_images_with_their_provenance(registry, server):
