@@ -144,7 +144,10 @@ def train_generator(
         return {"rank": ranks.rank, "family": family, "label": label}
     tracking_uri = configure_mlflow()
     run_id = RunRecord.read(out).run_id if resume and (out / RUN_INFO).exists() else None
-    mlflow.set_experiment(experiment or f"{dataset}-{family}")
+    if run_id:  # a resumed run continues in its own experiment, whichever this process set last
+        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
+    else:
+        mlflow.set_experiment(experiment or f"{dataset}-{family}")
     identity = dataset_identity(data, label)
     with mlflow.start_run(run_id=run_id, run_name=f"{family}-{label}",
                           parent_run_id=None if run_id else parent_run_id) as run:
