@@ -75,6 +75,21 @@ def _version_tags(project, name, version) -> dict:
     return dict(_model_version(project, name, version).tags)
 
 
+def _walk(node):
+    """Every mapping inside a JSON value (`dvc exp show --json` nests experiments under their baseline)."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def report_of(project: Path, name: str) -> dict:
+    return json.loads((project / "reports" / "gates" / name / "gate_report.json").read_text())
+
+
 def test_dvc_repro_prepares_trains_evaluates_and_registers_what_passes(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["crossval"]["families"] = ["dcgan"]  # the crossval stage, gating usefulness on its pooled verdict
@@ -102,6 +117,16 @@ def test_dvc_repro_prepares_trains_evaluates_and_registers_what_passes(project):
     assert _version_tags(project, "lus-dcgan-consolidation", "1")["crossval.verdict"] == pooled["verdict"]
     assert "crossval.verdict" not in _version_tags(project, "lus-dcgan-normal", "1")  # not cross-validated
     assert LesionBank.load(project / "banks" / "consolidation").lesions  # the lesion_bank stage
+    # what DVC users compare settings with: every gated model's headline values, and its curves per epoch
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=project))
+    [metrics] = [entry["data"]["reports/gates/metrics.json"]["data"] for entry in shown.values()]
+    assert set(metrics) == {"dcgan-consolidation", "dcgan-normal"}
+    for name, values in metrics.items():
+        assert values["passed"] == 1 and values["kmmd"] == report_of(project, name)["metrics"]["kmmd"]
+        assert {"one_nn_acc", "near_copy_fraction", "auc_delta"} <= set(values)
+    dvc("plots", "show", "--out", str(project / "plots"), cwd=project)
+    html = (project / "plots" / "index.html").read_text()
+    assert "reports/gates/curves/dcgan-normal.json" in html and "kmmd" in html
     assert "up to date" in dvc("status", cwd=project)
     # a fresh clone (no tracking store, no cache) repeats every output byte for byte: dvc.lock stays as committed
     clone = new_project(project.parent / "clone")
@@ -133,6 +158,25 @@ def test_dvc_repro_prepares_trains_evaluates_and_registers_what_passes(project):
     assert _version_tags(project, "lus-dcgan-normal", "1")["gate"] == "failed"
     with Image.open(prepared / records[0].image) as im:
         assert im.size == (32, 32)
+
+    # an experiment with another training setting (last: it leaves its results in the workspace): only what
+    # depends on it reruns, `dvc exp show` holds the setting and the gate values it led to, and the MLflow runs
+    # name the experiment
+    git = ["git", "-c", "user.name=sonogen", "-c", "user.email=sonogen@example.org"]
+    (project / ".gitignore").write_text("mlflow.db\nmlruns/\nplots/\n")  # the tracking store stays out of git
+    run(["git", "add", "-A"], project)
+    run([*git, "commit", "-q", "-m", "baseline"], project)
+    out = dvc("exp", "run", "-n", "wider", "-S", "train.dcgan.model.base_channels=8", cwd=project)
+    assert "Stage 'prepare' didn't change" in out and "Running stage 'train@dcgan-normal'" in out
+    shown = json.loads(dvc("exp", "show", "--json", cwd=project))
+    (project / "exp-show.json").write_text(json.dumps(shown, indent=1))  # to read when this fails
+    [data] = [node["data"] for node in _walk(shown) if node.get("name") == "wider" and "data" in node]
+    assert data["params"]["params.yaml"]["data"]["train"]["dcgan"]["model"]["base_channels"] == 8
+    kmmd = data["metrics"]["reports/gates/metrics.json"]["data"]["dcgan-normal"]["kmmd"]
+    assert kmmd != metrics["dcgan-normal"]["kmmd"]  # the baseline's
+    tagged = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                "tags.`dvc.experiment` = 'wider'")
+    assert {run.data.tags["label"] for run in tagged} == {"consolidation", "normal"}
 
 
 def test_dvc_repro_trains_diffultra_on_the_bank_and_its_own_base_ldm(project):

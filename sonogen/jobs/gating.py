@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -132,4 +133,33 @@ def evaluate_targets(targets: list[str], data: str | Path, extractor_spec: str |
                                     _crossval_of(crossval, target["name"], generator))
         record_in_mlflow(report, report_dir, target["run_id"], target["version"])
         results.append({"target": target["name"], "report": str(report_dir), **report})
+        if target["history"]:
+            write_curve(target["history"], Path(out) / CURVES / f"{target['name']}.json")
+    write_headlines(results, Path(out) / METRICS)
     return results
+
+
+METRICS = "metrics.json"  # beside the gate reports: every model's headline values, for `dvc metrics show`
+CURVES = "curves"  # beside them: each model's per-epoch readings, for `dvc plots show`
+
+
+def write_headlines(results: list[dict], path: Path) -> None:
+    """``{model: {passed: 1 or 0, <metric>: value, …}}`` of the gate reports (numbers only), merged into what
+    ``path`` holds from other models."""
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    for result in results:
+        values = {key: float(value) for key, value in result["metrics"].items()
+                  if isinstance(value, (int, float)) and math.isfinite(value)}
+        table[result["target"]] = {"passed": int(bool(result["passed"])), **values}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(sorted(table.items())), indent=2) + "\n")
+
+
+def write_curve(history: list[dict], path: Path) -> None:
+    """The epochs of the training history with realism readings, one row each: epoch, kMMD, 1-NN accuracy and
+    the training losses (a DVC plot)."""
+    rows = [{"epoch": record["epoch"], "kmmd": record["kmmd"], "one_nn_acc": record["one_nn_acc"],
+             **{key: value for key, value in record.items() if key.startswith("loss")}}
+            for record in history if "kmmd" in record and "one_nn_acc" in record]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1) + "\n")

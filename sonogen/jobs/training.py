@@ -60,6 +60,15 @@ def load_family_config(path: str | Path | None, family: str, label: str,
             config_from_dict(TrainConfig, family_sections(path, family)[1]))
 
 
+def dvc_experiment() -> dict[str, str]:
+    """The DVC experiment this runs in (``dvc exp run`` sets these variables for its stages), as MLflow tags, so
+    that ``dvc exp show`` and the MLflow run name each other; nothing outside an experiment."""
+    import os
+
+    names = {"DVC_EXP_NAME": "dvc.experiment", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}
+    return {tag: os.environ[variable] for variable, tag in names.items() if os.environ.get(variable)}
+
+
 def _flatten(prefix: str, values: dict) -> dict[str, Any]:
     return {f"{prefix}.{k}": v for k, v in values.items()}
 
@@ -156,7 +165,8 @@ def train_generator(
                 **_flatten("model", asdict(model_config)), **_flatten("train", asdict(train_config)), **identity,
                 "train.ranks": ranks.world, "train.per_rank_batch": train_config.batch_size // ranks.world,
             })
-            mlflow.set_tags({"family": family, "label": label, "dataset": dataset, "code_version": git_commit()})
+            mlflow.set_tags({"family": family, "label": label, "dataset": dataset, "code_version": git_commit(),
+                             **dvc_experiment()})
         record = RunRecord(run.info.run_id, tracking_uri, family, label, dataset, str(data))
         record.write(out)
         torch.manual_seed(train_config.seed)  # the networks' initial weights repeat with the run
