@@ -198,6 +198,7 @@ def deploy_command(
     """Write the KServe InferenceService of a registered model (the image, GPU, probes, timeout and autoscaling its
     family needs) as a kustomization: kubectl apply -k deploy/<name>."""
     from sonogen.deploy import deploy
+    from sonogen.registry import model_name_of
 
     selector = {}
     for pair in node_selector or []:
@@ -205,8 +206,7 @@ def deploy_command(
         if not sep or not key:
             raise ValueError(f"--node-selector takes KEY=VALUE, got {pair!r}")
         selector[key] = value
-    name = model.removeprefix("models:/").partition("@")[0]
-    result = deploy(model, out or Path("deploy") / name, alias, device, selector, min_replicas, max_replicas)
+    result = deploy(model, out or Path("deploy") / model_name_of(model), alias, device, selector, min_replicas, max_replicas)
     console.print(f"{result['name']}@{result['alias']} (version {result['version']}, {result['family']}, "
                   f"{result['runtime']}) on {result['device']}: {result['image']}")
     console.print(f"apply with: kubectl apply -k {result['out']}")

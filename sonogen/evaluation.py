@@ -24,7 +24,7 @@ from sonogen.metrics.features import Extractor
 from sonogen.metrics.memorisation import closest_pairs
 from sonogen.metrics.protocols import METRICS
 from sonogen.metrics.similarity import resized
-from sonogen.tracking import configure_mlflow, dataset_identity, git_commit
+from sonogen.tracking import configure_mlflow, dataset_identity, git_commit, use_experiment_of
 
 SAMPLE_BATCH = 64  # bounds the memory one sampling call takes, whatever `samples` is
 MASK_METRICS = ("mask_dice", "mask_dice_chance", "mask_dice_gain", "mask_dice_real", "mask_requests")
@@ -327,8 +327,7 @@ def record_in_mlflow(report: dict, report_dir: str | Path, run_id: str | None,
     configure_mlflow()
     numbers = {f"gate.{k}": float(v) for k, v in report["metrics"].items() if v is not None and np.isfinite(v)}
     if run_id:
-        # the run's own experiment: training the us-encoder in this process may have set another one
-        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
+        use_experiment_of(run_id)  # training the us-encoder in this process may have set another one
         with mlflow.start_run(run_id=run_id):
             mlflow.log_metrics(numbers)
             mlflow.log_artifacts(str(report_dir), "gate_report")

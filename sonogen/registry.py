@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sonogen.tracking import NotRegistered, configure_mlflow, resolve_version  # noqa: F401  (re-exported)
+from sonogen.tracking import (  # noqa: F401  (resolve_version re-exported)
+    NotRegistered, configure_mlflow, resolve_version, use_experiment_of,
+)
 
 if TYPE_CHECKING:  # torch stays out of the serving image, which imports this module
     from sonogen.generators import Generator
@@ -33,8 +35,7 @@ def register_generator(
 
     configure_mlflow()
     client = mlflow.MlflowClient()
-    # the run's own experiment: what this process trained or registered before may have set another one
-    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
+    use_experiment_of(run_id)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -78,6 +78,14 @@ def configure_mlflow() -> str:
     return uri
 
 
+def use_experiment_of(run_id: str) -> None:
+    """Makes the experiment of ``run_id`` the active one, so that ``mlflow.start_run(run_id=...)`` continues it
+    whichever experiment this process (a training, an encoder, an earlier registration) set before."""
+    import mlflow
+
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
+
+
 class MlflowTracker:
     """Logs metrics and images to the active MLflow run."""
 

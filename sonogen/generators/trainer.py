@@ -275,12 +275,12 @@ def train(
         if generator.epoch % config.checkpoint_every == 0 or generator.epoch == config.epochs:
             generator.save_checkpoint(checkpoint)
             history_path.write_text(json.dumps(history, indent=2) + "\n")
-    if main and keep_best and best.epoch:  # the kept epoch's weights are the model
-        shutil.rmtree(out / GENERATOR_DIR, ignore_errors=True)
-        shutil.copytree(out / BEST_DIR, out / GENERATOR_DIR)
-    elif main:
-        generator.save(out / GENERATOR_DIR)
     if main:
+        if keep_best and best.epoch:  # the kept epoch's weights are the model
+            shutil.rmtree(out / GENERATOR_DIR, ignore_errors=True)
+            shutil.copytree(out / BEST_DIR, out / GENERATOR_DIR)
+        else:
+            generator.save(out / GENERATOR_DIR)
         history_path.write_text(json.dumps(history, indent=2) + "\n")
     distributed.barrier()  # the others wait for rank 0's model before the job counts as done
     return {

@@ -20,7 +20,8 @@ from sonogen.data.licences import commercial_use_of
 from sonogen.model_card import build_model_card, training_licences
 from sonogen.registry import model_name, register_generator, write_model_card
 from sonogen.tracking import (
-    RUN_INFO, MlflowTracker, RunRecord, configure_mlflow, dataset_identity, declined, git_commit, write_declined,
+    RUN_INFO, MlflowTracker, RunRecord, configure_mlflow, dataset_identity, declined, git_commit, use_experiment_of,
+    write_declined,
 )
 
 
@@ -153,8 +154,8 @@ def train_generator(
         return {"rank": ranks.rank, "family": family, "label": label}
     tracking_uri = configure_mlflow()
     run_id = RunRecord.read(out).run_id if resume and (out / RUN_INFO).exists() else None
-    if run_id:  # a resumed run continues in its own experiment, whichever this process set last
-        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
+    if run_id:  # a resumed run continues in its own experiment
+        use_experiment_of(run_id)
     else:
         mlflow.set_experiment(experiment or f"{dataset}-{family}")
     identity = dataset_identity(data, label)
