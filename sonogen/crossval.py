@@ -76,6 +76,11 @@ def fold_view(data: str | Path, fold_of: dict[str, int], fold: int, out: str | P
     return out
 
 
+def effect_of(low: float, high: float) -> str:
+    """The verdict of a delta's 95 % interval: above 0 helps, below 0 hurts, else no measurable effect."""
+    return HELPS if low > 0 else HURTS if high < 0 else NO_EFFECT
+
+
 def pooled_verdict(targets: np.ndarray, patients: list[str], probabilities: dict[str, np.ndarray],
                    classes: list[str] | None = None, positive: int = 1, metric: str = "auc", resamples: int = 1000,
                    seed: int = 0) -> dict:
@@ -88,7 +93,7 @@ def pooled_verdict(targets: np.ndarray, patients: list[str], probabilities: dict
     strata = patient_strata(targets, patients)
     summary = summarise(targets, patients, probabilities, classes, positive, resamples, seed)
     low, high = summary[f"{metric}_delta_ci95"]
-    effect = HELPS if low > 0 else HURTS if high < 0 else NO_EFFECT
+    effect = effect_of(low, high)
     return {"metric": metric, **{m: summary[m] for m in METRICS if m in summary},
             "real": summary[metric][BASELINE], "real_plus_synthetic": summary[metric][AUGMENTED],
             "delta": summary[f"{metric}_delta"], "ci_low": low, "ci_high": high, "effect": effect, "verdict": effect,
@@ -137,7 +142,7 @@ def pool(folds: list[dict], resamples: int = 1000, seed: int = 0) -> dict:
         protocol = folds[0].get("protocol", "default")
         if get_protocol(protocol).detection:  # the verdict is on detection, the classifiers' metrics come along
             low, high = detection["ap50_delta_ci95"]
-            effect = HELPS if low > 0 else HURTS if high < 0 else NO_EFFECT
+            effect = effect_of(low, high)
             pooled = {**{k: v for k, v in pooled.items() if k not in ("verdict", "effect", "reason")},
                       "protocol": protocol, "metric": "ap50", "real": detection["ap50"][BASELINE],
                       "real_plus_synthetic": detection["ap50"][AUGMENTED], "delta": detection["ap50_delta"],
@@ -243,14 +248,12 @@ def _plot(report: dict, out: Path) -> None:
     plt.close(figure)
     from sklearn.metrics import roc_curve
 
-    folds = [f for f in report["folds"] if "targets" in f]
-    if len(folds) < len(report["folds"]):
-        return  # a classifier's ROC needs every fold's predictions
-    targets = np.concatenate([f["targets"] for f in folds])
+    if (pooled := pooled_scores(report)) is None:
+        return
+    targets, scores = pooled
     figure, axis = plt.subplots(figsize=(4.2, 4))
     for arm in arms:
-        scores = np.concatenate([fold_probabilities(f)[arm].mean(0)[:, f.get("positive", 1)] for f in folds])
-        fpr, tpr, _ = roc_curve(targets, scores)
+        fpr, tpr, _ = roc_curve(targets, scores[arm].mean(0))
         axis.plot(fpr, tpr, label=f"{arm} (AUC {report['pooled'].get('auc', {}).get(arm, float('nan')):.3f})")
     axis.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
     axis.set(xlabel="false positive rate", ylabel="true positive rate", title="pooled out-of-fold ROC, the label")
@@ -258,6 +261,18 @@ def _plot(report: dict, out: Path) -> None:
     figure.tight_layout()
     figure.savefig(out / POOLED_ROC, dpi=110)
     plt.close(figure)
+
+
+def pooled_scores(report: dict) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+    """Every patient's out-of-fold label-vs-rest targets and each arm's ``(seeds, images)`` scores, folds pooled;
+    None where a fold has no classifier predictions."""
+    folds = [f for f in report["folds"] if "targets" in f]
+    if not folds or len(folds) < len(report["folds"]):
+        return None
+    arms = fold_probabilities(folds[0])
+    return (np.concatenate([f["targets"] for f in folds]),
+            {arm: np.concatenate([fold_probabilities(f)[arm][..., f.get("positive", 1)] for f in folds], axis=1)
+             for arm in arms})
 
 
 def read_report(folder: str | Path) -> dict:

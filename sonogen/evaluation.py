@@ -24,7 +24,7 @@ from sonogen.metrics.features import Extractor
 from sonogen.metrics.memorisation import closest_pairs
 from sonogen.metrics.protocols import METRICS
 from sonogen.metrics.similarity import resized
-from sonogen.tracking import configure_mlflow, dataset_identity, git_commit, use_experiment_of
+from sonogen.tracking import configure_mlflow, dataset_identity, git_commit, set_experiment, use_experiment_of
 
 SAMPLE_BATCH = 64  # bounds the memory one sampling call takes, whatever `samples` is
 MASK_METRICS = ("mask_dice", "mask_dice_chance", "mask_dice_gain", "mask_dice_real", "mask_requests")
@@ -61,7 +61,7 @@ def train_encoder(data: str | Path, out: str | Path, dataset: str, epochs: int =
                               zip(predict_proba(model, val_images).argmax(1), val_labels)])) if val_labels else None
     name = f"{dataset}-us-encoder"
     configure_mlflow()
-    mlflow.set_experiment(name)
+    set_experiment(name)
     client = mlflow.MlflowClient()
     with mlflow.start_run(run_name="us-encoder") as run:
         mlflow.log_params({**{f"classifier.{k}": v for k, v in asdict(config).items()},

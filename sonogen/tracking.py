@@ -1,7 +1,8 @@
 """MLflow tracking: where runs go, and what each run records about its data and code.
 
-Embedded default: ``sqlite:///mlflow.db`` and artifacts under ``mlruns/`` in the working directory. Any other
-store (an MLflow server with Postgres + S3) is chosen with ``MLFLOW_TRACKING_URI`` as usual.
+Embedded default: ``sqlite:///mlflow.db`` and artifacts under ``mlruns/`` in the working directory, or in the DVC
+repository a stage runs for (a queued ``dvc exp run`` works in a temporary copy, whose store would vanish with it).
+Any other store (an MLflow server with Postgres + S3) is chosen with ``MLFLOW_TRACKING_URI`` as usual.
 """
 
 from __future__ import annotations
@@ -73,9 +74,30 @@ def configure_mlflow() -> str:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / DEFAULT_DB}"
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def store_root() -> Path:
+    """The folder of the embedded store: the DVC repository's root while a stage runs (DVC sets ``DVC_ROOT`` to
+    the repository that queued an experiment), else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def set_experiment(name: str):
+    """``mlflow.set_experiment``; an experiment first made from a temporary DVC workspace keeps its artifacts
+    under the repository's ``mlruns/`` (MLflow's default is the working directory's)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    embedded = mlflow.get_tracking_uri() == f"sqlite:///{store_root() / DEFAULT_DB}"
+    if embedded and store_root() != Path.cwd().resolve() and mlflow.get_experiment_by_name(name) is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=str(store_root() / "mlruns" / name))
+        except MlflowException:  # made meanwhile by a parallel run
+            pass
+    return mlflow.set_experiment(name)
 
 
 def use_experiment_of(run_id: str) -> None:

@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from sonogen.cli import app
 from sonogen.crossval import (BASELINE, AUGMENTED, COPIES, assign_folds, fold_view, patient_labels, pool,
-                              pooled_verdict)
+                              pooled_verdict, pooled_scores)
 from sonogen.data.manifest import read_manifest, write_manifest
-from sonogen.metrics.downstream import DownstreamConfig
+from sonogen.metrics.downstream import DownstreamConfig, roc_table
 from sonogen.metrics.protocols import PROTOCOLS
 from sonogen.generators import Generator, register_family
 from sonogen.generators.families import unregister_family
@@ -230,6 +230,15 @@ def test_a_three_fold_cross_validation_from_the_cli_gates_tags_and_guards_the_re
     assert gated.exit_code == 0, gated.output
     gate = json.loads((workdir / "reports" / "gates" / "dcgan-consolidation" / "gate_report.json").read_text())
     assert gate["metrics"]["auc_delta_lower_ci"] == pooled["ci_low"] and "downstream" not in gate
+    # for DVC: the pooled verdict among the metrics, the pooled scores and out-of-fold ROC among the plots
+    headline = json.loads((workdir / "reports" / "gates" / "metrics.json").read_text())["dcgan-consolidation"]
+    assert (headline["usefulness"], headline["usefulness_ci_low"]) == (pooled["verdict"], pooled["ci_low"])
+    bars = json.loads((workdir / "reports" / "gates" / "downstream" / "dcgan-consolidation.json").read_text())
+    assert {row["arm"]: row["score"] for row in bars} == pooled["auc"]
+    roc = json.loads((workdir / "reports" / "gates" / "roc" / "dcgan-consolidation.json").read_text())
+    targets, scores = pooled_scores(report)
+    assert len(targets) == sum(len(f["targets"]) for f in report["folds"])  # every patient's images, once
+    assert roc == roc_table(targets, {arm: scores[arm] for arm in ("real", "real+synthetic")})
     assert runner.invoke(app, ["register", "models/dcgan-consolidation", "--gates", "reports/gates"]).exit_code == 0
     version = client.get_model_version("lus-dcgan-consolidation", "1")
     assert version.tags["crossval.verdict"] == pooled["verdict"]

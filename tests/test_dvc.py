@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
+from sonogen.crossval import effect_of
 from sonogen.data.lesion_bank import LesionBank
 from sonogen.data.manifest import file_sha256, read_manifest
 from sonogen.generators import load_generator
@@ -124,9 +126,16 @@ def test_dvc_repro_prepares_trains_evaluates_and_registers_what_passes(project):
     for name, values in metrics.items():
         assert values["passed"] == 1 and values["kmmd"] == report_of(project, name)["metrics"]["kmmd"]
         assert {"one_nn_acc", "near_copy_fraction", "auc_delta"} <= set(values)
-    dvc("plots", "show", "--out", str(project / "plots"), cwd=project)
+    assert metrics["dcgan-consolidation"]["usefulness"] == pooled["verdict"]  # cross-validated
+    low, high = report_of(project, "dcgan-normal")["downstream"]["auc_delta_ci95"]  # its test split's
+    assert metrics["dcgan-normal"]["usefulness"] == effect_of(low, high)
+    out = dvc("plots", "show", "--out", str(project / "plots"), cwd=project)
+    assert "failed to load" not in out and "WARNING" not in out
     html = (project / "plots" / "index.html").read_text()
-    assert "reports/gates/curves/dcgan-normal.json" in html and "kmmd" in html
+    for kind in ("curves", "downstream", "roc"):
+        assert f"reports/gates/{kind}/dcgan-normal.json" in html
+        assert f"reports/gates/{kind}/dcgan-consolidation.json" in html
+    assert "kmmd" in html and "real+synthetic" in html and "synthetic+real-negatives" in html
     assert "up to date" in dvc("status", cwd=project)
     # a fresh clone (no tracking store, no cache) repeats every output byte for byte: dvc.lock stays as committed
     clone = new_project(project.parent / "clone")
@@ -177,6 +186,26 @@ def test_dvc_repro_prepares_trains_evaluates_and_registers_what_passes(project):
     tagged = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                 "tags.`dvc.experiment` = 'wider'")
     assert {run.data.tags["label"] for run in tagged} == {"consolidation", "normal"}
+
+    # the local queue: a queued experiment runs in a temporary copy of the repository, and its MLflow runs still
+    # land in the repository's store
+    dvc("exp", "run", "--queue", "-n", "queued", "-S", "train.dcgan.model.base_channels=6", cwd=project)
+    dvc("queue", "start", cwd=project)
+    deadline = time.monotonic() + 600
+    while "Queued" in (status := dvc("queue", "status", cwd=project)) or "Running" in status:
+        assert time.monotonic() < deadline, status
+        time.sleep(5)
+    dvc("queue", "stop", cwd=project)
+    assert "Success" in status, dvc("queue", "logs", "queued", cwd=project)
+    shown = json.loads(dvc("exp", "show", "--json", cwd=project))
+    [data] = [node["data"] for node in _walk(shown) if node.get("name") == "queued" and "data" in node]
+    assert data["params"]["params.yaml"]["data"]["train"]["dcgan"]["model"]["base_channels"] == 6
+    assert data["metrics"]["reports/gates/metrics.json"]["data"]["dcgan-normal"]["kmmd"] != kmmd
+    queued = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                "tags.`dvc.experiment` = 'queued'")
+    assert {run.data.tags["label"] for run in queued} == {"consolidation", "normal"}
+    for queued_run in queued:  # the artifacts too: not in the temporary copy DVC removes
+        assert Path(queued_run.info.artifact_uri.removeprefix("file://")).is_relative_to(project)
 
 
 def test_dvc_repro_trains_diffultra_on_the_bank_and_its_own_base_ldm(project):

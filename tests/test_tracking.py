@@ -120,3 +120,22 @@ def test_config_errors_are_clear(workdir):
         load_family_config(workdir / "bad.yaml", "dcgan", "normal")
     with pytest.raises(FileNotFoundError, match="train a generator"):
         register_trained(workdir / "nothing")
+
+
+def test_a_run_in_a_temporary_dvc_workspace_is_kept_in_the_repository_s_store(workdir, monkeypatch):
+    """`dvc exp run --queue` runs stages in a copy under .dvc/tmp/exps that it removes afterwards; DVC_ROOT names
+    the repository that queued them."""
+    from sonogen.tracking import configure_mlflow, set_experiment
+
+    copy = workdir / ".dvc" / "tmp" / "exps" / "tmp0"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(workdir))
+    assert configure_mlflow() == f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
+    experiment = set_experiment("lus-queued")
+    with mlflow.start_run(experiment_id=experiment.experiment_id):
+        mlflow.log_text("kept", "note.txt")
+        artifacts = mlflow.get_artifact_uri()
+    assert (workdir.resolve() / "mlruns" / "lus-queued").is_dir()
+    assert artifacts.removeprefix("file://").startswith(str(workdir.resolve() / "mlruns"))
+    assert not (copy / "mlruns").exists() and not (copy / "mlflow.db").exists()

@@ -21,7 +21,7 @@ from sonogen.jobs.training import train_generator
 from sonogen.metrics.downstream import AUGMENTED, BASELINE
 from sonogen.metrics.features import get_extractor
 from sonogen.metrics.protocols import METRICS
-from sonogen.tracking import configure_mlflow, dataset_identity, git_commit
+from sonogen.tracking import configure_mlflow, dataset_identity, git_commit, set_experiment
 
 FOLD_RESULT = "fold_result.json"
 PER_FOLD = "us-encoder, one per fold on its training patients"
@@ -143,9 +143,7 @@ def _client():
 def _start_run(client, family: str, label: str, data: Path | str, dataset: str, folds: int, seed: int,
                extractor: str) -> str:
     """The cross-validation's MLflow run, in the family's experiment (its folds' generator runs are there too)."""
-    import mlflow
-
-    experiment = mlflow.set_experiment(f"{dataset}-{family}").experiment_id
+    experiment = set_experiment(f"{dataset}-{family}").experiment_id
     run = client.create_run(experiment, run_name=f"crossval-{family}-{label}", tags={
         "family": family, "label": label, "dataset": dataset, "code_version": git_commit(), "crossval": "true"})
     for key, value in {**dataset_identity(data, label), "folds": folds, "seed": seed, "extractor": extractor}.items():

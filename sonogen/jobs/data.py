@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from sonogen.tracking import configure_mlflow, dataset_identity, git_commit
+from sonogen.tracking import configure_mlflow, dataset_identity, git_commit, set_experiment
 
 
 def read_params(path: str | Path | None) -> dict:
@@ -63,7 +63,7 @@ def build_lesion_bank(data: str | Path, out: str | Path, label: str = "consolida
     bank.save(out)
     Image.fromarray(review).save(out / ANATOMY_REVIEW)
     tracking_uri = configure_mlflow()
-    mlflow.set_experiment(experiment or f"{dataset or data.name}-lesion-bank")
+    set_experiment(experiment or f"{dataset or data.name}-lesion-bank")
     stats = bank.statistics()
     with mlflow.start_run(run_name=f"lesion-bank-{label}") as run:
         mlflow.log_params({**dataset_identity(data, label), "split": split, "structure_size": structure_size,

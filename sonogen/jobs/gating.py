@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -14,6 +13,7 @@ from sonogen.evaluation import evaluate_generator, find_encoder, record_in_mlflo
 from sonogen.gates import EvaluateConfig, check_gates, gates_for, variant_of
 from sonogen.generators import families, get_generator, load_generator
 from sonogen.generators.trainer import GENERATOR_DIR, resolve_device
+from sonogen.jobs.dvc_outputs import METRICS, write_dvc_outputs, write_headlines
 from sonogen.jobs.training import trained_name
 from sonogen.metrics.features import get_extractor
 from sonogen.registry import load_registered_generator, resolve_version
@@ -128,38 +128,12 @@ def evaluate_targets(targets: list[str], data: str | Path, extractor_spec: str |
                          and t["generator"].label != generator.label), None)
         report_dir = Path(out) / target["name"]
         announce = (lambda message, name=target["name"]: log(f"{name}: {message}")) if log else None
+        crossval_report = _crossval_of(crossval, target["name"], generator)
         report = evaluate_generator(generator, data, extractor, gates_for(gates, generator.gate_set), config,
                                     report_dir, target["name"], negative, target["history"], announce,
-                                    _crossval_of(crossval, target["name"], generator))
+                                    crossval_report)
         record_in_mlflow(report, report_dir, target["run_id"], target["version"])
         results.append({"target": target["name"], "report": str(report_dir), **report})
-        if target["history"]:
-            write_curve(target["history"], Path(out) / CURVES / f"{target['name']}.json")
+        write_dvc_outputs(report, target["name"], target["history"], crossval_report, Path(out))
     write_headlines(results, Path(out) / METRICS)
     return results
-
-
-METRICS = "metrics.json"  # beside the gate reports: every model's headline values, for `dvc metrics show`
-CURVES = "curves"  # beside them: each model's per-epoch readings, for `dvc plots show`
-
-
-def write_headlines(results: list[dict], path: Path) -> None:
-    """``{model: {passed: 1 or 0, <metric>: value, …}}`` of the gate reports (numbers only), merged into what
-    ``path`` holds from other models."""
-    table = json.loads(path.read_text()) if path.is_file() else {}
-    for result in results:
-        values = {key: float(value) for key, value in result["metrics"].items()
-                  if isinstance(value, (int, float)) and math.isfinite(value)}
-        table[result["target"]] = {"passed": int(bool(result["passed"])), **values}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(sorted(table.items())), indent=2) + "\n")
-
-
-def write_curve(history: list[dict], path: Path) -> None:
-    """The epochs of the training history with realism readings, one row each: epoch, kMMD, 1-NN accuracy and
-    the training losses (a DVC plot)."""
-    rows = [{"epoch": record["epoch"], "kmmd": record["kmmd"], "one_nn_acc": record["one_nn_acc"],
-             **{key: value for key, value in record.items() if key.startswith("loss")}}
-            for record in history if "kmmd" in record and "one_nn_acc" in record]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=1) + "\n")

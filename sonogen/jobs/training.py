@@ -20,7 +20,8 @@ from sonogen.data.licences import commercial_use_of
 from sonogen.model_card import build_model_card, training_licences
 from sonogen.registry import model_name, register_generator, write_model_card
 from sonogen.tracking import (
-    RUN_INFO, MlflowTracker, RunRecord, configure_mlflow, dataset_identity, declined, git_commit, use_experiment_of,
+    RUN_INFO, MlflowTracker, RunRecord, configure_mlflow, dataset_identity, declined, git_commit, set_experiment,
+    use_experiment_of,
     write_declined,
 )
 
@@ -157,7 +158,7 @@ def train_generator(
     if run_id:  # a resumed run continues in its own experiment
         use_experiment_of(run_id)
     else:
-        mlflow.set_experiment(experiment or f"{dataset}-{family}")
+        set_experiment(experiment or f"{dataset}-{family}")
     identity = dataset_identity(data, label)
     with mlflow.start_run(run_id=run_id, run_name=f"{family}-{label}",
                           parent_run_id=None if run_id else parent_run_id) as run:
@@ -209,7 +210,7 @@ def pool_trained(members: list[str | Path], out: str | Path, register: bool = Tr
     family_class = get_generator(pooling[0])
     pooled = family_class.from_members([load_generator(Path(member) / GENERATOR_DIR) for member in members])
     tracking_uri = configure_mlflow()
-    mlflow.set_experiment(f"{first.dataset}-{family_class.family}")
+    set_experiment(f"{first.dataset}-{family_class.family}")
     with mlflow.start_run(run_name=f"{family_class.family}-{first.label}") as run:
         mlflow.log_params({**dataset_identity(first.data, first.label), "members": len(records)})
         mlflow.set_tags({"family": family_class.family, "label": first.label, "dataset": first.dataset,

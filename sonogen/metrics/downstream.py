@@ -75,6 +75,24 @@ def score(metric: str, targets: np.ndarray, probabilities: np.ndarray, positive:
     return float(np.mean([(predicted[targets == c] == c).mean() for c in np.unique(targets)]))
 
 
+def roc_table(targets: np.ndarray, scores: dict[str, np.ndarray], points: int = 51) -> list[dict[str, float]]:
+    """Each arm's ROC curve (its ``(seeds, images)`` scores averaged over seeds) read at ``points`` evenly spaced
+    false-positive rates, one row per rate, ``{fpr, <arm>: tpr}``: one table overlays the arms (a DVC plot); empty
+    where the targets hold one class."""
+    from sklearn.metrics import roc_curve
+
+    targets = np.asarray(targets).astype(int)
+    if len(np.unique(targets)) < 2:
+        return []
+    grid = np.linspace(0, 1, points)
+    curves = {}
+    for arm, values in scores.items():
+        fpr, tpr, _ = roc_curve(targets, np.asarray(values).reshape(-1, len(targets)).mean(0))
+        curves[arm] = np.interp(grid, fpr, tpr)
+    return [{"fpr": round(float(rate), 6), **{arm: float(curve[i]) for arm, curve in curves.items()}}
+            for i, rate in enumerate(grid)]
+
+
 def per_class(targets: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict[str, dict[str, float]]:
     precision, recall, f1, _ = precision_recall_fscore_support(
         targets, probabilities.argmax(1), labels=list(range(len(classes))), zero_division=0)
