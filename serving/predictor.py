@@ -59,11 +59,14 @@ class SamplerModel(Model):
                 {"name": "condition", "datatype": "BYTES", "shape": [1]}]
 
     def get_output_types(self) -> list[dict]:
-        """``images`` (n, H, W) uint8, and ``boxes`` (n, most boxes of an image, 4) from families that place
-        lesions; -1 marks a size that depends on the request."""
+        """``images`` (n, H, W) uint8, ``boxes`` (n, most boxes of an image, 4) from families that place lesions,
+        ``masks`` (n, H, W) uint8 (1 on the lesion) from families that draw them; -1 marks a size that depends on
+        the request."""
         outputs = [{"name": "images", "datatype": "UINT8", "shape": [-1, -1, -1]}]
         if self.ready and self.backend.places_lesions:
             outputs.append({"name": "boxes", "datatype": "INT32", "shape": [-1, -1, 4]})
+        if self.ready and self.backend.draws_masks:
+            outputs.append({"name": "masks", "datatype": "UINT8", "shape": [-1, -1, -1]})
         return outputs
 
     async def _sample(self, request: SamplingRequest) -> tuple[np.ndarray, list | None]:
@@ -89,7 +92,10 @@ class SamplerModel(Model):
             output = InferOutput(name="images", shape=list(images.shape), datatype="UINT8")
             output.set_data_from_numpy(images, binary_data=False)
             outputs = [output]
-            if boxes is not None:  # (n, most boxes of an image, 4), rows of -1 where an image has fewer
+            if self.backend.draws_masks:
+                outputs.append(InferOutput(name="masks", shape=list(images.shape), datatype="UINT8"))
+                outputs[-1].set_data_from_numpy(np.stack(boxes).astype(np.uint8), binary_data=False)
+            elif boxes is not None:  # (n, most boxes of an image, 4), rows of -1 where an image has fewer
                 table = np.full((len(boxes), max(map(len, boxes), default=0), 4), -1, dtype=np.int32)
                 for k, image_boxes in enumerate(boxes):
                     table[k, :len(image_boxes)] = np.asarray(image_boxes, dtype=np.int32).reshape(-1, 4)
@@ -115,9 +121,13 @@ class SamplerModel(Model):
         predictions = []
         for request, (images, boxes) in zip(requests, await asyncio.gather(*(self._sample(r) for r in requests))):
             encode = lambda: [base64.b64encode(png_bytes(image)).decode() for image in images]  # noqa: E731
+            if self.backend.draws_masks:  # the masks as PNGs too, 255 on the lesion
+                masks = [base64.b64encode(png_bytes(mask.astype(np.uint8) * 255)).decode() for mask in boxes]
+                boxes = None
             # a few images are cheaper to encode here than the thread hop; many go off the event loop (zlib
             # releases the GIL, so they overlap with other requests' sampling)
             encoded = encode() if len(images) <= INLINE_ENCODE else await asyncio.to_thread(encode)
             predictions.append({**self._echo(request), "format": request.format, "images": encoded,
-                                **({} if boxes is None else {"boxes": boxes})})
+                                **({} if boxes is None else {"boxes": boxes}),
+                                **({"masks": masks} if self.backend.draws_masks else {})})
         return {"predictions": predictions}

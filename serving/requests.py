@@ -72,7 +72,6 @@ def parse_request(body: Any, backend, max_n: int, where: str = "request") -> Sam
 
 
 V2_INPUTS = ("n", "seed", "label", "condition")
-V2_OUTPUTS = ("images", "boxes")
 
 
 def _text(value: Any, name: str) -> str:
@@ -102,7 +101,7 @@ def _flag(value: Any, name: str) -> None:
 def parse_v2_request(request: InferRequest, backend, max_n: int) -> SamplingRequest:
     """v2 inputs: ``n`` and ``seed`` (integer tensors of shape [1]), optional ``label`` and ``condition`` (BYTES,
     shape [1]; the condition as a JSON object); each input at most once, with exactly one value. Requested
-    outputs are ``images`` and (from families that place lesions) ``boxes``."""
+    outputs are among ``outputs_of(backend)``."""
     body: dict[str, Any] = {}
     for tensor in request.inputs:
         name = f"inputs.{tensor.name}"
@@ -127,7 +126,7 @@ def parse_v2_request(request: InferRequest, backend, max_n: int) -> SamplingRequ
             body[tensor.name] = data[0]
     if "n" not in body:
         raise InvalidInput("inputs.n: required")
-    outputs = V2_OUTPUTS if backend.places_lesions else V2_OUTPUTS[:1]
+    outputs = outputs_of(backend)
     for k, output in enumerate(request.request_outputs or ()):
         if output.name not in outputs:
             raise InvalidInput(f"outputs[{k}].name: {output.name!r} is not an output of this model; "
@@ -137,3 +136,9 @@ def parse_v2_request(request: InferRequest, backend, max_n: int) -> SamplingRequ
     if request.parameters and "binary_data_output" in request.parameters:
         _flag(request.parameters["binary_data_output"], "parameters.binary_data_output")
     return parse_request(body, backend, max_n, "inputs")
+
+
+def outputs_of(backend) -> tuple[str, ...]:
+    """The v2 outputs of a backend: ``images``, with ``boxes`` from families that place lesions and ``masks``
+    from families that draw them."""
+    return ("images", *(("boxes",) if backend.places_lesions else ()), *(("masks",) if backend.draws_masks else ()))

@@ -23,6 +23,7 @@ class Backend:
     conditions: frozenset[str]
     runtime: str
     places_lesions: bool = False  # draw() returns each image's lesion boxes
+    draws_masks: bool = False  # draw() returns each image's lesion mask (H, W) uint8, 1 on the lesion
     # ONNX: latents (B, latent_dim) → uint8 images; torch families sample whole requests instead
     latent_dim: int | None = None
     run: Callable[[np.ndarray], np.ndarray] | None = None
@@ -33,8 +34,8 @@ class Backend:
     max_batch: int = 16  # images per network call that suit the device and the family (a server's default)
 
     def draw(self, n: int, seed: int, condition: dict[str, Any] | None = None) -> tuple[np.ndarray, list | None]:
-        """Images ``(n, H, W)`` uint8 for ``seed``, whichever runtime holds the generator, with the lesion boxes
-        of each image from families that place lesions (else None)."""
+        """Images ``(n, H, W)`` uint8 for ``seed``, whichever runtime holds the generator, with each image's
+        lesion boxes from families that place lesions, its lesion mask from families that draw masks, else None."""
         if self.run is not None:
             return self.run(gaussian_latents(seed, n, self.latent_dim)), None
         return self.sample(n, seed, condition or {})
@@ -86,7 +87,8 @@ def _torch_backend(generator, version: str) -> Backend:
 
     return Backend(version, generator.family, generator.config.label, generator.sampling_labels(),
                    frozenset(generator.conditions), f"torch:{generator.device}", generator.places_lesions,
-                   sample=sample, sample_draws=sample_draws, max_batch=default_max_batch(generator))
+                   generator.draws_masks, sample=sample, sample_draws=sample_draws,
+                   max_batch=default_max_batch(generator))
 
 
 def load_backend(model_uri: str) -> Backend | None:

@@ -11,15 +11,16 @@ from typing import Any
 from sonogen.data.manifest import encode_boxes
 from sonogen.sampling import chunk_seed
 
-MANIFEST_COLUMNS = ("image", "seed", "index", "model_name", "model_version", "label", "boxes")
+MANIFEST_COLUMNS = ("image", "seed", "index", "model_name", "model_version", "label", "boxes", "mask")
 
 
 def sample(url: str, model: str, n: int, seed: int = 0, label: str | None = None,
            condition: dict[str, Any] | None = None, token: str | None = None, per_request: int = 16,
            timeout_s: float = 300) -> list[dict[str, Any]]:
     """``n`` images from ``url``'s ``model``: one dict per image with its ``png`` bytes, the ``seed`` and
-    ``index`` that reproduce it, ``model_name``, ``model_version``, ``label`` and ``boxes`` (its lesion boxes from
-    families that place lesions, else ``[]``). Large draws are split into requests of ``per_request`` images,
+    ``index`` that reproduce it, ``model_name``, ``model_version``, ``label``, ``boxes`` (its lesion boxes from
+    families that place lesions, else ``[]``) and ``mask`` (its lesion mask's PNG bytes from families that draw
+    masks, else None). Large draws are split into requests of ``per_request`` images,
     request ``k`` with seed ``chunk_seed(seed, k)``."""
     import requests
 
@@ -47,24 +48,31 @@ def sample(url: str, model: str, n: int, seed: int = 0, label: str | None = None
                     message = response.text
                 raise ValueError(f"{endpoint} answered HTTP {response.status_code}: {message}")
             [prediction] = response.json()["predictions"]
-            boxes = prediction.get("boxes")
+            boxes, masks = prediction.get("boxes"), prediction.get("masks")
             for index, encoded in enumerate(prediction["images"]):
                 images.append({"png": base64.b64decode(encoded), "seed": prediction["seed"], "index": index,
                                "model_name": prediction["model_name"], "model_version": prediction["model_version"],
-                               "label": prediction["label"], "boxes": boxes[index] if boxes else []})
+                               "label": prediction["label"], "boxes": boxes[index] if boxes else [],
+                               "mask": base64.b64decode(masks[index]) if masks else None})
     return images
 
 
 def save_samples(images: list[dict[str, Any]], out: str | Path) -> Path:
-    """Writes ``out/00000.png …`` and ``out/manifest.csv``; returns the manifest's path."""
+    """Writes ``out/00000.png …`` (and their masks, ``out/masks/00000.png …``) and ``out/manifest.csv``; returns
+    the manifest's path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for number, image in enumerate(images):
         name = f"{number:05d}.png"
         (out / name).write_bytes(image["png"])
-        rows.append({**{k: image[k] for k in MANIFEST_COLUMNS[1:]}, "image": name,
-                     "boxes": encode_boxes(image["boxes"])})
+        mask = ""
+        if image.get("mask") is not None:
+            mask = f"masks/{name}"
+            (out / "masks").mkdir(exist_ok=True)
+            (out / mask).write_bytes(image["mask"])
+        rows.append({**{k: image.get(k) for k in MANIFEST_COLUMNS[1:]}, "image": name,
+                     "boxes": encode_boxes(image["boxes"]), "mask": mask})
     manifest = out / "manifest.csv"
     with manifest.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)

@@ -164,6 +164,11 @@ def evaluate_generator(
         more, more_reasons = _mask_adherence(generator, data, config.seed, device)
         metrics.update(more)
         reasons.update(more_reasons)
+    elif generator.draws_masks:
+        log("mask fidelity: a segmenter on the real masks reads generated pairs")
+        more, more_reasons = _pair_fidelity(generator, data, config, device)
+        metrics.update(more)
+        reasons.update(more_reasons)
     # a cross-validated detection verdict replaces this split's, as the pooled AUC replaces its classifiers
     pooled_detection = bool(crossval and crossval["pooled"].get("detection"))
     if generator.places_lesions and not pooled_detection:
@@ -241,6 +246,28 @@ def _mask_adherence(generator: Generator, data: str | Path, seed: int,
     return mask_adherence(lambda request, k: generator.sample(1, k, request), *pairs(train),
                           *pairs([item for item, _ in test]), seed=seed, device=device,
                           requests=[request for _, request in test]), {}
+
+
+def _pair_fidelity(generator: Generator, data: str | Path, config: EvaluateConfig,
+                   device: torch.device) -> tuple[dict[str, float], dict[str, str]]:
+    """Mask fidelity of a family that draws masks: ``config.samples`` pairs (at most 64) read by a segmenter of
+    the real training pairs, or why it was not measured."""
+    from sonogen.metrics.segmentation import pair_fidelity
+
+    def pairs(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        dataset = UltrasoundDataset(data, split=split, with_mask=True)
+        items = [dataset[k] for k in range(len(dataset))]
+        if not items:
+            return torch.empty(0, 1, 1, 1), torch.empty(0, 1, 1, 1)
+        return torch.stack([i["image"] for i in items]), torch.stack([i["mask"] for i in items])
+
+    train_images, train_masks = pairs("train")
+    if not train_masks.any():
+        return {}, dict.fromkeys(MASK_METRICS, "the training split has no lesion masks to train the segmenter on")
+    images, masks = generator.sample_with_masks(max(2, min(config.samples, 64)), config.seed)
+    masks = torch.from_numpy(np.stack(masks))[:, None].float()
+    return pair_fidelity(images, masks, train_images, train_masks, *pairs("test"), seed=config.seed,
+                         device=device), {}
 
 
 def boxed_images(data: str | Path, split: str) -> tuple[torch.Tensor, list]:

@@ -15,12 +15,15 @@ that prefix, so a synthetic set mixed with real data splits by patient without a
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from sonogen.data.manifest import MANIFEST, SYNTHETIC_PATIENT, Record, read_manifest
+import numpy as np
+
+from sonogen.data.manifest import MANIFEST, SYNTHETIC_PATIENT, Record, boxes_from_mask, read_manifest
 from sonogen.sampling import chunk_seed, png_bytes
 
 PLAN = "generate.json"
@@ -97,8 +100,6 @@ def _draw_each(backend, key: str, files: list[Path], first: int, size: int, seed
     j mod the files' count as ``condition[key]`` (a base64 PNG, as a request sends it)."""
     import base64
 
-    import numpy as np
-
     images, boxes, used = [], [], []
     for j in range(first, first + size):
         path = files[j % len(files)]
@@ -118,7 +119,8 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
 
     ``per_image`` ``(key, folder)``: each image is drawn alone with its own file of the folder as that condition
     (a ControlNet's ``mask``, DiffUltra's background ``image``); masks are copied beside the images, into the
-    manifest's ``mask`` column, so the set is image + mask pairs."""
+    manifest's ``mask`` column, so the set is image + mask pairs. Families that draw masks write theirs there too,
+    with their boxes in the manifest."""
     from sonogen.registry import model_name_of
     from sonogen.backends import load_backend
 
@@ -153,20 +155,28 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
         # families that place lesions keep each chunk's boxes beside its images, written last: a chunk counts as
         # done only once its boxes are there too
         boxes_name = [f"boxes/{start:07d}.json"] if backend.places_lesions else []
-        masks = [f"masks/{start + i:07d}.png" for i in range(size)] if per_image and per_image[0] == "mask" else []
+        masks = ([f"masks/{start + i:07d}.png" for i in range(size)]
+                 if backend.draws_masks or (per_image and per_image[0] == "mask") else [])
         used = [files[(start + i) % len(files)].name for i in range(size)] if per_image else []
         if all(done in destination.existing for done in names + masks + boxes_name):
             skipped += 1
             pngs = [destination.read(image_name) for image_name in names]
             boxes = json.loads(destination.read(boxes_name[0])) if boxes_name else None
+            if backend.draws_masks:
+                boxes = [boxes_from_mask(_mask_of(destination.read(mask_name))) for mask_name in masks]
         else:
             if per_image:
                 images, boxes, used = _draw_each(backend, per_image[0], files, start, size, seed, condition)
             else:
                 images, boxes = backend.draw(size, chunk_seed(seed, k), condition)
             pngs = [png_bytes(image) for image in images]
-            for mask_name, file_name in zip(masks, used):  # the masks first: the images mark a chunk done
-                destination.write(mask_name, (Path(per_image[1]) / file_name).read_bytes())
+            if backend.draws_masks:  # drawn with the images: 255 on the lesion, and its boxes in the manifest
+                for mask_name, mask in zip(masks, boxes):  # the masks first: the images mark a chunk done
+                    destination.write(mask_name, png_bytes(mask.astype(np.uint8) * 255))
+                boxes = [boxes_from_mask(mask) for mask in boxes]
+            elif masks:  # a ControlNet's requested masks: the set is image + mask pairs
+                for mask_name, file_name in zip(masks, used):
+                    destination.write(mask_name, (Path(per_image[1]) / file_name).read_bytes())
             for image_name, data in zip(names, pngs):
                 destination.write(image_name, data)
             if boxes_name:
@@ -216,3 +226,10 @@ def _manifest_bytes(records: list[Record]) -> bytes:
 
     with tempfile.TemporaryDirectory() as tmp:
         return write_manifest(tmp, records).read_bytes()
+
+
+def _mask_of(png: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        return (np.asarray(image.convert("L")) > 127).astype(np.uint8)

@@ -253,3 +253,20 @@ def registry(tmp_path_factory):
         mlflow.MlflowClient().set_model_version_tag(NAME, "1", "gate", "passed")
         export = export_registered(f"models:/{NAME}/1")
         yield {"root": root, "uri": os.environ["MLFLOW_TRACKING_URI"], "export": export}
+
+
+@pytest.fixture(scope="session")
+def base_ldm(lus, tmp_path_factory):
+    """A from-scratch ldm of both labels, the anatomy model DiffUltra and lesion pairs build on."""
+    import torch
+
+    from sonogen.generators.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+    from sonogen.generators.trainer import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = LatentDiffusion(LatentDiffusionConfig(label="normal", image_size=32, vae_channels=(8, 16),
+                                                  unet_channels=(16, 32), embedding_dim=16, vae_steps=2, steps=3))
+    out = tmp_path_factory.mktemp("base-ldm")
+    train(model, lus, "normal", TrainConfig(epochs=2, batch_size=2, steps_per_epoch=2, eval_samples=2,
+                                            precision="fp32"), out)
+    return out / "generator"

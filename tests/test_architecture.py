@@ -83,8 +83,8 @@ def test_no_import_cycle():
             visit(module)
 
 
-FAMILY_NAMES = re.compile(r"[\"'](dcgan|sinddm|fewddm|ldm|diffultra)[\"']|generators\.(dcgan|sinddm|latent_diffusion|"
-                          r"diffultra)\b")
+FAMILY_NAMES = re.compile(r"[\"'](dcgan|sinddm|fewddm|ldm|diffultra|lesionpairs)[\"']|generators\.(dcgan|sinddm|latent_diffusion|"
+                          r"diffultra|lesion_pairs)\b")
 
 
 def test_no_family_is_named_in_a_branch_outside_the_generators():

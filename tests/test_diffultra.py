@@ -13,24 +13,12 @@ from PIL import Image
 
 from sonogen.config import config_from_dict
 from sonogen.data.manifest import load_grey, read_manifest
+from sonogen.data.lesion_bank import placement_anatomy
 from sonogen.generators import load_generator
 from sonogen.generators.diffultra import DiffUltra, DiffUltraConfig
-from sonogen.generators.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from sonogen.generators.trainer import TrainConfig, train
 
 TWO_STEPS = TrainConfig(epochs=1, batch_size=2, steps_per_epoch=2, eval_samples=2, precision="fp32")
-
-
-@pytest.fixture(scope="module")
-def base_ldm(lus, tmp_path_factory):
-    """A from-scratch ldm of both labels, the anatomy model DiffUltra builds on."""
-    torch.manual_seed(0)
-    model = LatentDiffusion(LatentDiffusionConfig(label="normal", image_size=32, vae_channels=(8, 16),
-                                                  unet_channels=(16, 32), embedding_dim=16, vae_steps=2, steps=3))
-    out = tmp_path_factory.mktemp("base-ldm")
-    train(model, lus, "normal", TrainConfig(epochs=2, batch_size=2, steps_per_epoch=2, eval_samples=2,
-                                            precision="fp32"), out)
-    return out / "generator"
 
 
 def _png(image: np.ndarray) -> str:
@@ -72,7 +60,7 @@ def test_a_given_background_is_where_the_lesion_is_placed_and_requests_are_check
     images, boxes = model.sample_with_boxes(2, seed=3, condition={"image": _png(frame), "size_bias": "large"})
     other = load_grey(lus / next(r for r in read_manifest(lus) if r.label == "normal" and r.image != negative.image).image)
     assert not torch.allclose(images, model.sample(2, seed=3, condition={"image": _png(other), "size_bias": "large"}))
-    anatomy = model.anatomy(frame)
+    anatomy = placement_anatomy(frame, model.bank.typical_depth)
     for [[x0, y0, x1, y1]] in boxes:
         assert y0 >= anatomy.pleura_top(x0, x1) - 0.5 and anatomy.fan[y0:y1, x0:x1].mean() >= 0.9
     with pytest.raises(ValueError, match="size_bias"):

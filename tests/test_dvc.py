@@ -230,6 +230,28 @@ def test_dvc_repro_trains_diffultra_on_the_bank_and_its_own_base_ldm(project):
         "reason"]
 
 
+def test_dvc_repro_trains_gates_and_registers_lesion_pairs_on_their_own_base_ldm(project):
+    tiny_train = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "eval_samples": 2, "precision": "fp32"}
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["phantom"].update(frames_per_patient=2)
+    params["train"].update(families=["lesionpairs"])  # on consolidation; normal is its healthy background
+    params["train"]["ldm"] = {"model": {"image_size": 32, "vae_channels": [8, 16], "unet_channels": [16, 32],
+                                        "embedding_dim": 16, "vae_steps": 1, "steps": 2}, "train": tiny_train}
+    params["train"]["lesionpairs"] = {"model": {"image_size": 32, "steps": 2}, "train": tiny_train}
+    params["evaluate"].update(samples=4, downstream=None)
+    params["gates"] = {"lesionpairs": {"min_mask_dice_gain": -1.0}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    out = dvc("repro", cwd=project)
+    assert "registered lus-lesionpairs-consolidation version 1 as @candidate (gate passed)" in out
+    report = report_of(project, "lesionpairs-consolidation")
+    assert {"mask_dice", "mask_dice_chance", "mask_dice_real"} <= set(report["metrics"])
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=project))
+    [metrics] = [entry["data"]["reports/gates/metrics.json"]["data"] for entry in shown.values()]
+    assert metrics["lesionpairs-consolidation"]["mask_dice_gain"] == report["metrics"]["mask_dice_gain"]
+    declined = json.loads((project / "models" / "lesionpairs-normal" / "declined.json").read_text())
+    assert declined["reason"].startswith("lesionpairs draws lesions into normal frames")
+
+
 def test_push_and_pull_through_s3(project, s3_server, aws_env):
     import boto3
 

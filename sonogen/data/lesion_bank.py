@@ -127,6 +127,18 @@ def detect_anatomy(image: np.ndarray) -> Anatomy:
     return Anatomy(fan, pleura)
 
 
+def placement_anatomy(image: np.ndarray, typical_depth: float) -> Anatomy:
+    """The frame's fan and pleura for placing a lesion; where no pleural line is found (a poor generated
+    background), a flat line at ``typical_depth`` (fraction of the height) across the fan, so a lesion still lands
+    at a typical place."""
+    try:
+        return detect_anatomy(image)
+    except ValueError:
+        fan = scan_region(image[None])
+        fan = fan if fan.sum() > image.size // 4 else np.ones_like(fan)
+        return Anatomy(fan, np.where(fan.any(axis=0), typical_depth * image.shape[0], np.nan))
+
+
 def anatomy_overlay(image: np.ndarray, boxes: list[Box] = ()) -> np.ndarray:
     """A uint8 frame in colour with the detected fan's outline (green), its pleural line (red) and ``boxes``
     (yellow); a magenta corner where no pleural line is found. On real frames the detector can be wrong and
@@ -271,6 +283,11 @@ class LesionBank:
         saved = json.loads((folder / LESIONS).read_text())
         lesions = [Lesion(**{**lesion, "anchor": tuple(lesion["anchor"])}) for lesion in saved["lesions"]]
         return cls(lesions, np.load(folder / STRUCTURES), saved["image_size"], saved["source"], saved["bandwidth"])
+
+    @property
+    def typical_depth(self) -> float:
+        """The median pleura row of the lesion images, as a fraction of the height."""
+        return float(np.median([lesion.anchor[1] for lesion in self.lesions]))
 
     def statistics(self) -> dict:
         def summary(values) -> dict[str, float]:

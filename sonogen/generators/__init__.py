@@ -1,6 +1,8 @@
 """Generator families behind one contract (see ``base.Generator``) and their named registry."""
 
-from sonogen.generators import dcgan, diffultra, latent_diffusion, sinddm, sinddm_pool  # noqa: F401  (registers them)
+from sonogen.generators import (  # noqa: F401  (registers them)
+    dcgan, diffultra, latent_diffusion, lesion_pairs, sinddm, sinddm_pool,
+)
 from sonogen.config import config_from_dict
 from sonogen.generators.base import Generator
 from sonogen.generators.families import families, get_generator, load_generator, register_family

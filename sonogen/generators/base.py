@@ -65,6 +65,7 @@ class Generator(distributed.DataParallelSteps, ABC):
     min_training_images: ClassVar[int] = 2
     steps_per_epoch: ClassVar[int | None] = None  # None: an epoch is one pass over the training images
     places_lesions: ClassVar[bool] = False  # samples come with lesion boxes (``generate_with_boxes``)
+    draws_masks: ClassVar[bool] = False  # samples come with lesion masks (``generate_with_masks``)
     keeps_best_epoch: ClassVar[bool] = False  # a GAN keeps its best epoch by realism readings (best_epoch.py)
     # params.yaml gate sets beyond the family's: ``<family>-<variant>`` adds thresholds for one variant only
     gate_variants: ClassVar[tuple[str, ...]] = ()
@@ -194,6 +195,11 @@ class Generator(distributed.DataParallelSteps, ABC):
         (None for the others)."""
         return self.generate(n, seed, condition), None
 
+    def generate_with_masks(self, n: int, seed: int, condition: dict[str, Any]) -> tuple[torch.Tensor, list]:
+        """``generate``, with each image's lesion mask ``(H, W)`` uint8 (1 on the lesion), for families that draw
+        masks: the pairs a segmentation model trains on."""
+        raise NotImplementedError(f"the {self.family} family draws no masks")
+
     def sampling_network(self) -> tuple[nn.Module, torch.Tensor]:
         """The network that turns seeded latents into images, with example latents, for ONNX export; a family
         whose sampling is more than one network call (a diffusion loop) raises ``NotImplementedError``."""
@@ -233,8 +239,11 @@ class Generator(distributed.DataParallelSteps, ABC):
 
     def sample_with_boxes(self, n: int, seed: int, condition: dict[str, Any] | None = None
                           ) -> tuple[torch.Tensor, list | None]:
-        """``sample`` and, from families that place lesions, each image's list of lesion boxes."""
+        """``sample`` and each image's lesions: its list of boxes from families that place lesions, its mask from
+        families that draw masks (``sample_with_masks``), else None."""
         return self.sample_draws([(n, seed)], condition)
+
+    sample_with_masks = sample_with_boxes
 
     @torch.no_grad()
     def sample_draws(self, draws: Sequence[tuple[int, int]], condition: dict[str, Any] | None = None
@@ -267,9 +276,10 @@ class Generator(distributed.DataParallelSteps, ABC):
 
     def generate_draws(self, draws: Sequence[tuple[int, int]], condition: dict[str, Any]
                        ) -> tuple[torch.Tensor, list | None]:
-        """``generate_with_boxes`` of each draw, concatenated; a family whose sampling runs on per-image noise
-        overrides it to draw them all in one batched call."""
-        parts = [self.generate_with_boxes(n, seed, condition) for n, seed in draws]
+        """``generate_with_boxes`` (``generate_with_masks``) of each draw, concatenated; a family whose sampling
+        runs on per-image noise overrides it to draw them all in one batched call."""
+        generate = self.generate_with_masks if self.draws_masks else self.generate_with_boxes
+        parts = [generate(n, seed, condition) for n, seed in draws]
         boxes = None if parts[0][1] is None else [box for _, part in parts for box in part]
         return torch.cat([images for images, _ in parts]), boxes
 

@@ -12,6 +12,7 @@ where its box says. Every image comes with its box. The choices are argued in ``
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,9 +22,8 @@ import torch
 from torch import nn
 
 from sonogen.data.lesion_bank import (
-    CONDITIONS, SIZE_BIASES, Anatomy, LesionBank, detect_anatomy, render_condition, structure_map,
+    CONDITIONS, SIZE_BIASES, LesionBank, placement_anatomy, render_condition, structure_map,
 )
-from sonogen.data.prepare import scan_region
 from sonogen.generators.base import CONFIG, Generator, image_generators
 from sonogen.generators.families import register_family
 from sonogen.generators.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
@@ -138,7 +138,7 @@ class DiffUltra(Generator):
     def declines(cls, settings: dict[str, Any]) -> str | None:
         background = settings.get("background_label", DiffUltraConfig.background_label)
         if settings.get("label") == background:
-            return (f"diffultra draws lesions into {background} frames (its background_label); it trains on the "
+            return (f"{cls.family} draws lesions into {background} frames (its background_label); it trains on the "
                     f"lesion labels")
         return None
 
@@ -200,56 +200,60 @@ class DiffUltra(Generator):
                 raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
             checked["strength"] = float(strength)
         return checked
-    def anatomy(self, image: np.ndarray) -> Anatomy:
-        """The frame's fan and pleura; where no pleural line is found (a poor generated background), the bank's
-        median pleura depth across the fan, so a lesion still lands at a typical place."""
-        try:
-            return detect_anatomy(image)
-        except ValueError:
-            fan = scan_region(image[None])
-            fan = fan if fan.sum() > image.size // 4 else np.ones_like(fan)
-            depth = np.median([lesion.anchor[1] for lesion in self.bank.lesions]) * image.shape[0]
-            return Anatomy(fan, np.where(fan.any(axis=0), depth, np.nan))
 
     def generate(self, n: int, seed: int, condition: dict[str, Any]) -> torch.Tensor:
         return self.generate_with_boxes(n, seed, condition)[0]
 
     def generate_with_boxes(self, n: int, seed: int, condition: dict[str, Any]) -> tuple[torch.Tensor, list]:
-        from diffusers import StableDiffusionControlNetImg2ImgPipeline
-
         if self.bank is None:
             raise ValueError("this diffultra has no lesion bank (train it, or give config.bank)")
         c = self.config
-        sampling = {key: condition[key] for key in ("steps", "guidance_scale", "scheduler") if key in condition}
-        if "image" in condition:
-            backgrounds = np.repeat(condition["image"][None], n, axis=0)
-        else:
-            backgrounds = to_uint8(self.ldm.generate(n, seed, {**sampling, "label": c.background_label}))
+        backgrounds = self.backgrounds(n, seed, condition)
         boxes, maps = [], []
         for k, background in enumerate(backgrounds):
             rng = np.random.default_rng([seed, k, 1])  # image k's lesion depends on the seed and k only
-            box, index = self.bank.sample(self.anatomy(background), rng, condition.get("size_bias", c.size_bias))
+            anatomy = placement_anatomy(background, self.bank.typical_depth)
+            box, index = self.bank.sample(anatomy, rng, condition.get("size_bias", c.size_bias))
             structures = None if c.condition == "binary" else [self.bank.structures[index].astype(np.float32)]
             boxes.append([box])
             maps.append(render_condition(background.shape, [box], structures))
-        control = self.ldm.nets.control_image(torch.from_numpy(np.stack(maps))[:, None])
-        pixels = torch.from_numpy(backgrounds.astype(np.float32) / 127.5 - 1)[:, None].to(self.device)
+        return self.redraw(backgrounds, seed, condition, condition.get("strength", c.strength), np.stack(maps)), boxes
+
+    def backgrounds(self, n: int, seed: int, condition: dict[str, Any]) -> np.ndarray:
+        """``n`` uint8 frames ``(n, H, W)`` to draw lesions into: the request's ``image``, else ``background_label``
+        frames of the anatomy model."""
+        if "image" in condition:
+            return np.repeat(condition["image"][None], n, axis=0)
+        sampling = {key: condition[key] for key in ("steps", "guidance_scale", "scheduler") if key in condition}
+        return to_uint8(self.ldm.generate(n, seed, {**sampling, "label": self.config.background_label}))
+
+    def redraw(self, frames: np.ndarray, seed: int, condition: dict[str, Any], strength: float,
+               maps: np.ndarray | None = None, stream: int = 2) -> torch.Tensor:
+        """``frames`` (uint8) re-noised by ``strength`` and denoised as the condition's label: through the ControlNet
+        with condition ``maps`` ``(n, H, W)`` in [0, 1], or by the anatomy model alone (an img2img pass)."""
+        from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionImg2ImgPipeline
+
+        c, n, ldm, vae = self.config, len(frames), self.ldm, self.ldm.vae
+        pixels = torch.from_numpy(frames.astype(np.float32) / 127.5 - 1)[:, None].to(self.device)
         label = torch.full((n,), self.sampling_labels().index(condition.get("label", c.label)) + 1)
-        ldm, vae = self.ldm, self.ldm.vae
         with ldm._averaged_weights():
             # latents in, so diffusers skips its RGB preprocessing (the autoencoder may be single-channel)
             latents = vae.encode(ldm.nets.vae_input(pixels)).latent_dist.mode() * vae.config.scaling_factor
-            pipe = StableDiffusionControlNetImg2ImgPipeline(controlnet=self.controlnet,
-                                                            **ldm.pipeline_parts(condition.get("scheduler")))
+            parts = ldm.pipeline_parts(condition.get("scheduler"))
+            if maps is None:
+                pipe, extra = StableDiffusionImg2ImgPipeline(**parts), {}
+            else:
+                pipe = StableDiffusionControlNetImg2ImgPipeline(controlnet=self.controlnet, **parts)
+                extra = {"control_image": ldm.nets.control_image(torch.from_numpy(maps)[:, None]).to(self.device),
+                         "height": c.image_size, "width": c.image_size}
             pipe.set_progress_bar_config(disable=True)
+            # the pipeline runs int(steps × strength) steps: at least one, or it would return the frames unchanged
+            steps = max(condition.get("steps", c.steps), math.ceil(1 / strength))
             images = pipe(prompt_embeds=ldm._embed(label), negative_prompt_embeds=ldm._embed(torch.zeros_like(label)),
-                          image=latents, control_image=control.to(self.device),
-                          strength=condition.get("strength", c.strength),
-                          num_inference_steps=condition.get("steps", c.steps),
+                          image=latents, strength=strength, num_inference_steps=steps,
                           guidance_scale=float(condition.get("guidance_scale", c.guidance_scale)),
-                          generator=image_generators(seed, n, stream=2),
-                          height=c.image_size, width=c.image_size, output_type="pt").images
-        return images.mean(dim=1, keepdim=True) * 2 - 1, boxes
+                          generator=image_generators(seed, n, stream=stream), output_type="pt", **extra).images
+        return images.mean(dim=1, keepdim=True) * 2 - 1
 
     # persistence ---------------------------------------------------------------------------------------------
 

@@ -80,8 +80,7 @@ def mask_adherence(sample_with_mask, train_images: torch.Tensor, train_masks: to
     for once, as its mask ``(H, W)`` or in its stead that image's entry of ``requests`` (the condition a model
     takes for that lesion, e.g. its boxes filled); the sample is read against the lesion mask either way.
 
-    ``mask_dice_chance`` scores each sample against every other request's mask: lesions sit in similar places, so
-    a sampler that ignores its masks still overlaps them; ``mask_dice_gain`` is what following the mask adds."""
+    The readings are ``_read``'s."""
     segmenter = train_segmenter(train_images, train_masks, epochs, seed=seed, device=device)
     with_lesion = test_masks.flatten(1).sum(1) > 0
     if with_lesion.sum() < 2:
@@ -89,9 +88,31 @@ def mask_adherence(sample_with_mask, train_images: torch.Tensor, train_masks: to
     wanted = test_masks[with_lesion]
     asked = [mask[0] for mask in wanted] if requests is None else [
         requests[k] for k in torch.nonzero(with_lesion).flatten().tolist()]
-    drawn = segment(segmenter, torch.cat([sample_with_mask(request, seed + k) for k, request in enumerate(asked)]))
+    drawn = torch.cat([sample_with_mask(request, seed + k) for k, request in enumerate(asked)])
+    return _read(segmenter, drawn, wanted, test_images[with_lesion])
+
+
+def pair_fidelity(images: torch.Tensor, masks: torch.Tensor, train_images: torch.Tensor, train_masks: torch.Tensor,
+                  test_images: torch.Tensor, test_masks: torch.Tensor, epochs: int = 30, seed: int = 0,
+                  device: str | torch.device = "cpu") -> dict[str, float]:
+    """Mask adherence of generated pairs ``images`` ``(N, 1, H, W)`` with their ``masks``: the segmenter of
+    ``mask_adherence`` reads each image against the mask it came with (and, for chance, every other pair's)."""
+    if len(images) < 2:
+        raise ValueError("pair fidelity needs at least 2 generated pairs (one to compare against)")
+    segmenter = train_segmenter(train_images, train_masks, epochs, seed=seed, device=device)
+    with_lesion = test_masks.flatten(1).sum(1) > 0
+    return _read(segmenter, images, masks.float(), test_images[with_lesion], test_masks[with_lesion])
+
+
+def _read(segmenter: Segmenter, images: torch.Tensor, wanted: torch.Tensor, real_images: torch.Tensor,
+          real_masks: torch.Tensor | None = None) -> dict[str, float]:
+    """``mask_dice`` of the segmenter's reading of ``images`` against ``wanted``, ``mask_dice_chance`` against the
+    other images' masks (lesions sit in similar places, so ignoring the mask still overlaps), ``mask_dice_gain``
+    the difference, and ``mask_dice_real`` its Dice on the real images with lesions (the ceiling)."""
+    drawn = segment(segmenter, images)
     matched = float(dice(drawn, wanted).mean())
     chance = float(torch.stack([dice(drawn, wanted.roll(shift, dims=0)) for shift in range(1, len(wanted))]).mean())
+    real = float(dice(segment(segmenter, real_images), wanted if real_masks is None else real_masks).mean()) \
+        if len(real_images) else float("nan")
     return {"mask_dice": matched, "mask_dice_chance": chance, "mask_dice_gain": matched - chance,
-            "mask_dice_real": float(dice(segment(segmenter, test_images[with_lesion]), wanted).mean()),
-            "mask_requests": len(wanted)}
+            "mask_dice_real": real, "mask_requests": len(wanted)}
