@@ -28,6 +28,7 @@ from sonogen.tracking import configure_mlflow, dataset_identity, git_commit, set
 
 SAMPLE_BATCH = 64  # bounds the memory one sampling call takes, whatever `samples` is
 MASK_METRICS = ("mask_dice", "mask_dice_chance", "mask_dice_gain", "mask_dice_real", "mask_requests")
+SEGMENTATION_METRICS = ("seg_dice_real", "seg_dice_real_synthetic", "seg_dice_delta", "seg_dice_delta_lower_ci")
 
 
 def split_images(data: str | Path, split: str, labels: list[str] | None = None):
@@ -165,10 +166,12 @@ def evaluate_generator(
         metrics.update(more)
         reasons.update(more_reasons)
     elif generator.draws_masks:
-        log("mask fidelity: a segmenter on the real masks reads generated pairs")
-        more, more_reasons = _pair_fidelity(generator, data, config, device)
+        log("mask fidelity: a segmenter on the real masks reads generated pairs; then segmenters with and without them")
+        more, more_reasons, segmentation = _pair_readings(generator, data, config, device)
         metrics.update(more)
         reasons.update(more_reasons)
+        if segmentation:
+            details["segmentation"] = segmentation
     # a cross-validated detection verdict replaces this split's, as the pooled AUC replaces its classifiers
     pooled_detection = bool(crossval and crossval["pooled"].get("detection"))
     if generator.places_lesions and not pooled_detection:
@@ -248,26 +251,42 @@ def _mask_adherence(generator: Generator, data: str | Path, seed: int,
                           requests=[request for _, request in test]), {}
 
 
-def _pair_fidelity(generator: Generator, data: str | Path, config: EvaluateConfig,
-                   device: torch.device) -> tuple[dict[str, float], dict[str, str]]:
-    """Mask fidelity of a family that draws masks: ``config.samples`` pairs (at most 64) read by a segmenter of
-    the real training pairs, or why it was not measured."""
-    from sonogen.metrics.segmentation import pair_fidelity
+def _pair_readings(generator: Generator, data: str | Path, config: EvaluateConfig,
+                   device: torch.device) -> tuple[dict[str, float], dict[str, str], dict | None]:
+    """For a family that draws masks, on ``config.samples`` pairs (at most 64): their mask fidelity (a segmenter
+    of the real training pairs reads them) and, with a downstream config, whether they help a segmenter find the
+    label's lesions on real test patients; or why either was not measured."""
+    from sonogen.metrics.segmentation import pair_fidelity, segmentation_usefulness
 
-    def pairs(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        dataset = UltrasoundDataset(data, split=split, with_mask=True)
+    def pairs(split: str, label: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        dataset = UltrasoundDataset(data, split=split, with_mask=True, labels=[label] if label else None)
         items = [dataset[k] for k in range(len(dataset))]
         if not items:
-            return torch.empty(0, 1, 1, 1), torch.empty(0, 1, 1, 1)
-        return torch.stack([i["image"] for i in items]), torch.stack([i["mask"] for i in items])
+            return torch.empty(0, 1, 1, 1), torch.empty(0, 1, 1, 1), []
+        return (torch.stack([i["image"] for i in items]), torch.stack([i["mask"] for i in items]),
+                [i["patient_id"] for i in items])
 
-    train_images, train_masks = pairs("train")
+    train_images, train_masks, _ = pairs("train")
     if not train_masks.any():
-        return {}, dict.fromkeys(MASK_METRICS, "the training split has no lesion masks to train the segmenter on")
+        reason = "the training split has no lesion masks to train the segmenter on"
+        return {}, dict.fromkeys((*MASK_METRICS, *SEGMENTATION_METRICS), reason), None
     images, masks = generator.sample_with_masks(max(2, min(config.samples, 64)), config.seed)
     masks = torch.from_numpy(np.stack(masks))[:, None].float()
-    return pair_fidelity(images, masks, train_images, train_masks, *pairs("test"), seed=config.seed,
-                         device=device), {}
+    test_images, test_masks, _ = pairs("test")
+    metrics = pair_fidelity(images, masks, train_images, train_masks, test_images, test_masks, seed=config.seed,
+                            device=device)
+    lesion_images, lesion_masks, patients = pairs("test", generator.label)
+    if config.downstream is None or len(set(patients)) < 2:
+        why = "evaluate.downstream is off" if config.downstream is None else (
+            f"the test split has {len(set(patients))} patient(s) with {generator.label} masks; 2 are needed")
+        return metrics, dict.fromkeys(SEGMENTATION_METRICS, why), None
+    found = segmentation_usefulness(train_images, train_masks, images, masks, lesion_images, lesion_masks, patients,
+                                    config.downstream.seeds, resamples=config.downstream.bootstrap, seed=config.seed,
+                                    device=device)
+    metrics.update({"seg_dice_real": found["seg_dice"]["real"], "seg_dice_real_synthetic":
+                    found["seg_dice"]["real+synthetic"], "seg_dice_delta": found["seg_dice_delta"],
+                    "seg_dice_delta_lower_ci": found["seg_dice_delta_ci95"][0]})
+    return metrics, {}, found
 
 
 def boxed_images(data: str | Path, split: str) -> tuple[torch.Tensor, list]:

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # reports are written by headless jobs
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sonogen.model_card import detection_lines, downstream_lines  # noqa: E402
+from sonogen.model_card import detection_lines, downstream_lines, segmentation_lines  # noqa: E402
 
 REPORT_JSON, REPORT_MD = "gate_report.json", "gate_report.md"
 CURVES, AUC_BARS, CLOSEST_PAIRS = "curves.png", "downstream_auc.png", "closest_pairs.png"
@@ -92,6 +92,8 @@ def markdown(report: dict) -> str:
         lines += ["", "## Usefulness, cross-validated", "", report["crossval"]["line"]]
     if report.get("detection"):
         lines += ["", "## Lesion detection", ""] + detection_lines(report["detection"])
+    if report.get("segmentation"):
+        lines += ["", "## Lesion segmentation", ""] + segmentation_lines(report["segmentation"])
     lines += ["", "Realism metrics compare the synthetic images with the real training images of the label; the last",
               "column is what a fresh real image scores (real test patients), the level a good generator approaches.",
               "Memorisation ratios divide each synthetic image's nearest-training-image distance by the real test",

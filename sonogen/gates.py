@@ -43,6 +43,8 @@ GATES: dict[str, tuple[str, str]] = {
     "min_balanced_accuracy_delta_lower_ci": ("balanced_accuracy_delta_lower_ci", "min"),
     "min_mask_dice": ("mask_dice", "min"),
     "min_mask_dice_gain": ("mask_dice_gain", "min"),
+    "min_seg_dice_delta": ("seg_dice_delta", "min"),
+    "min_seg_dice_delta_lower_ci": ("seg_dice_delta_lower_ci", "min"),
     "min_detection_ap50_delta": ("detection_ap50_delta", "min"),
     "min_detection_ap50_delta_lower_ci": ("detection_ap50_delta_lower_ci", "min"),
 }

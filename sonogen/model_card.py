@@ -35,6 +35,16 @@ def detection_lines(detection: dict) -> list[str]:
                         f"10% of training box areas), {seeds} detector seeds per row, 95% t-intervals."]
 
 
+def segmentation_lines(segmentation: dict) -> list[str]:
+    """The segmentation experiment (real pairs vs real + generated pairs) as Markdown."""
+    low, high = segmentation["seg_dice_delta_ci95"]
+    return ["| trained on | Dice on real test lesions |", "|---|---|",
+            *(f"| {arm} pairs | {value:.3f} |" for arm, value in segmentation["seg_dice"].items()), "",
+            f"Delta {segmentation['seg_dice_delta']:+.3f}, 95% interval [{low:+.3f}, {high:+.3f}] over "
+            f"{segmentation['test_patients']} test patients ({segmentation['test_images']} images); "
+            f"{segmentation['synthetic_pairs']} generated pairs added; {segmentation['seeds']} segmenter seeds per row."]
+
+
 def downstream_lines(downstream: dict) -> list[str]:
     """The downstream experiment as Markdown: AUC (and balanced accuracy) per training set, mean and per seed, what
     each set held, and the deltas with their intervals, so a failed lower bound reads as a loss or as too few test
@@ -138,5 +148,7 @@ def build_model_card(name: str, version: str, info: dict, tags: dict[str, str], 
                       f"models that never saw them)."]
         if gate_report.get("detection"):
             lines += ["", "### Lesion detection", ""] + detection_lines(gate_report["detection"])
+        if gate_report.get("segmentation"):
+            lines += ["", "### Lesion segmentation", ""] + segmentation_lines(gate_report["segmentation"])
     lines += ["", "## Intended use", INTENDED_USE, "", "## Limitations", LIMITATIONS, ""]
     return "\n".join(lines)

@@ -160,7 +160,7 @@ def test_trained_gated_registered_served_and_generated_as_image_and_mask_pairs(l
 
     from sonogen.cli import app
     from sonogen.jobs import evaluate_targets, register_trained
-    from sonogen.registry import load_registered_generator
+    from sonogen.registry import load_registered_generator, model_card
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -172,15 +172,30 @@ def test_trained_gated_registered_served_and_generated_as_image_and_mask_pairs(l
                                  "tiny.yaml", "--dataset", "lus", "--base-model", str(base_ldm), "--no-register"])
     assert result.exit_code == 0, result.output
 
-    params = {"evaluate": {"samples": 6, "encoder_epochs": 1, "downstream": None},
-              "gates": {"lesionpairs": {"min_mask_dice_gain": -1.0}}}
-    [report] = evaluate_targets(["models/lesionpairs-consolidation"], lus, "pixels-16", params, tmp_path / "gates")
+    # gated on a phantom of 30 patients, so that the test split has lesions of several patients to segment
+    from sonogen.data.phantom import generate
+    from sonogen.data.prepare import prepare
+
+    generate(tmp_path / "raw30", patients=30, frames_per_patient=2, seed=1, consolidation_fraction=0.6)
+    prepare(tmp_path / "raw30", tmp_path / "lus30", size=32, split="0.6,0.1,0.3", seed=0, stratify=True)
+    params = {"evaluate": {"samples": 6, "encoder_epochs": 1, "downstream": {"seeds": 3, "epochs": 1,
+                                                                             "bootstrap": 100}},
+              "gates": {"lesionpairs": {"min_mask_dice_gain": -1.0, "min_seg_dice_delta_lower_ci": -1.0}}}
+    [report] = evaluate_targets(["models/lesionpairs-consolidation"], tmp_path / "lus30", "pixels-16", params,
+                                tmp_path / "gates")
     metrics = report["metrics"]
     assert metrics["mask_requests"] == 6 and metrics["mask_dice_gain"] == pytest.approx(
         metrics["mask_dice"] - metrics["mask_dice_chance"])
-    assert [row["gate"] for row in report["gates"]] == ["min_mask_dice_gain"] and report["passed"]
+    segmentation = report["segmentation"]  # real pairs vs real + the 6 generated ones, on the test patients
+    assert segmentation["test_patients"] >= 2 and segmentation["synthetic_pairs"] == 6
+    assert metrics["seg_dice_delta"] == pytest.approx(metrics["seg_dice_real_synthetic"] - metrics["seg_dice_real"])
+    assert metrics["seg_dice_delta_lower_ci"] == segmentation["seg_dice_delta_ci95"][0]
+    assert [row["gate"] for row in report["gates"]] == ["min_mask_dice_gain", "min_seg_dice_delta_lower_ci"]
+    assert report["passed"] and "auc_delta" in metrics  # the classifiers' usefulness too, as for any family
+    assert "## Lesion segmentation" in (tmp_path / "gates" / "lesionpairs-consolidation" / "gate_report.md").read_text()
     assert register_trained("models/lesionpairs-consolidation",
                             gate_report=tmp_path / "gates" / "lesionpairs-consolidation")["version"] == "1"
+    assert "### Lesion segmentation" in model_card("lus-lesionpairs-consolidation", "1")
 
     frame = _png(_healthy(lus)[0])
     direct = load_registered_generator("models:/lus-lesionpairs-consolidation/1")

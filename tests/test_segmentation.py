@@ -7,7 +7,7 @@ import torch
 from sonogen.data import UltrasoundDataset
 from sonogen.data.phantom import generate
 from sonogen.data.prepare import prepare
-from sonogen.metrics.segmentation import dice, mask_adherence
+from sonogen.metrics.segmentation import dice, mask_adherence, pair_fidelity, segmentation_usefulness
 
 
 def test_dice_on_known_maps():
@@ -57,3 +57,21 @@ def test_a_sampler_that_draws_lesions_where_they_usually_are_gains_nothing_over_
                               train_images, train_masks, test_images, test_masks, epochs=40)
     assert ignoring["mask_dice"] > 0.2  # lesions overlap by where they usually are
     assert ignoring["mask_dice_gain"] < 0.05
+
+
+def test_pairs_read_where_their_masks_say_and_wrong_pairs_hurt_a_segmenter_of_real_pairs(pairs):
+    (train_images, train_masks), (test_images, test_masks) = pairs
+    lesion = test_masks.flatten(1).sum(1) > 0
+    real_pairs = pair_fidelity(test_images[lesion], test_masks[lesion], train_images, train_masks, test_images,
+                               test_masks, epochs=40)
+    assert real_pairs["mask_dice"] == pytest.approx(real_pairs["mask_dice_real"])  # real pairs: the ceiling
+    assert real_pairs["mask_dice_gain"] > 0.1
+
+    # pairs whose masks mark everything but the lesion teach the opposite of what the real ones do
+    wrong = segmentation_usefulness(train_images, train_masks, train_images.repeat(3, 1, 1, 1),
+                                    1 - train_masks.repeat(3, 1, 1, 1), test_images[lesion], test_masks[lesion],
+                                    [f"p{k // 2}" for k in range(int(lesion.sum()))], seeds=2, epochs=20,
+                                    resamples=200)
+    assert wrong["seg_dice"]["real"] > 0.4 and wrong["seg_dice_delta"] < -0.2
+    low, high = wrong["seg_dice_delta_ci95"]
+    assert low <= wrong["seg_dice_delta"] <= high < 0 and wrong["test_patients"] == (int(lesion.sum()) + 1) // 2
