@@ -146,7 +146,7 @@ def test_after_a_short_training_a_segmenter_of_real_pairs_reads_the_drawn_lesion
 
     reading = pair_fidelity(images, masks.float(), *real("train"), *real("test"), seed=0)
     (tmp_path / "reading.json").write_text(json.dumps(reading))
-    assert reading["mask_dice_gain"] > 0.05, reading  # measured: Dice 0.56 against chance 0.41, ceiling 0.73
+    assert reading["mask_dice_gain"] > 0.05, reading  # measured: Dice 0.56 against chance 0.40, ceiling 0.73
     assert reading["mask_dice"] < reading["mask_dice_real"]
 
 

@@ -1,6 +1,7 @@
 """The Kubeflow training pipeline: its compiled IR against a golden file, its cluster wiring, and a real local
 run with kfp.local that trains, gates and registers on the phantom."""
 
+import json
 import os
 import re
 import subprocess
@@ -172,3 +173,22 @@ def test_local_run_of_diffultra_builds_its_bank_and_ldm_in_its_task_then_gates_a
     assert bank_run.data.metrics["bank.lesions"] >= 1
     [report] = (tmp_path / ".kfp").rglob("gate_report.md")
     assert "## Lesion detection" in report.read_text()
+
+
+def test_local_run_of_lesion_pairs_trains_its_ldm_in_its_task_then_gates_and_registers(tmp_path):
+    tiny_train = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "eval_samples": 2, "precision": "fp32"}
+    params = {**TINY_PARAMS,
+              "train": {"families": ["lesionpairs"], "labels": ["consolidation", "normal"],
+                        "ldm": {"model": {"image_size": 32, "vae_channels": [8, 16], "unet_channels": [16, 32],
+                                          "embedding_dim": 16, "vae_steps": 1, "steps": 2}, "train": tiny_train},
+                        "lesionpairs": {"model": {"image_size": 32, "steps": 2}, "train": tiny_train}},
+              "evaluate": {"samples": 4, "encoder_epochs": 1, "downstream": None},
+              "gates": {"lesionpairs": {"min_mask_dice_gain": -1.0}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = sonogen("pipeline", "run", "--params", "params.yaml", cwd=tmp_path)
+    assert "registered lus-lesionpairs-consolidation version 1 @candidate (gate passed)" in out
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    registered = {m.name for m in client.search_registered_models()}
+    assert "lus-lesionpairs-consolidation" in registered and "lus-lesionpairs-normal" not in registered  # declined
+    [report] = (tmp_path / ".kfp").rglob("gate_report.json")
+    assert {"mask_dice", "mask_dice_gain"} <= set(json.loads(report.read_text())["metrics"])
