@@ -17,6 +17,7 @@ from sonogen.data import UltrasoundDataset
 from sonogen.data.manifest import MANIFEST, file_sha256, image_id, load_grey
 from sonogen.gate_report import REPORT_JSON, write_report
 from sonogen.gates import EvaluateConfig, Sampler, apply_gates, evaluate_images, label_metrics
+from sonogen.mask_gates import mask_adherence_readings, pair_readings
 from sonogen.generators import Generator
 from sonogen.generators.trainer import resolve_device
 from sonogen.metrics.classifier import ClassifierConfig, predict_proba, save_classifier, train_classifier
@@ -27,8 +28,6 @@ from sonogen.metrics.similarity import resized
 from sonogen.tracking import configure_mlflow, dataset_identity, git_commit, set_experiment, use_experiment_of
 
 SAMPLE_BATCH = 64  # bounds the memory one sampling call takes, whatever `samples` is
-MASK_METRICS = ("mask_dice", "mask_dice_chance", "mask_dice_gain", "mask_dice_real", "mask_requests")
-SEGMENTATION_METRICS = ("seg_dice_real", "seg_dice_real_synthetic", "seg_dice_delta", "seg_dice_delta_lower_ci")
 
 
 def split_images(data: str | Path, split: str, labels: list[str] | None = None):
@@ -162,12 +161,12 @@ def evaluate_generator(
         reasons.update(more_reasons)
     if generator.draws_requested_lesions:
         log("mask adherence: a segmenter on the real masks, then one sample per real test lesion")
-        more, more_reasons = _mask_adherence(generator, data, config.seed, device)
+        more, more_reasons = mask_adherence_readings(generator, data, config.seed, device)
         metrics.update(more)
         reasons.update(more_reasons)
     elif generator.draws_masks:
         log("mask fidelity: a segmenter on the real masks reads generated pairs; then segmenters with and without them")
-        more, more_reasons, segmentation = _pair_readings(generator, data, config, device)
+        more, more_reasons, segmentation = pair_readings(generator, data, config, device)
         metrics.update(more)
         reasons.update(more_reasons)
         if segmentation:
@@ -221,72 +220,6 @@ def crossval_metrics(report: dict) -> tuple[dict[str, float], dict[str, str], di
             metrics.update({f"detection_{metric}_delta": detection[f"{metric}_delta"],
                             f"detection_{metric}_delta_lower_ci": detection[f"{metric}_delta_ci95"][0]})
     return metrics, {}, summary
-
-
-def _mask_adherence(generator: Generator, data: str | Path, seed: int,
-                    device: torch.device) -> tuple[dict[str, float], dict[str, str]]:
-    """Mask adherence on the test images with a lesion mask that the generator can be asked for (its
-    ``lesion_request``), or why it was not measured."""
-    from sonogen.metrics.segmentation import mask_adherence
-
-    def items(split: str) -> list[dict]:
-        dataset = UltrasoundDataset(data, split=split, with_mask=True)
-        return [dataset[k] for k in range(len(dataset))]
-
-    def pairs(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.stack([i["image"] for i in items]), torch.stack([i["mask"] for i in items])
-
-    train = items("train")
-    lesions = [(i, generator.lesion_request(i["mask"][0], i["boxes"].int().tolist()))
-               for i in items("test") if i["mask"].any()]
-    test = [(item, request) for item, request in lesions if request is not None]
-    if len(test) < 2:
-        askable = "" if len(test) == len(lesions) else f" that this generator can be asked for (of {len(lesions)})"
-        return {}, dict.fromkeys(MASK_METRICS, f"the test split has {len(test)} image(s) with a lesion mask{askable};"
-                                               " 2 are needed")
-    if not any(i["mask"].any() for i in train):
-        return {}, dict.fromkeys(MASK_METRICS, "the training split has no lesion masks to train the segmenter on")
-    return mask_adherence(lambda request, k: generator.sample(1, k, request), *pairs(train),
-                          *pairs([item for item, _ in test]), seed=seed, device=device,
-                          requests=[request for _, request in test]), {}
-
-
-def _pair_readings(generator: Generator, data: str | Path, config: EvaluateConfig,
-                   device: torch.device) -> tuple[dict[str, float], dict[str, str], dict | None]:
-    """For a family that draws masks, on ``config.samples`` pairs (at most 64): their mask fidelity (a segmenter
-    of the real training pairs reads them) and, with a downstream config, whether they help a segmenter find the
-    label's lesions on real test patients; or why either was not measured."""
-    from sonogen.metrics.segmentation import pair_fidelity, segmentation_usefulness
-
-    def pairs(split: str, label: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        dataset = UltrasoundDataset(data, split=split, with_mask=True, labels=[label] if label else None)
-        items = [dataset[k] for k in range(len(dataset))]
-        if not items:
-            return torch.empty(0, 1, 1, 1), torch.empty(0, 1, 1, 1), []
-        return (torch.stack([i["image"] for i in items]), torch.stack([i["mask"] for i in items]),
-                [i["patient_id"] for i in items])
-
-    train_images, train_masks, _ = pairs("train")
-    if not train_masks.any():
-        reason = "the training split has no lesion masks to train the segmenter on"
-        return {}, dict.fromkeys((*MASK_METRICS, *SEGMENTATION_METRICS), reason), None
-    images, masks = generator.sample_with_masks(max(2, min(config.samples, 64)), config.seed)
-    masks = torch.from_numpy(np.stack(masks))[:, None].float()
-    test_images, test_masks, _ = pairs("test")
-    metrics = pair_fidelity(images, masks, train_images, train_masks, test_images, test_masks, seed=config.seed,
-                            device=device)
-    lesion_images, lesion_masks, patients = pairs("test", generator.label)
-    if config.downstream is None or len(set(patients)) < 2:
-        why = "evaluate.downstream is off" if config.downstream is None else (
-            f"the test split has {len(set(patients))} patient(s) with {generator.label} masks; 2 are needed")
-        return metrics, dict.fromkeys(SEGMENTATION_METRICS, why), None
-    found = segmentation_usefulness(train_images, train_masks, images, masks, lesion_images, lesion_masks, patients,
-                                    config.downstream.seeds, resamples=config.downstream.bootstrap, seed=config.seed,
-                                    device=device)
-    metrics.update({"seg_dice_real": found["seg_dice"]["real"], "seg_dice_real_synthetic":
-                    found["seg_dice"]["real+synthetic"], "seg_dice_delta": found["seg_dice_delta"],
-                    "seg_dice_delta_lower_ci": found["seg_dice_delta_ci95"][0]})
-    return metrics, {}, found
 
 
 def boxed_images(data: str | Path, split: str) -> tuple[torch.Tensor, list]:

@@ -16,7 +16,7 @@ LAYERS = [
     ("metrics", r"sonogen\.metrics(\..*)?$"),
     ("generators", r"sonogen\.generators(\..*)?$"),
     ("evaluation", r"sonogen\.(evaluation|gates|gate_report|model_card|registry|export|backends|generate|client|"
-                   r"pyfunc_model|crossval|deploy)$"),
+                   r"pyfunc_model|crossval|deploy|mask_gates)$"),
     ("jobs", r"sonogen\.jobs(\..*)?$"),
     ("entry points", r"(sonogen\.(cli.*|submit)|sonogen|components(\..*)?|pipelines(\..*)?|serving(\..*)?)$"),
 ]
