@@ -33,7 +33,7 @@ def crossval_command(
         help="Feature extractor shared by the folds' gates (default: each fold trains a us-encoder on its "
              "training patients).")] = None,
     protocol: Annotated[str | None, typer.Option(
-        help="Downstream protocol: default, yu2023, zhang2023, basarab2024, diffultra2025 "
+        help="Downstream protocol: default, yu2023, zhang2023, basarab2024, diffultra2025, wen2026 "
              "(default: evaluate.downstream.protocol)."
     )] = None,
 ):

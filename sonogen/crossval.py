@@ -7,8 +7,9 @@ models that never saw them, and the out-of-fold predictions of all patients are 
 the paired delta, and a 95 % interval from a patient bootstrap (patients resampled within their label's stratum,
 the same resample for both sets). ``helps`` when the interval lies above 0, ``hurts`` below, else ``no measurable
 effect``; a generator that copies its fold's training images is reported as copying whatever its delta. A
-family that places lesions has its folds' detections pooled the same way (AP50 and AP); under a detection
-protocol (``diffultra2025``) the verdict is taken on AP50.
+family that places lesions has its folds' detections pooled the same way (AP50 and AP), one that draws masks its
+segmenters' Dice; under a detection protocol (``diffultra2025``) the verdict is taken on AP50, under a segmentation
+one (``wen2026``) on the Dice.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from sonogen.data.splits import unit_hash  # noqa: E402
 from sonogen.metrics.detection import pooled_detection  # noqa: E402
 from sonogen.metrics.downstream import AUGMENTED, BASELINE, patient_strata, summarise  # noqa: E402
 from sonogen.metrics.protocols import METRICS, get_protocol  # noqa: E402
+from sonogen.metrics.segmentation import summarise_dice  # noqa: E402
 
 REPORT_JSON, REPORT_MD = "crossval_report.json", "crossval_report.md"
 FOLD_BARS, POOLED_ROC = "fold_auc.png", "pooled_roc.png"
@@ -150,6 +152,22 @@ def pool(folds: list[dict], resamples: int = 1000, seed: int = 0) -> dict:
                       "patients_per_class": detection["patients_per_class"],
                       "other_metrics": {"ap": {"delta": detection["ap_delta"], "ci95": detection["ap_delta_ci95"]},
                                         **_classifier_metrics(pooled)}}
+    if folds and all("segmentation" in f for f in folds):
+        pooled["segmentation"] = summarise_dice(
+            {arm: np.concatenate([np.asarray(f["segmentation"]["dice"][arm]) for f in folds], axis=1)
+             for arm in (BASELINE, AUGMENTED)},
+            [p for f in folds for p in f["segmentation"]["image_patients"]], resamples, seed)
+        protocol = folds[0].get("protocol", "default")
+        if get_protocol(protocol).segmentation:  # the verdict on segmentation, the classifiers' metrics come along
+            found = pooled["segmentation"]
+            low, high = found["seg_dice_delta_ci95"]
+            pooled = {**{k: v for k, v in pooled.items() if k not in ("verdict", "effect", "reason")},
+                      "protocol": protocol, "metric": "seg_dice", "seg_dice": found["seg_dice"],
+                      "real": found["seg_dice"][BASELINE], "real_plus_synthetic": found["seg_dice"][AUGMENTED],
+                      "delta": found["seg_dice_delta"], "ci_low": low, "ci_high": high,
+                      "effect": effect_of(low, high), "verdict": effect_of(low, high),
+                      "patients_per_class": {"with lesions": found["test_patients"]},
+                      "other_metrics": _classifier_metrics(pooled)}
     copying = [f["fold"] for f in folds if any(not row["passed"] for row in f["gates"] if row["gate"] in COPY_GATES)]
     if copying:
         pooled["verdict"] = COPIES
@@ -165,7 +183,8 @@ def _classifier_metrics(pooled: dict) -> dict:
             **pooled.get("other_metrics", {})}
 
 
-NAMES = {"auc": "AUC", "balanced_accuracy": "balanced accuracy", "ap50": "detection AP50", "ap": "detection AP"}
+NAMES = {"auc": "AUC", "balanced_accuracy": "balanced accuracy", "ap50": "detection AP50", "ap": "detection AP",
+         "seg_dice": "lesion Dice"}
 
 
 def fold_values(fold: dict, metric: str) -> dict[str, list[float]]:
@@ -217,6 +236,11 @@ def write_report(report: dict, out: str | Path) -> Path:
             f"{NAMES[m]} {detection[m][AUGMENTED]:.3f} with synthetic images against {detection[m][BASELINE]:.3f} "
             f"without, delta {detection[f'{m}_delta']:+.3f}, 95% interval [{detection[f'{m}_delta_ci95'][0]:+.3f}, "
             f"{detection[f'{m}_delta_ci95'][1]:+.3f}]" for m in ("ap50", "ap")) + "."]
+    if (segmentation := pooled.get("segmentation")) and metric != "seg_dice":
+        low, high = segmentation["seg_dice_delta_ci95"]
+        lines += ["", f"Lesion segmentation (pooled): Dice {segmentation['seg_dice'][AUGMENTED]:.3f} with synthetic "
+                  f"pairs against {segmentation['seg_dice'][BASELINE]:.3f} without, delta "
+                  f"{segmentation['seg_dice_delta']:+.3f}, 95% interval [{low:+.3f}, {high:+.3f}]."]
     if per_class := pooled.get("per_class"):
         classes = list(next(iter(per_class.values())))
         lines += ["", "Pooled out-of-fold precision / recall / F1 per class (seed-averaged predictions):", "",

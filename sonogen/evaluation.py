@@ -166,7 +166,7 @@ def evaluate_generator(
         reasons.update(more_reasons)
     elif generator.draws_masks:
         log("mask fidelity: a segmenter on the real masks reads generated pairs; then segmenters with and without them")
-        more, more_reasons, segmentation = pair_readings(generator, data, config, device)
+        more, more_reasons, segmentation = pair_readings(generator, data, config, device, pooled_later)
         metrics.update(more)
         reasons.update(more_reasons)
         if segmentation:
@@ -215,6 +215,11 @@ def crossval_metrics(report: dict) -> tuple[dict[str, float], dict[str, str], di
             continue
         metrics.update({f"{metric}_real": pooled[metric]["real"], f"{metric}_real_synthetic":
                         pooled[metric]["real+synthetic"], f"{metric}_delta": delta, f"{metric}_delta_lower_ci": low})
+    if segmentation := pooled.get("segmentation"):
+        metrics.update({"seg_dice_real": segmentation["seg_dice"]["real"],
+                        "seg_dice_real_synthetic": segmentation["seg_dice"]["real+synthetic"],
+                        "seg_dice_delta": segmentation["seg_dice_delta"],
+                        "seg_dice_delta_lower_ci": segmentation["seg_dice_delta_ci95"][0]})
     if detection := pooled.get("detection"):
         for metric in ("ap50", "ap"):
             metrics.update({f"detection_{metric}_delta": detection[f"{metric}_delta"],

@@ -45,11 +45,12 @@ def mask_adherence_readings(generator: Generator, data: str | Path, seed: int,
                           requests=[request for _, request in test]), {}
 
 
-def pair_readings(generator: Generator, data: str | Path, config: EvaluateConfig,
-                   device: torch.device) -> tuple[dict[str, float], dict[str, str], dict | None]:
+def pair_readings(generator: Generator, data: str | Path, config: EvaluateConfig, device: torch.device,
+                  pooled_later: bool = False) -> tuple[dict[str, float], dict[str, str], dict | None]:
     """For a family that draws masks, on ``config.samples`` pairs (at most 64): their mask fidelity (a segmenter
     of the real training pairs reads them) and, with a downstream config, whether they help a segmenter find the
-    label's lesions on real test patients; or why either was not measured."""
+    label's lesions on real test patients (one patient will do when a cross-validation pools the folds,
+    ``pooled_later``); or why either was not measured."""
     from sonogen.metrics.segmentation import pair_fidelity, segmentation_usefulness
 
     def pairs(split: str, label: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -70,9 +71,10 @@ def pair_readings(generator: Generator, data: str | Path, config: EvaluateConfig
     metrics = pair_fidelity(images, masks, train_images, train_masks, test_images, test_masks, seed=config.seed,
                             device=device)
     lesion_images, lesion_masks, patients = pairs("test", generator.label)
-    if config.downstream is None or len(set(patients)) < 2:
+    needed = 1 if pooled_later else 2
+    if config.downstream is None or len(set(patients)) < needed:
         why = "evaluate.downstream is off" if config.downstream is None else (
-            f"the test split has {len(set(patients))} patient(s) with {generator.label} masks; 2 are needed")
+            f"the test split has {len(set(patients))} patient(s) with {generator.label} masks; {needed} needed")
         return metrics, dict.fromkeys(SEGMENTATION_METRICS, why), None
     found = segmentation_usefulness(train_images, train_masks, images, masks, lesion_images, lesion_masks, patients,
                                     config.downstream.seeds, resamples=config.downstream.bootstrap, seed=config.seed,

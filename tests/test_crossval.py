@@ -434,3 +434,60 @@ def test_a_lesion_placing_family_is_judged_on_pooled_detection_under_the_diffult
                                        "--folds", "3", "--out", "cv2", "--extractor", "pixels-16",
                                        "--protocol", "diffultra2025"])
     assert refused.exit_code == 1 and "does not place lesions" in refused.output
+
+
+class Tracer(Copier):
+    """Returns its training images with their lesion masks: a family that draws pairs, in a few lines."""
+
+    family = "tracer"
+    draws_masks = True
+
+    def __init__(self, config: CopierConfig):
+        super().__init__(config)
+        self.memory.register_buffer("masks", torch.zeros(config.capacity, config.image_size, config.image_size))
+
+    def begin_training(self, images: torch.Tensor, total_steps: int, items=()) -> None:
+        super().begin_training(images, total_steps, items)
+        for k, item in enumerate(list(items)[: self.config.capacity]):
+            self.memory.masks[k] = item["mask"][0]
+
+    def generate_with_masks(self, n: int, seed: int, condition: dict[str, Any]) -> tuple[torch.Tensor, list]:
+        rows = [(seed + k) % int(self.memory.count) for k in range(n)]
+        return self.memory.images[rows].clone(), [self.memory.masks[r].numpy().astype(np.uint8) for r in rows]
+
+
+@pytest.fixture
+def tracer():
+    register_family(Tracer)
+    yield
+    unregister_family(Tracer.family)
+
+
+def test_a_family_that_draws_pairs_is_judged_on_pooled_segmentation_under_the_wen_protocol(lus, workdir, tracer):
+    params = {**TINY, "train": {**TINY["train"], "tracer": {"train": {"epochs": 1, "batch_size": 2,
+                                                                     "eval_samples": 2}}},
+              "gates": {"tracer": {"extractor": "pixels-16", "min_seg_dice_delta_lower_ci": -1.0}}}
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(app, ["crossval", "tracer", "--data", str(lus), "--label", "consolidation",
+                                      "--folds", "3", "--out", "cv", "--extractor", "pixels-16",
+                                      "--protocol", "wen2026"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((workdir / "cv" / "crossval_report.json").read_text())
+    pooled, folds = report["pooled"], report["folds"]
+    assert pooled["protocol"] == "wen2026" and pooled["metric"] == "seg_dice"
+    assert pooled["ci_low"] <= pooled["delta"] <= pooled["ci_high"]
+    lesions = [r for r in read_manifest(lus) if r.label == "consolidation"]
+    assert pooled["segmentation"]["test_images"] == len(lesions)  # every lesion image tested once, out of fold
+    assert pooled["patients_per_class"] == {"with lesions": len({r.patient_id for r in lesions})}
+    # the pooled value is the mean of every fold's per-image Dice: nothing is averaged per fold first
+    dice = np.concatenate([np.asarray(f["segmentation"]["dice"]["real"]) for f in folds], axis=1)
+    assert pooled["real"] == pytest.approx(dice.mean(0).mean())
+    assert {"auc", "balanced_accuracy"} <= set(pooled["other_metrics"])  # the classifiers' come along
+    for fold in folds:
+        assert "min_seg_dice_delta_lower_ci" not in [row["gate"] for row in fold["gates"]]
+        assert len(fold["per_seed"]["seg_dice"]["real+synthetic"]) == 3
+    assert "lesion Dice" in (workdir / "cv" / "crossval_report.md").read_text()
+    refused = CliRunner().invoke(app, ["crossval", "dcgan", "--data", str(lus), "--label", "consolidation",
+                                       "--folds", "3", "--out", "cv2", "--extractor", "pixels-16",
+                                       "--protocol", "wen2026"])
+    assert refused.exit_code == 1 and "draws no masks" in refused.output

@@ -27,7 +27,7 @@ FOLD_RESULT = "fold_result.json"
 PER_FOLD = "us-encoder, one per fold on its training patients"
 # judged on the pooled verdict, not on one fold's few patients
 POOLED_GATES = ("min_auc_delta_lower_ci", "min_balanced_accuracy_delta_lower_ci", "min_detection_ap50_delta",
-                "min_detection_ap50_delta_lower_ci")
+                "min_detection_ap50_delta_lower_ci", "min_seg_dice_delta", "min_seg_dice_delta_lower_ci")
 
 
 def crossval_extractor(spec: str | None = None) -> str | None:
@@ -58,6 +58,9 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
     if config.downstream.resolved.detection and not get_generator(family).places_lesions:
         raise ValueError(f"protocol {config.downstream.protocol} measures lesion detection, and {family} does not "
                          "place lesions: use --protocol default (or yu2023) for it")
+    if config.downstream.resolved.segmentation and not get_generator(family).draws_masks:
+        raise ValueError(f"protocol {config.downstream.protocol} measures lesion segmentation, and {family} draws "
+                         "no masks: use --protocol default (or yu2023) for it")
     records = read_manifest(data)
     fold_of = assign_folds(patient_labels(records), folds, seed)
     # a protocol that chooses on validation patients gets the next fold's as validation, unseen by the generator
@@ -103,6 +106,9 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
                                "truths": kept["truths"], "image_patients": kept["patients"]}
         result.setdefault("per_seed", {})["ap50"] = {arms[arm]: values["ap50"]["values"]
                                                      for arm, values in report["detection"].items()}
+    if segmentation := report.get("segmentation"):
+        result["segmentation"] = {"dice": segmentation["dice_per_image"], "image_patients": segmentation["patients"]}
+        result.setdefault("per_seed", {})["seg_dice"] = segmentation["seg_dice_per_seed"]
     (out / FOLD_RESULT).write_text(json.dumps(result) + "\n")
     return result
 

@@ -26,6 +26,7 @@ class Protocol:
     metric: str = "auc"  # the verdict's: auc (label vs rest) or balanced_accuracy (over the classes)
     label_fraction: float = 1.0  # share of the label's real training images kept (the rest: synthetic)
     detection: bool = False  # the verdict on lesion detection AP50 (families that place lesions), not the classifiers
+    segmentation: bool = False  # the verdict on lesion segmentation Dice (families that draw masks)
 
     @property
     def needs_validation(self) -> bool:
@@ -45,6 +46,9 @@ PROTOCOLS = {p.name: p for p in (
     Protocol("diffultra2025", "DiffUltra (arXiv 2501.06356, lung US): lesion detectors trained on real boxes "
              "against real plus synthetic boxes, AP50 (and AP over IoU 0.5:0.95) on held-out patients",
              detection=True),
+    Protocol("wen2026", "Wen et al. 2026 (lesion pairs, BUSI): U-Net segmenters trained on real image + mask pairs "
+             "against real plus synthetic pairs, Dice (pixel F1) on the lesions of held-out patients",
+             segmentation=True),
 )}
 
 

@@ -127,22 +127,35 @@ def segmentation_usefulness(train_images: torch.Tensor, train_masks: torch.Tenso
                             seed: int = 0, device: str | torch.device = "cpu") -> dict:
     """Do generated pairs help a segmenter find lesions on real patients (Wen et al.'s U-Net experiment)? Per
     seed, a segmenter of the real training pairs and one of the same plus the generated pairs read the real test
-    images; each training set's value is the mean Dice (pixel F1) of its images, averaged over seeds; the delta's
-    95 % interval resamples test patients (the same resample for both sets)."""
-    from sonogen.metrics.downstream import AUGMENTED, BASELINE, patient_resamples
+    images (``summarise_dice``)."""
+    from sonogen.metrics.downstream import AUGMENTED, BASELINE
 
     sets = {BASELINE: (train_images, train_masks),
             AUGMENTED: (torch.cat([train_images, synthetic_images.float()]), torch.cat([train_masks, synthetic_masks]))}
-    per_image = {arm: torch.stack([dice(segment(train_segmenter(*pairs, epochs, seed=seed + s, device=device),
-                                                test_images), test_masks) for s in range(seeds)]).mean(0).numpy()
+    per_image = {arm: np.stack([dice(segment(train_segmenter(*pairs, epochs, seed=seed + s, device=device),
+                                             test_images), test_masks).numpy() for s in range(seeds)])
                  for arm, pairs in sets.items()}
-    patients = np.asarray(test_patients)
+    return {**summarise_dice(per_image, test_patients, resamples, seed), "synthetic_pairs": len(synthetic_images),
+            "dice_per_image": {arm: values.tolist() for arm, values in per_image.items()},
+            "patients": list(test_patients)}
+
+
+def summarise_dice(per_image: dict[str, np.ndarray], patients: list[str], resamples: int = 1000,
+                   seed: int = 0) -> dict:
+    """``per_image[arm]`` ``(seeds, images)`` Dice of each training set's segmenters on the test lesions: each
+    set's value (the mean over images and seeds) and per seed, the delta of real+synthetic over real, and its 95 %
+    interval over resamples of the test patients (the same resample for both sets)."""
+    from sonogen.metrics.downstream import AUGMENTED, BASELINE, patient_resamples
+
+    per_image = {arm: np.asarray(values, dtype=np.float64) for arm, values in per_image.items()}
+    averaged = {arm: values.mean(0) for arm, values in per_image.items()}
+    patients = np.asarray(patients)
     rows = [[np.flatnonzero(patients == patient) for patient in np.unique(patients)]]
-    deltas = [per_image[AUGMENTED][draw].mean() - per_image[BASELINE][draw].mean()
+    deltas = [averaged[AUGMENTED][draw].mean() - averaged[BASELINE][draw].mean()
               for draw in patient_resamples(rows, resamples, seed)]
     low, high = np.percentile(deltas, [2.5, 97.5])
-    return {"seg_dice": {arm: float(values.mean()) for arm, values in per_image.items()},
-            "seg_dice_delta": float(per_image[AUGMENTED].mean() - per_image[BASELINE].mean()),
-            "seg_dice_delta_ci95": [float(low), float(high)], "seeds": seeds, "test_images": len(test_images),
-            "test_patients": len(rows[0]), "synthetic_pairs": len(synthetic_images),
-            "per_image": {arm: values.tolist() for arm, values in per_image.items()}}
+    return {"seg_dice": {arm: float(values.mean()) for arm, values in averaged.items()},
+            "seg_dice_per_seed": {arm: values.mean(1).tolist() for arm, values in per_image.items()},
+            "seg_dice_delta": float(averaged[AUGMENTED].mean() - averaged[BASELINE].mean()),
+            "seg_dice_delta_ci95": [float(low), float(high)], "seeds": len(next(iter(per_image.values()))),
+            "test_images": len(patients), "test_patients": len(rows[0])}
