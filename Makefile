@@ -13,10 +13,15 @@ run: $(STAMP)
 	dvc push
 	sonogen registry list
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	python -m pytest -q
 
 install: $(STAMP)
+
+# the reader study's page is tested in a real browser: Debian's Chromium, driven by Playwright
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update -qq && apt-get install -y -qq chromium
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "sonogen needs Python 3.11; set PYTHON=python3.11")'

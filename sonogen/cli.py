@@ -11,7 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from sonogen import cli_crossval, cli_data, cli_pipeline, cli_serving
+from sonogen import cli_crossval, cli_data, cli_pipeline, cli_reader, cli_serving
 from sonogen.cli_common import console, log, progress as _progress, user_errors as _user_errors
 
 app = typer.Typer(
@@ -25,6 +25,7 @@ app.add_typer(cli_pipeline.pipeline_app, name="pipeline")
 app.add_typer(cli_data.data_app, name="data")
 app.add_typer(registry_app, name="registry")
 app.add_typer(cli_serving.export_app, name="export")
+app.add_typer(cli_reader.reader_app, name="reader-study")
 app.command("serve")(cli_serving.serve_command)
 app.command("sample")(cli_serving.sample_command)
 app.command("generate")(cli_serving.generate_command)

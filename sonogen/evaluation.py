@@ -187,7 +187,8 @@ def evaluate_generator(
                      {"synthetic": len(synthetic), "real_train": len(train), "real_test": len(holdout)})
     report.update(family=generator.family, gate_set=generator.gate_set, label=label, data=data_name or str(data),
                   data_manifest_sha256=file_sha256(Path(data) / MANIFEST), device=str(device),
-                  require_improvement=bool(gates.get("require_improvement")))
+                  require_improvement=bool(gates.get("require_improvement")),
+                  max_reader_accuracy_upper_ci=gates.get("max_reader_accuracy_upper_ci"))
     if detection is not None:
         report["detection"] = detection
     write_report(report, out, history, closest_pairs(synthetic, train, details["memorisation_pixels"]))
@@ -329,6 +330,8 @@ def gate_tags(report: dict) -> dict[str, str]:
             **{f"gate.{row['metric']}": f"{row['value']:.6g}" for row in report["gates"] if row["value"] is not None}}
     if report.get("require_improvement"):
         tags["gate.require_improvement"] = "true"
+    if report.get("max_reader_accuracy_upper_ci") is not None:
+        tags["gate.max_reader_accuracy_upper_ci"] = str(report["max_reader_accuracy_upper_ci"])
     pooled = report.get("crossval") or {}
     if "verdict" in pooled:
         tags["crossval.verdict"] = pooled["verdict"]

@@ -48,9 +48,10 @@ GATES: dict[str, tuple[str, str]] = {
     "min_detection_ap50_delta": ("detection_ap50_delta", "min"),
     "min_detection_ap50_delta_lower_ci": ("detection_ap50_delta_lower_ci", "min"),
 }
-# settings of a gate set that are not thresholds: the extractor its thresholds hold for, and whether promotion to
-# champion needs a cross-validation that found the generator helps
-SETTINGS = ("extractor", "require_improvement")
+# settings of a gate set that are not thresholds: the extractor its thresholds hold for, whether promotion to
+# champion needs a cross-validation that found the generator helps, and the most a reader study's accuracy interval
+# may reach for promotion (read by promote when the version has a study)
+SETTINGS = ("extractor", "require_improvement", "max_reader_accuracy_upper_ci")
 FEATURE_METRICS = ("kmmd", "kmmd_unbiased", "one_nn_acc", "one_nn_acc_real", "one_nn_acc_synthetic", "fid",
                    "sifid", "sifid_real", "sifid_ratio", "near_copy_fraction", "memorisation_median_ratio")
 Sampler = Callable[[int, int], torch.Tensor]  # (n, seed) → images (n, 1, H, W) in [-1, 1]
@@ -88,6 +89,10 @@ def check_gates(gates: dict[str, Any]) -> dict[str, Any]:
     for name, value in gates.items():
         if name not in SETTINGS and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"gate {name} needs a number, got {value!r}")
+    limit = gates.get("max_reader_accuracy_upper_ci", 1.0)
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0.5 <= limit <= 1:
+        raise ValueError(f"max_reader_accuracy_upper_ci must be a number from 0.5 (readers cannot tell) to 1, got "
+                         f"{limit!r}")
     if not isinstance(gates.get("require_improvement", False), bool):
         raise ValueError(f"require_improvement must be true or false, got {gates['require_improvement']!r}")
     if any(GATES[name][0] in FEATURE_METRICS for name in gates if name not in SETTINGS) and "extractor" not in gates:

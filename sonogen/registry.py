@@ -159,7 +159,8 @@ def _audit() -> dict[str, str]:
 
 def promote(name: str, version: str, to: str = CHAMPION, reason: str = "", force: bool = False) -> dict:
     """Points ``to`` at ``version``. A version whose gate tag is not ``passed``, or, for the champion, whose gates
-    require an improvement its cross-validation did not find, needs ``force`` and a reason. The version records
+    require an improvement its cross-validation did not find, or whose reader study's accuracy interval reaches past
+    its gates' ``max_reader_accuracy_upper_ci``, needs ``force`` and a reason. The version records
     who promoted it, when, why, and which version held the alias before."""
     import mlflow
 
@@ -178,6 +179,12 @@ def promote(name: str, version: str, to: str = CHAMPION, reason: str = "", force
                  if "crossval.verdict" in tags else "it has no cross-validation (sonogen crossval)")
         raise ValueError(f"{name} version {version}: its gates require a measured improvement "
                          f"(require_improvement) and {found}; promoting it needs --force and a --reason")
+    limit, upper = tags.get("gate.max_reader_accuracy_upper_ci"), tags.get("reader_study.ci_high")
+    spotted = limit is not None and upper is not None and float(upper) > float(limit)
+    if spotted and not force:
+        raise ValueError(f"{name} version {version}: its reader study's accuracy at spotting synthetic images "
+                         f"reaches {upper} (95% interval), above max_reader_accuracy_upper_ci {limit}; promoting it "
+                         "needs --force and a --reason")
     if force and not reason.strip():
         raise ValueError("--force needs a --reason: the audit trail must say why a gate was overridden")
     previous = _holder(client, name, to)
@@ -185,7 +192,7 @@ def promote(name: str, version: str, to: str = CHAMPION, reason: str = "", force
         raise ValueError(f"{name} version {version} is already @{to}; nothing to promote")
     client.set_registered_model_alias(name, to, str(version))
     record = {**_audit(), "reason": reason,
-              "previous_version": previous or "", "forced": str(bool(force and (gate != "passed" or unproven))).lower()}
+              "previous_version": previous or "", "forced": str(bool(force and (gate != "passed" or unproven or spotted))).lower()}
     for key, value in record.items():
         client.set_model_version_tag(name, str(version), f"{to}.{key}", value)
     return {"model_name": name, "version": str(version), "alias": to, "gate": gate, **record}

@@ -16,9 +16,9 @@ LAYERS = [
     ("metrics", r"sonogen\.metrics(\..*)?$"),
     ("generators", r"sonogen\.generators(\..*)?$"),
     ("evaluation", r"sonogen\.(evaluation|gates|gate_report|model_card|registry|export|backends|generate|client|"
-                   r"pyfunc_model|crossval|deploy|mask_gates)$"),
+                   r"pyfunc_model|crossval|deploy|mask_gates|reader_study)$"),
     ("jobs", r"sonogen\.jobs(\..*)?$"),
-    ("entry points", r"(sonogen\.(cli.*|submit)|sonogen|components(\..*)?|pipelines(\..*)?|serving(\..*)?)$"),
+    ("entry points", r"(sonogen\.(cli.*|submit|reader_app)|sonogen|components(\..*)?|pipelines(\..*)?|serving(\..*)?)$"),
 ]
 
 
