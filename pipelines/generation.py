@@ -24,25 +24,32 @@ def generation_pipeline(
     seed: int = 0,
     batch: int = 64,
     condition: str = "{}",
+    condition_folder: str = "",
     shard_count: int = 1,
     shards: list = [0],  # noqa: B006  (a KFP default: the shard indices 0 … shard_count − 1)
 ):
-    """``condition`` is a JSON object (what every image is drawn with); ``shards`` lists the indices the
-    ParallelFor runs."""
+    """``condition`` is a JSON object (what every image is drawn with); ``condition_folder`` ``KEY=FOLDER`` gives
+    each image its own file as ``condition[KEY]`` (FOLDER: an ``s3://`` prefix on a cluster); ``shards`` lists the
+    indices the ParallelFor runs."""
     with dsl.ParallelFor(items=shards, name="shard") as shard:
         drawn = _cluster_environment(_on_gpu(generate_shard(
             model=model, n=n, out=out, seed=seed, batch=batch, condition=condition, shards=shard_count, shard=shard,
+            condition_folder=condition_folder,
         ))).set_cpu_request("4").set_memory_request("16G").set_retry(2)
     _cluster_environment(merge_generated(out=out, shards=shard_count, done=dsl.Collected(drawn.output))
                          ).set_cpu_request("1").set_memory_request("2G").set_caching_options(False)
 
 
 def generation_arguments(model: str, n: int, out: str, seed: int = 0, batch: int = 64,
-                         condition: dict | None = None, shards: int = 1) -> dict:
+                         condition: dict | None = None, shards: int = 1, condition_folder: str = "") -> dict:
+    from sonogen.generate import condition_folder_of
+
     if shards < 1:
         raise ValueError(f"--shards must be at least 1, got {shards}")
+    condition_folder_of(condition_folder)  # KEY=FOLDER, checked before anything runs
     return {"model": model, "n": n, "out": out, "seed": seed, "batch": batch,
-            "condition": json.dumps(condition or {}), "shard_count": shards, "shards": list(range(shards))}
+            "condition": json.dumps(condition or {}), "condition_folder": condition_folder, "shard_count": shards,
+            "shards": list(range(shards))}
 
 
 def compile_generation_pipeline(package_path: str | Path) -> Path:

@@ -92,6 +92,9 @@ def pipeline_run_command(
     batch: Annotated[int, typer.Option(min=1, help="generate: images per chunk.")] = 64,
     condition: Annotated[str, typer.Option(help="generate: what every image is drawn with, as JSON.")] = "{}",
     shards: Annotated[int, typer.Option(min=1, help="generate: workers, one GPU each on a cluster.")] = 1,
+    condition_folder: Annotated[str, typer.Option(
+        help="generate: KEY=FOLDER, each image drawn with its own PNG of FOLDER as condition KEY (an s3:// prefix "
+             "on a cluster, where every shard can read it).")] = "",
 ):
     """Run the training (or cross-validation) pipeline: locally with kfp.local (default) or on a Kubeflow cluster
     (--host)."""
@@ -115,7 +118,7 @@ def pipeline_run_command(
             drawn_with = json.loads(condition)
         except ValueError as err:
             raise ValueError(f"--condition: not JSON ({err})") from None
-        arguments = generation_arguments(model, n, out, seed, batch, drawn_with, shards)
+        arguments = generation_arguments(model, n, out, seed, batch, drawn_with, shards, condition_folder)
         compile_package, run_here, name = compile_generation_pipeline, run_generation_local, GENERATE
     elif not params.is_file():
         raise FileNotFoundError(f"{params} not found")

@@ -119,7 +119,7 @@ def generate_command(
     K workers (--shard 0 … K−1) draw disjoint parts of the same set, then one --merge writes its manifest."""
     import json
 
-    from sonogen.generate import generate_dataset, merge_shards
+    from sonogen.generate import condition_folder_of, generate_dataset, merge_shards
 
     if merge:
         result = merge_shards(out, shards)
@@ -130,14 +130,9 @@ def generate_command(
         drawn_with = json.loads(condition)
     except ValueError as err:
         raise ValueError(f"--condition: not JSON ({err})") from None
-    per_image = None
-    if condition_folder:
-        key, sep, folder = condition_folder.partition("=")
-        if not sep or not key or not folder:
-            raise ValueError(f"--condition-folder takes KEY=FOLDER (e.g. mask=masks/), got {condition_folder!r}")
-        per_image = (key, folder)
     result = generate_dataset(model, n, out, seed=seed, batch=batch, condition=drawn_with, shards=shards,
-                              shard=shard, progress=progress(f"generating {n} images"), per_image=per_image)
+                              shard=shard, progress=progress(f"generating {n} images"),
+                              per_image=condition_folder_of(condition_folder))
     part = "" if shards == 1 else f"shard {shard} of {shards}: "
     console.print(f"{part}{result['images']} images of {result['model_name']} v{result['model_version']} in {out} "
                   f"({result['skipped_chunks']} of {result['chunks']} chunks were already there); "

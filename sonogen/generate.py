@@ -81,10 +81,23 @@ def check_condition(condition: dict[str, Any], conditions: frozenset[str], label
         raise ValueError(f"--condition: label {condition['label']!r} is not one of {list(labels)}")
 
 
+def condition_folder_of(text: str | None) -> tuple[str, str] | None:
+    """``(key, folder)`` of ``--condition-folder KEY=FOLDER`` (None for none)."""
+    if not text:
+        return None
+    key, sep, folder = text.partition("=")
+    if not sep or not key or not folder:
+        raise ValueError(f"--condition-folder takes KEY=FOLDER (e.g. mask=masks/), got {text!r}")
+    return key, folder
+
+
 def condition_files(key: str, folder: str | Path) -> tuple[list[Path], dict[str, Any]]:
-    """The PNGs of ``folder`` (sorted), drawn with one image each as ``condition[key]`` (image j takes file j mod
-    their count), and how the plan records them."""
-    files = sorted(Path(folder).glob("*.png"))
+    """The PNGs of ``folder`` (a local folder, or an object-store prefix such as ``s3://…``, fetched first), sorted,
+    drawn with one image each as ``condition[key]`` (image j takes file j mod their count), and how the plan
+    records them (their digest, not where they were)."""
+    from sonogen.tracking import local_folder
+
+    files = sorted(local_folder(str(folder), f"--condition-folder {key}:").glob("*.png"))
     if not files:
         raise ValueError(f"--condition-folder {key}={folder}: no PNG files there")
     digest = hashlib.sha256()
@@ -176,7 +189,7 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
                 boxes = [boxes_from_mask(mask) for mask in boxes]
             elif masks:  # a ControlNet's requested masks: the set is image + mask pairs
                 for mask_name, file_name in zip(masks, used):
-                    destination.write(mask_name, (Path(per_image[1]) / file_name).read_bytes())
+                    destination.write(mask_name, next(f for f in files if f.name == file_name).read_bytes())
             for image_name, data in zip(names, pngs):
                 destination.write(image_name, data)
             if boxes_name:

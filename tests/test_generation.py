@@ -102,7 +102,8 @@ def test_the_compiled_generate_pipeline_fans_out_over_shards_on_gpus_then_merges
     assert {s["secretName"] for s in kubernetes["exec-generate-shard"]["secretAsEnv"]} == {"sonogen-s3"}
 
 
-def test_a_folder_of_masks_conditions_each_image_and_the_set_is_image_mask_pairs(tiny_sd, tmp_path):
+def test_a_folder_of_masks_conditions_each_image_and_the_set_is_image_mask_pairs(tiny_sd, tmp_path, s3_server,
+                                                                                    aws_env):
     import base64
 
     import numpy as np
@@ -133,6 +134,29 @@ def test_a_folder_of_masks_conditions_each_image_and_the_set_is_image_mask_pairs
         mask_png = base64.b64encode((out / record.mask).read_bytes()).decode()
         alone, _ = backend.draw(1, chunk_seed(2, j), {"mask": mask_png})
         assert np.array_equal(np.asarray(Image.open(out / record.image)), alone[0]), record.image
+
+    # the pipeline's shard tasks, with the masks under an s3:// prefix (moto's server) as on a cluster
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="masks")
+    for path in sorted(masks.iterdir()):
+        s3.upload_file(str(path), "masks", f"set/{path.name}")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "MLFLOW_S3_ENDPOINT_URL": s3_server}
+    env.pop("SONOGEN_IMAGE", None)
+    run = subprocess.run([sys.executable, "-m", "sonogen.cli", "pipeline", "run", "--pipeline", "generate", "--model",
+                          str(folder), "--n", "4", "--seed", "2", "--batch", "3", "--shards", "2", "--out",
+                          str(tmp_path / "sharded"), "--condition-folder", "mask=s3://masks/set",
+                          "--pipeline-root", str(tmp_path / "kfp")], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert dataset(tmp_path / "sharded") == dataset(out)  # the same pairs as one worker from the local folder
+    assert all((tmp_path / "sharded" / r.mask).read_bytes() == (out / r.mask).read_bytes() for r in records)
+    bad = CliRunner().invoke(app, ["pipeline", "run", "--pipeline", "generate", "--model", str(folder), "--n", "4",
+                                   "--out", str(tmp_path / "x"), "--condition-folder", "masks-without-a-key"])
+    assert bad.exit_code == 1 and "KEY=FOLDER" in bad.output
+
     with pytest.raises(ValueError, match="other settings"):  # another folder is another set
         (masks / "lesion-0.png").unlink()
         generate_dataset(str(folder), 4, str(out), seed=2, batch=3, per_image=("mask", masks))
