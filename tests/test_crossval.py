@@ -491,3 +491,29 @@ def test_a_family_that_draws_pairs_is_judged_on_pooled_segmentation_under_the_we
                                        "--folds", "3", "--out", "cv2", "--extractor", "pixels-16",
                                        "--protocol", "wen2026"])
     assert refused.exit_code == 1 and "draws no masks" in refused.output
+
+
+def test_each_fold_can_train_the_other_label_too_for_the_arm_of_synthetic_images_only(lus, workdir):
+    params = {**TINY, "crossval": {**TINY["crossval"], "synthetic_only": True}}
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(app, ["crossval", "dcgan", "--data", str(lus), "--label", "consolidation",
+                                      "--folds", "2", "--out", "cv", "--extractor", "pixels-16"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((workdir / "cv" / "crossval_report.json").read_text())
+    arms = {"real", "real+synthetic", "synthetic+real-negatives", "synthetic"}
+    for fold in report["folds"]:
+        assert set(fold["probabilities"]) == arms and set(fold["per_seed"]["auc"]) == arms
+        negative = json.loads((workdir / "cv" / f"fold-{fold['fold']}" / "negative" / "run.json").read_text())
+        assert negative["label"] == "normal"  # trained on the fold's training patients, as the positive one
+    assert set(report["pooled"]["auc"]) == arms  # every arm pooled over every patient
+
+    three = workdir / "three-labels"
+    three.mkdir()
+    for folder in ("images", "masks"):
+        (three / folder).symlink_to(lus / folder)
+    records = read_manifest(lus)
+    first = next(r.patient_id for r in records if r.label == "normal")
+    write_manifest(three, [replace(r, label="pneumonia") if r.patient_id == first else r for r in records])
+    refused = CliRunner().invoke(app, ["crossval", "dcgan", "--data", str(three), "--label", "consolidation",
+                                       "--folds", "2", "--out", "cv3", "--extractor", "pixels-16"])
+    assert refused.exit_code == 1 and "it needs a two-label dataset" in refused.output

@@ -62,6 +62,10 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
         raise ValueError(f"protocol {config.downstream.protocol} measures lesion segmentation, and {family} draws "
                          "no masks: use --protocol default (or yu2023) for it")
     records = read_manifest(data)
+    other = sorted({r.label for r in records} - {label}) if (params.get("crossval") or {}).get("synthetic_only") else []
+    if len(other) > 1:  # the arm of synthetic images only draws the other label too
+        raise ValueError(f"crossval.synthetic_only draws the other label's images too, and {data} has {len(other)} "
+                         f"other labels ({', '.join(other)}): it needs a two-label dataset")
     fold_of = assign_folds(patient_labels(records), folds, seed)
     # a protocol that chooses on validation patients gets the next fold's as validation, unseen by the generator
     validation = (fold + 1) % folds if config.downstream.resolved.needs_validation else None
@@ -76,10 +80,17 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
     train_generator(family, view, label, out / "model", config_path, dataset or data.name, register=False,
                     build_prerequisites=True, parent_run_id=parent_run_id, log=say, monitor=extractor_spec)
     generator = load_generator(out / "model" / GENERATOR_DIR, resolve_device(config.device))
+    negative = None
+    if other:
+        if say:
+            say(f"training {family} on {other[0]} too, for the classifiers of synthetic images only")
+        train_generator(family, view, other[0], out / "negative", config_path, dataset or data.name, register=False,
+                        build_prerequisites=True, parent_run_id=parent_run_id, log=say, monitor=extractor_spec)
+        negative = load_generator(out / "negative" / GENERATOR_DIR, resolve_device(config.device))
     fold_gates = {k: v for k, v in gates_for(gates, generator.gate_set).items() if k not in POOLED_GATES}
     report = evaluate_generator(generator, view, get_extractor(extractor_spec), fold_gates, config, out / "gates",
-                                f"{family}-{label} fold {fold}", log=say, data_name=f"{data}, fold {fold} of {folds}",
-                                pooled_later=True)
+                                f"{family}-{label} fold {fold}", negative, log=say,
+                                data_name=f"{data}, fold {fold} of {folds}", pooled_later=True)
     downstream = report.get("downstream", {})
     result = {
         "fold": fold,
