@@ -61,7 +61,9 @@ def run_generation_local(arguments: dict, pipeline_root: str | Path) -> None:
     """Runs the generation here with ``kfp.local`` (the shards share the cores)."""
     from kfp import local
 
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    from sonogen.tracking import embedded_uri
+
+    os.environ.setdefault("MLFLOW_TRACKING_URI", embedded_uri())  # the tasks' store: the embedded one here
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(arguments["shards"]))))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     generation_pipeline(**arguments)

@@ -150,7 +150,9 @@ def run_local(arguments: dict, pipeline_root: str | Path) -> None:
     """Runs the pipeline here with ``kfp.local``: each task a subprocess of this interpreter, no cluster."""
     from kfp import local
 
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    from sonogen.tracking import embedded_uri
+
+    os.environ.setdefault("MLFLOW_TRACKING_URI", embedded_uri())  # the tasks' store: the embedded one here
     # kfp.local runs the ParallelFor iterations at the same time: each gets its share of the cores, or their
     # torch thread pools oversubscribe the machine (measured 1.66× the time of the sequential dvc repro)
     parallel = max(1, len(arguments.get("runs") or []))

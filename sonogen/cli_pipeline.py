@@ -110,15 +110,11 @@ def pipeline_run_command(
     from sonogen.registry import list_models
 
     if pipeline == "generate":
-        import json
+        from sonogen.generate import condition_of
 
         if not model or not n or not out:
             raise ValueError("--pipeline generate needs --model, --n and --out")
-        try:
-            drawn_with = json.loads(condition)
-        except ValueError as err:
-            raise ValueError(f"--condition: not JSON ({err})") from None
-        arguments = generation_arguments(model, n, out, seed, batch, drawn_with, shards, condition_folder)
+        arguments = generation_arguments(model, n, out, seed, batch, condition_of(condition), shards, condition_folder)
         compile_package, run_here, name = compile_generation_pipeline, run_generation_local, GENERATE
     elif not params.is_file():
         raise FileNotFoundError(f"{params} not found")

@@ -117,20 +117,14 @@ def generate_command(
 ):
     """Write a large synthetic dataset (images + manifest.csv); rerun the same command to resume. With --shards K,
     K workers (--shard 0 … K−1) draw disjoint parts of the same set, then one --merge writes its manifest."""
-    import json
-
-    from sonogen.generate import condition_folder_of, generate_dataset, merge_shards
+    from sonogen.generate import condition_folder_of, condition_of, generate_dataset, merge_shards
 
     if merge:
         result = merge_shards(out, shards)
         console.print(f"merged {shards} shards: {result['images']} images of {result['model_name']} "
                       f"v{result['model_version']} in {out}; manifest.csv")
         return
-    try:
-        drawn_with = json.loads(condition)
-    except ValueError as err:
-        raise ValueError(f"--condition: not JSON ({err})") from None
-    result = generate_dataset(model, n, out, seed=seed, batch=batch, condition=drawn_with, shards=shards,
+    result = generate_dataset(model, n, out, seed=seed, batch=batch, condition=condition_of(condition), shards=shards,
                               shard=shard, progress=progress(f"generating {n} images"),
                               per_image=condition_folder_of(condition_folder))
     part = "" if shards == 1 else f"shard {shard} of {shards}: "
@@ -205,4 +199,3 @@ def deploy_command(
     console.print(f"{result['name']}@{result['alias']} (version {result['version']}, {result['family']}, "
                   f"{result['runtime']}) on {result['device']}: {result['image']}")
     console.print(f"apply with: kubectl apply -k {result['out']}")
-

@@ -143,15 +143,9 @@ def pool(folds: list[dict], resamples: int = 1000, seed: int = 0) -> dict:
         pooled["detection"] = detection
         protocol = folds[0].get("protocol", "default")
         if get_protocol(protocol).detection:  # the verdict is on detection, the classifiers' metrics come along
-            low, high = detection["ap50_delta_ci95"]
-            effect = effect_of(low, high)
-            pooled = {**{k: v for k, v in pooled.items() if k not in ("verdict", "effect", "reason")},
-                      "protocol": protocol, "metric": "ap50", "real": detection["ap50"][BASELINE],
-                      "real_plus_synthetic": detection["ap50"][AUGMENTED], "delta": detection["ap50_delta"],
-                      "ci_low": low, "ci_high": high, "effect": effect, "verdict": effect,
-                      "patients_per_class": detection["patients_per_class"],
-                      "other_metrics": {"ap": {"delta": detection["ap_delta"], "ci95": detection["ap_delta_ci95"]},
-                                        **_classifier_metrics(pooled)}}
+            pooled = _verdict_on(pooled, protocol, "ap50", detection["ap50"], detection["ap50_delta"],
+                                 detection["ap50_delta_ci95"], detection["patients_per_class"],
+                                 {"ap": {"delta": detection["ap_delta"], "ci95": detection["ap_delta_ci95"]}})
     if folds and all("segmentation" in f for f in folds):
         pooled["segmentation"] = summarise_dice(
             {arm: np.concatenate([np.asarray(f["segmentation"]["dice"][arm]) for f in folds], axis=1)
@@ -160,19 +154,26 @@ def pool(folds: list[dict], resamples: int = 1000, seed: int = 0) -> dict:
         protocol = folds[0].get("protocol", "default")
         if get_protocol(protocol).segmentation:  # the verdict on segmentation, the classifiers' metrics come along
             found = pooled["segmentation"]
-            low, high = found["seg_dice_delta_ci95"]
-            pooled = {**{k: v for k, v in pooled.items() if k not in ("verdict", "effect", "reason")},
-                      "protocol": protocol, "metric": "seg_dice", "seg_dice": found["seg_dice"],
-                      "real": found["seg_dice"][BASELINE], "real_plus_synthetic": found["seg_dice"][AUGMENTED],
-                      "delta": found["seg_dice_delta"], "ci_low": low, "ci_high": high,
-                      "effect": effect_of(low, high), "verdict": effect_of(low, high),
-                      "patients_per_class": {"with lesions": found["test_patients"]},
-                      "other_metrics": _classifier_metrics(pooled)}
+            pooled = {**_verdict_on(pooled, protocol, "seg_dice", found["seg_dice"], found["seg_dice_delta"],
+                                    found["seg_dice_delta_ci95"], {"with lesions": found["test_patients"]}),
+                      "seg_dice": found["seg_dice"]}
     copying = [f["fold"] for f in folds if any(not row["passed"] for row in f["gates"] if row["gate"] in COPY_GATES)]
     if copying:
         pooled["verdict"] = COPIES
         pooled["copying_folds"] = copying
     return {"folds": folds, "pooled": pooled}
+
+
+def _verdict_on(pooled: dict, protocol: str, metric: str, values: dict[str, float], delta: float,
+                interval: list[float], patients_per_class: dict[str, int], others: dict | None = None) -> dict:
+    """``pooled`` with its verdict taken on ``metric`` (a protocol's detection or segmentation) in place of the
+    classifiers', whose metrics come along with ``others`` in ``other_metrics``."""
+    low, high = interval
+    effect = effect_of(low, high)
+    return {**{k: v for k, v in pooled.items() if k not in ("verdict", "effect", "reason")},
+            "protocol": protocol, "metric": metric, "real": values[BASELINE], "real_plus_synthetic": values[AUGMENTED],
+            "delta": delta, "ci_low": low, "ci_high": high, "effect": effect, "verdict": effect,
+            "patients_per_class": patients_per_class, "other_metrics": {**(others or {}), **_classifier_metrics(pooled)}}
 
 
 def _classifier_metrics(pooled: dict) -> dict:

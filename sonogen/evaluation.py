@@ -24,6 +24,7 @@ from sonogen.metrics.classifier import ClassifierConfig, predict_proba, save_cla
 from sonogen.metrics.features import Extractor
 from sonogen.metrics.memorisation import closest_pairs
 from sonogen.metrics.protocols import METRICS
+from sonogen.metrics.segmentation import usefulness_metrics
 from sonogen.metrics.similarity import resized
 from sonogen.tracking import configure_mlflow, dataset_identity, git_commit, set_experiment, use_experiment_of
 
@@ -217,10 +218,7 @@ def crossval_metrics(report: dict) -> tuple[dict[str, float], dict[str, str], di
         metrics.update({f"{metric}_real": pooled[metric]["real"], f"{metric}_real_synthetic":
                         pooled[metric]["real+synthetic"], f"{metric}_delta": delta, f"{metric}_delta_lower_ci": low})
     if segmentation := pooled.get("segmentation"):
-        metrics.update({"seg_dice_real": segmentation["seg_dice"]["real"],
-                        "seg_dice_real_synthetic": segmentation["seg_dice"]["real+synthetic"],
-                        "seg_dice_delta": segmentation["seg_dice_delta"],
-                        "seg_dice_delta_lower_ci": segmentation["seg_dice_delta_ci95"][0]})
+        metrics.update(usefulness_metrics(segmentation))
     if detection := pooled.get("detection"):
         for metric in ("ap50", "ap"):
             metrics.update({f"detection_{metric}_delta": detection[f"{metric}_delta"],

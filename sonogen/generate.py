@@ -81,6 +81,14 @@ def check_condition(condition: dict[str, Any], conditions: frozenset[str], label
         raise ValueError(f"--condition: label {condition['label']!r} is not one of {list(labels)}")
 
 
+def condition_of(text: str) -> dict[str, Any]:
+    """The ``--condition`` JSON text as a dict (its keys are checked against the model by ``check_condition``)."""
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"--condition: not JSON ({err})") from None
+
+
 def condition_folder_of(text: str | None) -> tuple[str, str] | None:
     """``(key, folder)`` of ``--condition-folder KEY=FOLDER`` (None for none)."""
     if not text:
@@ -187,9 +195,9 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
                 for mask_name, mask in zip(masks, boxes):  # the masks first: the images mark a chunk done
                     destination.write(mask_name, png_bytes(mask.astype(np.uint8) * 255))
                 boxes = [boxes_from_mask(mask) for mask in boxes]
-            elif masks:  # a ControlNet's requested masks: the set is image + mask pairs
-                for mask_name, file_name in zip(masks, used):
-                    destination.write(mask_name, next(f for f in files if f.name == file_name).read_bytes())
+            elif masks:  # a ControlNet's requested masks (image j took file j mod their count): image + mask pairs
+                for i, mask_name in enumerate(masks):
+                    destination.write(mask_name, files[(start + i) % len(files)].read_bytes())
             for image_name, data in zip(names, pngs):
                 destination.write(image_name, data)
             if boxes_name:

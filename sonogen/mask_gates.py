@@ -51,35 +51,38 @@ def pair_readings(generator: Generator, data: str | Path, config: EvaluateConfig
     of the real training pairs reads them) and, with a downstream config, whether they help a segmenter find the
     label's lesions on real test patients (one patient will do when a cross-validation pools the folds,
     ``pooled_later``); or why either was not measured."""
-    from sonogen.metrics.segmentation import pair_fidelity, segmentation_usefulness
+    from sonogen.metrics.segmentation import (
+        pair_fidelity, segmentation_usefulness, train_segmenter, usefulness_metrics,
+    )
 
-    def pairs(split: str, label: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        dataset = UltrasoundDataset(data, split=split, with_mask=True, labels=[label] if label else None)
+    def pairs(split: str) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+        dataset = UltrasoundDataset(data, split=split, with_mask=True)
         items = [dataset[k] for k in range(len(dataset))]
         if not items:
-            return torch.empty(0, 1, 1, 1), torch.empty(0, 1, 1, 1), []
+            return torch.empty(0, 1, 1, 1), torch.empty(0, 1, 1, 1), [], []
         return (torch.stack([i["image"] for i in items]), torch.stack([i["mask"] for i in items]),
-                [i["patient_id"] for i in items])
+                [i["patient_id"] for i in items], [i["label"] for i in items])
 
-    train_images, train_masks, _ = pairs("train")
+    train_images, train_masks, _, _ = pairs("train")
     if not train_masks.any():
         reason = "the training split has no lesion masks to train the segmenter on"
         return {}, dict.fromkeys((*MASK_METRICS, *SEGMENTATION_METRICS), reason), None
     images, masks = generator.sample_with_masks(max(2, min(config.samples, 64)), config.seed)
     masks = torch.from_numpy(np.stack(masks))[:, None].float()
-    test_images, test_masks, _ = pairs("test")
+    test_images, test_masks, test_patients, test_labels = pairs("test")
+    # the reading segmenter of the real pairs is also the first of the real pairs' segmenters below
+    reader = train_segmenter(train_images, train_masks, seed=config.seed, device=device)
     metrics = pair_fidelity(images, masks, train_images, train_masks, test_images, test_masks, seed=config.seed,
-                            device=device)
-    lesion_images, lesion_masks, patients = pairs("test", generator.label)
+                            device=device, segmenter=reader)
+    own = [k for k, label in enumerate(test_labels) if label == generator.label]
+    patients = [test_patients[k] for k in own]
     needed = 1 if pooled_later else 2
     if config.downstream is None or len(set(patients)) < needed:
         why = "evaluate.downstream is off" if config.downstream is None else (
             f"the test split has {len(set(patients))} patient(s) with {generator.label} masks; {needed} needed")
         return metrics, dict.fromkeys(SEGMENTATION_METRICS, why), None
-    found = segmentation_usefulness(train_images, train_masks, images, masks, lesion_images, lesion_masks, patients,
-                                    config.downstream.seeds, resamples=config.downstream.bootstrap, seed=config.seed,
-                                    device=device)
-    metrics.update({"seg_dice_real": found["seg_dice"]["real"], "seg_dice_real_synthetic":
-                    found["seg_dice"]["real+synthetic"], "seg_dice_delta": found["seg_dice_delta"],
-                    "seg_dice_delta_lower_ci": found["seg_dice_delta_ci95"][0]})
+    found = segmentation_usefulness(train_images, train_masks, images, masks, test_images[own], test_masks[own],
+                                    patients, config.downstream.seeds, resamples=config.downstream.bootstrap,
+                                    seed=config.seed, device=device, real_segmenter=reader)
+    metrics.update(usefulness_metrics(found))
     return metrics, {}, found

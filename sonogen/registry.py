@@ -191,8 +191,9 @@ def promote(name: str, version: str, to: str = CHAMPION, reason: str = "", force
     if previous == str(version):  # promoting again would overwrite the audit trail (and its previous holder)
         raise ValueError(f"{name} version {version} is already @{to}; nothing to promote")
     client.set_registered_model_alias(name, to, str(version))
-    record = {**_audit(), "reason": reason,
-              "previous_version": previous or "", "forced": str(bool(force and (gate != "passed" or unproven or spotted))).lower()}
+    overridden = gate != "passed" or unproven or spotted
+    record = {**_audit(), "reason": reason, "previous_version": previous or "",
+              "forced": str(bool(force and overridden)).lower()}
     for key, value in record.items():
         client.set_model_version_tag(name, str(version), f"{to}.{key}", value)
     return {"model_name": name, "version": str(version), "alias": to, "gate": gate, **record}

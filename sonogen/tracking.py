@@ -74,9 +74,14 @@ def configure_mlflow() -> str:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / DEFAULT_DB}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri()
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def embedded_uri() -> str:
+    """The embedded store's URI: ``mlflow.db`` in ``store_root()``."""
+    return f"sqlite:///{store_root() / DEFAULT_DB}"
 
 
 def store_root() -> Path:
@@ -91,7 +96,7 @@ def set_experiment(name: str):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    embedded = mlflow.get_tracking_uri() == f"sqlite:///{store_root() / DEFAULT_DB}"
+    embedded = mlflow.get_tracking_uri() == embedded_uri()
     if embedded and store_root() != Path.cwd().resolve() and mlflow.get_experiment_by_name(name) is None:
         try:
             mlflow.create_experiment(name, artifact_location=str(store_root() / "mlruns" / name))

@@ -21,8 +21,7 @@ from sonogen.model_card import build_model_card, training_licences
 from sonogen.registry import model_name, register_generator, write_model_card
 from sonogen.tracking import (
     RUN_INFO, MlflowTracker, RunRecord, configure_mlflow, dataset_identity, declined, git_commit, set_experiment,
-    use_experiment_of,
-    write_declined,
+    use_experiment_of, write_declined,
 )
 
 

@@ -92,31 +92,31 @@ def mask_adherence(sample_with_mask, train_images: torch.Tensor, train_masks: to
     asked = [mask[0] for mask in wanted] if requests is None else [
         requests[k] for k in torch.nonzero(with_lesion).flatten().tolist()]
     drawn = torch.cat([sample_with_mask(request, seed + k) for k, request in enumerate(asked)])
-    return _read(segmenter, drawn, wanted, test_images[with_lesion])
+    return _read(segmenter, drawn, wanted, test_images[with_lesion], wanted)
 
 
 def pair_fidelity(images: torch.Tensor, masks: torch.Tensor, train_images: torch.Tensor, train_masks: torch.Tensor,
                   test_images: torch.Tensor, test_masks: torch.Tensor, epochs: int = 30, seed: int = 0,
-                  device: str | torch.device = "cpu") -> dict[str, float]:
+                  device: str | torch.device = "cpu", segmenter: Segmenter | None = None) -> dict[str, float]:
     """Mask adherence of generated pairs ``images`` ``(N, 1, H, W)`` with their ``masks``: the segmenter of
-    ``mask_adherence`` reads each image against the mask it came with (and, for chance, every other pair's)."""
+    ``mask_adherence`` reads each image against the mask it came with (and, for chance, every other pair's);
+    ``segmenter``: that segmenter, where the caller trained it already."""
     if len(images) < 2:
         raise ValueError("pair fidelity needs at least 2 generated pairs (one to compare against)")
-    segmenter = train_segmenter(train_images, train_masks, epochs, seed=seed, device=device)
+    segmenter = segmenter or train_segmenter(train_images, train_masks, epochs, seed=seed, device=device)
     with_lesion = test_masks.flatten(1).sum(1) > 0
     return _read(segmenter, images, masks.float(), test_images[with_lesion], test_masks[with_lesion])
 
 
 def _read(segmenter: Segmenter, images: torch.Tensor, wanted: torch.Tensor, real_images: torch.Tensor,
-          real_masks: torch.Tensor | None = None) -> dict[str, float]:
+          real_masks: torch.Tensor) -> dict[str, float]:
     """``mask_dice`` of the segmenter's reading of ``images`` against ``wanted``, ``mask_dice_chance`` against the
     other images' masks (lesions sit in similar places, so ignoring the mask still overlaps), ``mask_dice_gain``
     the difference, and ``mask_dice_real`` its Dice on the real images with lesions (the ceiling)."""
     drawn = segment(segmenter, images)
     matched = float(dice(drawn, wanted).mean())
     chance = float(torch.stack([dice(drawn, wanted.roll(shift, dims=0)) for shift in range(1, len(wanted))]).mean())
-    real = float(dice(segment(segmenter, real_images), wanted if real_masks is None else real_masks).mean()) \
-        if len(real_images) else float("nan")
+    real = float(dice(segment(segmenter, real_images), real_masks).mean()) if len(real_images) else float("nan")
     return {"mask_dice": matched, "mask_dice_chance": chance, "mask_dice_gain": matched - chance,
             "mask_dice_real": real, "mask_requests": len(wanted)}
 
@@ -124,17 +124,24 @@ def _read(segmenter: Segmenter, images: torch.Tensor, wanted: torch.Tensor, real
 def segmentation_usefulness(train_images: torch.Tensor, train_masks: torch.Tensor, synthetic_images: torch.Tensor,
                             synthetic_masks: torch.Tensor, test_images: torch.Tensor, test_masks: torch.Tensor,
                             test_patients: list[str], seeds: int = 3, epochs: int = 30, resamples: int = 1000,
-                            seed: int = 0, device: str | torch.device = "cpu") -> dict:
+                            seed: int = 0, device: str | torch.device = "cpu",
+                            real_segmenter: Segmenter | None = None) -> dict:
     """Do generated pairs help a segmenter find lesions on real patients (Wen et al.'s U-Net experiment)? Per
     seed, a segmenter of the real training pairs and one of the same plus the generated pairs read the real test
-    images (``summarise_dice``)."""
+    images (``summarise_dice``). ``real_segmenter``: the first seed's segmenter of the real pairs, where the caller
+    trained it already (with these ``epochs``, ``seed`` and ``device``)."""
     from sonogen.metrics.downstream import AUGMENTED, BASELINE
 
     sets = {BASELINE: (train_images, train_masks),
             AUGMENTED: (torch.cat([train_images, synthetic_images.float()]), torch.cat([train_masks, synthetic_masks]))}
-    per_image = {arm: np.stack([dice(segment(train_segmenter(*pairs, epochs, seed=seed + s, device=device),
-                                             test_images), test_masks).numpy() for s in range(seeds)])
-                 for arm, pairs in sets.items()}
+
+    def trained(arm: str, s: int) -> Segmenter:
+        if arm == BASELINE and s == 0 and real_segmenter is not None:
+            return real_segmenter
+        return train_segmenter(*sets[arm], epochs, seed=seed + s, device=device)
+
+    per_image = {arm: np.stack([dice(segment(trained(arm, s), test_images), test_masks).numpy()
+                                for s in range(seeds)]) for arm in sets}
     return {**summarise_dice(per_image, test_patients, resamples, seed), "synthetic_pairs": len(synthetic_images),
             "dice_per_image": {arm: values.tolist() for arm, values in per_image.items()},
             "patients": list(test_patients)}
@@ -159,3 +166,9 @@ def summarise_dice(per_image: dict[str, np.ndarray], patients: list[str], resamp
             "seg_dice_delta": float(averaged[AUGMENTED].mean() - averaged[BASELINE].mean()),
             "seg_dice_delta_ci95": [float(low), float(high)], "seeds": len(next(iter(per_image.values()))),
             "test_images": len(patients), "test_patients": len(rows[0])}
+
+
+def usefulness_metrics(found: dict) -> dict[str, float]:
+    """The gate metrics of a ``summarise_dice`` result: each set's Dice, the delta and its interval's lower end."""
+    return {"seg_dice_real": found["seg_dice"]["real"], "seg_dice_real_synthetic": found["seg_dice"]["real+synthetic"],
+            "seg_dice_delta": found["seg_dice_delta"], "seg_dice_delta_lower_ci": found["seg_dice_delta_ci95"][0]}
