@@ -57,7 +57,7 @@ def crossval_arguments(params_text: str, family: str, label: str, folds: int | N
 
     settings = (yaml.safe_load(params_text) or {}).get("crossval") or {}
     count = folds or settings.get("folds", 5)
-    shared = {k: v for k, v in arguments_from_params(params_text).items() if k not in ("runs", "trainer_runs")}
+    shared = {k: v for k, v in arguments_from_params(params_text).items() if k not in ("runs", "trainer_runs", "pool_runs")}
     return {**shared, "family": family, "label": label, "folds": list(range(count)), "fold_count": count,
             "seed": settings.get("seed", 0)}
 

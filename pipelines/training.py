@@ -2,6 +2,8 @@
 
 A (family, label) whose params ask for more than one GPU (``train.<family>.train.nodes`` × ``gpus_per_node``) is
 in ``trainer_runs``: its train task submits a Kubeflow Trainer TrainJob of that size instead of training in its pod.
+A family that pools models trained apart (``Generator.pools``: the pooled SinDDM) is in ``pool_runs``: a task per
+member image (a ParallelFor over the images the pool chooses), then one task joins them into the model gated.
 
 What a family needs before training (a lesion bank, a model it builds on: ``Generator.prerequisites``) is made by
 its train task; the (family, label) runs a family declines (``Generator.declines``) are left out of the list.
@@ -19,12 +21,15 @@ import yaml
 from kfp import compiler, dsl, kubernetes
 
 from components.evaluate_gates import evaluate_gates
+from components.pool_members import pool_members
+from components.pool_trained_members import pool_trained_members
 from components.prepare_data import prepare_data
 from components.register_model import register_model
 from components.train_encoder import train_encoder
 from components import IMAGE
 from components.train_generator import train_generator
 from components.train_on_trainer import train_on_trainer
+from components.train_pool_member import train_pool_member
 
 PIPELINE_NAME = "sonogen-training"
 # cluster wiring (infra/base): object-store credentials from a Secret, service endpoints from a ConfigMap
@@ -78,6 +83,7 @@ def training_pipeline(
     params: str,
     runs: list = [{"family": "dcgan", "label": "consolidation"}, {"family": "dcgan", "label": "normal"}],  # noqa: B006
     trainer_runs: list = [],  # noqa: B006  ({family, label, nodes, gpus_per_node}: trained as TrainJobs)
+    pool_runs: list = [],  # noqa: B006  ({family, label} of pooled families: a task per member)
     raw: str = "phantom",
     dvc_repo: str = "",
     dvc_rev: str = "",
@@ -101,6 +107,22 @@ def training_pipeline(
             dataset_name=dataset_name,
         )).set_cpu_request("1").set_memory_request("2G")
         _register_if_passed(trained, gate(prepared, trained, encoder, params))
+    with dsl.ParallelFor(items=pool_runs, name="pooled-family-label") as run:
+        sources = _cluster_environment(pool_members(
+            prepared=prepared.outputs["prepared"], family=run.family, label=run.label, params=params,
+        )).set_cpu_request("1").set_memory_request("2G")
+        # each member item names its family and label: kfp.local (2.17) reads an outer loop's item inside an
+        # inner loop as the inner one's
+        with dsl.ParallelFor(items=sources.output, name="member") as member_of:
+            member = _gpu_training(train_pool_member(
+                prepared=prepared.outputs["prepared"], encoder=encoder.outputs["encoder"], family=member_of.family,
+                label=member_of.label, source=member_of.source, params=params, dataset_name=dataset_name,
+            ))
+        pooled = _cluster_environment(pool_trained_members(
+            prepared=prepared.outputs["prepared"], members=dsl.Collected(member.outputs["model"]),
+            family=run.family, label=run.label, params=params,
+        )).set_cpu_request("1").set_memory_request("4G")
+        _register_if_passed(pooled, gate(prepared, pooled, encoder, params))
 
 
 def arguments_from_params(params_text: str) -> dict:
@@ -113,14 +135,19 @@ def arguments_from_params(params_text: str) -> dict:
     dataset = params.get("dataset") or {}
     train = params.get("train") or {}
     raw = dataset.get("raw", "data/raw/phantom")
-    runs, trainer_runs = [], []
+    runs, trainer_runs, pool_runs = [], [], []
     for family, label in itertools.product(train.get("families", []), train.get("labels", [])):
         if get_generator(family).declines(model_settings(params, family, label)):
             continue
         settings = family_sections(params, family)[1]
         nodes = int(settings.get("nodes", TrainConfig.nodes))
         gpus_per_node = int(settings.get("gpus_per_node", TrainConfig.gpus_per_node))
-        if nodes * gpus_per_node > 1:
+        if get_generator(family).pools is not None:
+            if nodes * gpus_per_node > 1:
+                raise ValueError(f"train.{family}.train asks for {nodes} × {gpus_per_node} GPUs, and the pipeline "
+                                 f"trains each {family} member as a task of one GPU: remove nodes and gpus_per_node")
+            pool_runs.append({"family": family, "label": label})
+        elif nodes * gpus_per_node > 1:
             trainer_runs.append({"family": family, "label": label, "nodes": nodes, "gpus_per_node": gpus_per_node})
         else:
             runs.append({"family": family, "label": label})
@@ -128,6 +155,7 @@ def arguments_from_params(params_text: str) -> dict:
         "params": params_text,
         "runs": runs,
         "trainer_runs": trainer_runs,
+        "pool_runs": pool_runs,
         # the DVC phantom stage's output is simulated inside the pipeline from the same parameters
         "raw": "phantom" if raw == "data/raw/phantom" else raw,
         "dataset_name": dataset.get("name", "lus"),

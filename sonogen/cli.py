@@ -72,6 +72,9 @@ def train_command(
     upload: Annotated[str | None, typer.Option(
         help="Copy the output folder there when trained (s3:// URI or folder): a Kubeflow TrainJob's model out.")]
     = None,
+    member: Annotated[str | None, typer.Option(
+        help="For a pooled family (sinddmpool): train only the member that learns this image (one of "
+             "`sonogen pool-members`), with its share of the pool's settings; `sonogen pool` joins them.")] = None,
     nproc_per_node: Annotated[int, typer.Option(
         help="Train data-parallel on N local ranks (torchrun: N GPUs, or CPU processes with gloo); "
              "train.batch_size is then the global batch.")] = 1,
@@ -109,12 +112,25 @@ def train_command(
         shown = f"[{', '.join(map(str, value))}]" if isinstance(value, list) else value
         console.print(f"[yellow]--{flag.replace('_', '-')} is deprecated:[/yellow] write --set {key}={shown}")
         overrides.setdefault(key, value)
+    if member is not None and out is None:
+        out = Path("models") / f"{family}-{label}-member-{Path(member).stem}"
     out = out or Path("models") / generator_name(family, label, overrides)
     from sonogen.tracking import local_file, local_folder, upload_folder
 
     data_folder = local_folder(data, "--data")
     dataset = dataset or (data_folder.name if "://" not in data else data.rstrip("/").rsplit("/", 1)[-1])
     config_file = local_file(config, "--config") if config else None
+    if member is not None:
+        from sonogen.jobs import train_pool_member
+
+        if overrides:
+            raise ValueError("--member trains with the pool's settings (--config, train.<family>): move the --set "
+                             "values there, so that every member and the pool's choice of images agree")
+        info = train_pool_member(family, data_folder, label, member, out, config_file, dataset, monitor=monitor,
+                                 log=None if console.is_terminal else log)
+        console.print(f"trained the {family} member of {member} ({info['family']}, not registered): saved "
+                      f"{out / 'generator'}; join the members with `sonogen pool`")
+        return
     info = train_generator(family, data_folder, label, out, config_file, dataset, experiment, register, resume,
                            progress=_progress(f"training {family} on {label}"), model_overrides=overrides,
                            log=None if console.is_terminal else log, build_prerequisites=build_prerequisites,
@@ -157,6 +173,21 @@ def pool_command(
     if "version" in info:
         console.print(f"registered [bold]{info['registered_model']}[/bold] version {info['version']} "
                       f"as @{info['alias']}: models:/{info['registered_model']}@{info['alias']}")
+
+
+@app.command("pool-members")
+@_user_errors
+def pool_members_command(
+    family: Annotated[str, typer.Argument(help="A pooled family, e.g. sinddmpool.")],
+    data: Annotated[Path, typer.Option(help="Prepared dataset folder.")],
+    label: Annotated[str, typer.Option(help="Label the pool learns.")],
+    config: Annotated[Path | None, typer.Option(help="params.yaml (train.<family>) or a family YAML.")] = None,
+):
+    """Print the training images a pooled family's members learn, one per line (each a `train --member` task)."""
+    from sonogen.jobs import pool_sources
+
+    for source in pool_sources(family, data, label, config):
+        print(source)
 
 
 @app.command("train-encoder")

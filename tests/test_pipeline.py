@@ -60,10 +60,10 @@ def test_training_and_gates_request_a_gpu_and_every_task_gets_cluster_credential
     gpu = {name: e["container"]["resources"].get("accelerator") for name, e in executors.items()
            if "accelerator" in e["container"].get("resources", {})}
     one_gpu = {"count": "1", "resourceCount": "1", "resourceType": "nvidia.com/gpu", "type": "nvidia.com/gpu"}
-    # the family × label loop (a family's prerequisites train in its task), the encoder, the gates (of both loops);
-    # the task that submits a TrainJob asks for none: the job's pods have the GPUs
-    assert gpu == {name: one_gpu for name in ("exec-train-generator", "exec-train-encoder", "exec-evaluate-gates",
-                                              "exec-evaluate-gates-2")}
+    # the family × label loop (a family's prerequisites train in its task), each member of a pool, the encoder, the
+    # gates (of the three loops); the task that submits a TrainJob asks for none: the job's pods have the GPUs
+    assert gpu == {name: one_gpu for name in ("exec-train-generator", "exec-train-pool-member", "exec-train-encoder",
+                                              "exec-evaluate-gates", "exec-evaluate-gates-2", "exec-evaluate-gates-3")}
     assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
     kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(kubernetes) == set(executors)
@@ -115,6 +115,55 @@ def test_runs_of_more_than_one_gpu_go_to_kubeflow_trainer_and_the_compiled_pipel
     assert "train_on_trainer" in " ".join(executor["command"])
     kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-on-trainer"]
     assert {s["secretName"] for s in kubernetes["secretAsEnv"]} == {"sonogen-s3"}  # it stages params and model
+
+
+def test_a_pooled_family_trains_a_task_per_member_image_in_the_compiled_pipeline(tmp_path):
+    train = TINY_PARAMS["train"]
+    params = {**TINY_PARAMS, "train": {**train, "families": ["dcgan", "sinddmpool"], "labels": ["consolidation"]}}
+    arguments = arguments_from_params(yaml.safe_dump(params))
+    assert arguments["runs"] == [{"family": "dcgan", "label": "consolidation"}]
+    assert arguments["pool_runs"] == [{"family": "sinddmpool", "label": "consolidation"}]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    sonogen("pipeline", "compile", "-o", str(tmp_path / "p.yaml"), "--params", str(tmp_path / "params.yaml"), cwd=REPO)
+    spec, _ = yaml.safe_load_all((tmp_path / "p.yaml").read_text())
+    [outer] = [name for name, task in spec["root"]["dag"]["tasks"].items()
+               if task.get("parameterIterator", {}).get("items") == {"inputParameter": "pipelinechannel--pool_runs"}]
+    tasks = spec["components"][f"comp-{outer}"]["dag"]["tasks"]
+    [inner] = [name for name, task in tasks.items() if "parameterIterator" in task]
+    # the members loop runs over the images the pool_members task chose, then one task joins what they trained
+    assert tasks[inner]["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--pool-members-Output"}
+    assert "train-pool-member" in spec["components"][f"comp-{inner}"]["dag"]["tasks"]
+    members = tasks["pool-trained-members"]["inputs"]["artifacts"]["members"]["taskOutputArtifact"]
+    assert members == {"outputArtifactKey": "pipelinechannel--train-pool-member-model", "producerTask": inner}
+    resources = spec["deploymentSpec"]["executors"]["exec-train-pool-member"]["container"]["resources"]
+    assert resources["accelerator"]["resourceCount"] == "1"  # one GPU per member
+    too_big = {**params, "train": {**params["train"], "sinddmpool": {"train": {"nodes": 2}}}}
+    with pytest.raises(ValueError, match="a task of one GPU"):
+        arguments_from_params(yaml.safe_dump(too_big))
+
+
+def test_local_run_of_a_pooled_family_trains_its_members_as_tasks_then_pools_gates_and_registers(tmp_path):
+    params = {**TINY_PARAMS,
+              "train": {"families": ["sinddmpool"], "labels": ["consolidation"],
+                        "sinddmpool": {"model": {"coarsest_area": 100, "coarsest_side": [8, 12], "timesteps": 20,
+                                                 "channels": 16, "max_images": 2},
+                                       "train": {"epochs": 1, "steps_per_epoch": 4, "batch_size": 2,
+                                                 "eval_samples": 2}}},
+              "evaluate": {"samples": 4, "few_image_samples": 4, "encoder_epochs": 1, "downstream": None},
+              "gates": {}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = sonogen("pipeline", "run", "--params", "params.yaml", cwd=tmp_path)
+    assert "registered lus-sinddmpool-consolidation version 1 @candidate (gate passed)" in out
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    version = client.get_model_version("lus-sinddmpool-consolidation", "1")
+    member_runs = client.get_run(version.run_id).data.tags["pooled_runs"].split(",")
+    assert len(member_runs) == 2  # one task each: the members' own runs, of the family the pool pools
+    for run_id in member_runs:
+        run = client.get_run(run_id)
+        assert run.data.tags["family"] == "sinddm" and run.data.params["train.steps_per_epoch"] == "2"
+    [listed] = (tmp_path / ".kfp").rglob("pool-members/executor_output.json")
+    sources = [item["source"] for item in json.loads(listed.read_text())["parameterValues"]["Output"]]
+    assert version.tags["training_images"] == ",".join(sources)  # in the order the pool chose them
 
 
 def test_the_component_image_is_the_one_the_dockerfile_builds(compiled, tmp_path):

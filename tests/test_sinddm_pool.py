@@ -128,3 +128,48 @@ def test_sinddms_trained_apart_pool_into_one_registered_model(lus, tmp_path, mon
         assert torch.allclose(drawn[position], alone[0].clamp(-1, 1), atol=1e-5)
     twice = runner.invoke(app, ["pool", str(folders[0]), str(folders[0]), "--out", "models/twice"])
     assert twice.exit_code == 1 and "same image" in twice.output
+
+
+def test_members_trained_as_tasks_of_their_own_take_the_pool_s_images_settings_and_order(lus, tmp_path, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    from sonogen.cli import app
+    from sonogen.generators.trainer import training_selection
+    from sonogen.jobs import pool_trained
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    pool_settings = {"model": {**TINY, "coarsest_side": [8, 12], "max_images": 2, "layout_strength": 0.6},
+                     "train": {"epochs": 2, "steps_per_epoch": 6, "batch_size": 2, "eval_samples": 2}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"sinddmpool": pool_settings}}))
+    runner = CliRunner()
+    listed = runner.invoke(app, ["pool-members", "sinddmpool", "--data", str(lus), "--label", "consolidation",
+                                 "--config", "params.yaml"])
+    assert listed.exit_code == 0, listed.output
+    sources = listed.output.split()
+    one_job = SinDDMPool(SinDDMPoolConfig(label="consolidation", max_images=2, **TINY))
+    dataset, chosen = training_selection(one_job, lus, "consolidation")
+    assert sources == [dataset.records[k].image for k in chosen]  # the images a pool trained in one job learns
+
+    folders = []
+    for source in reversed(sources):  # the tasks finish in any order
+        folders.append(tmp_path / f"member-{len(folders)}")
+        result = runner.invoke(app, ["train", "sinddmpool", "--member", source, "--data", str(lus), "--label",
+                                     "consolidation", "--config", "params.yaml", "--out", str(folders[-1])])
+        assert result.exit_code == 0, result.output
+    member = load_generator(folders[0] / "generator")
+    assert member.family == "sinddm" and member.config.images == (sources[-1],)
+    assert member.config.layout_strength == 0.6 and member.step == 2 * 3  # its turns: half of each pool epoch
+
+    pooled = pool_trained(folders, tmp_path / "pool", register=False, order=sources)
+    assert list(load_generator(tmp_path / "pool" / "generator").learned_images()) == sources
+    assert pooled["family"] == "sinddmpool" and pooled["images"] == sources
+
+    wrong = runner.invoke(app, ["train", "sinddmpool", "--member", "nowhere.png", "--data", str(lus), "--label",
+                                "consolidation", "--config", "params.yaml"])
+    assert wrong.exit_code == 1 and "is not one of the 2 images" in wrong.output
+    not_pooled = runner.invoke(app, ["pool-members", "dcgan", "--data", str(lus), "--label", "consolidation"])
+    assert not_pooled.exit_code == 1 and "pools no models" in not_pooled.output
+    with pytest.raises(ValueError, match="other images than the pool's"):
+        pool_trained(folders[:1], tmp_path / "short", register=False, order=sources)

@@ -1,10 +1,10 @@
 """The contract every generator family implements, and its safetensors + JSON persistence.
 
 A family is a ``Generator`` subclass with a typed config dataclass. It owns its networks, optimisers and one
-training step; the shared trainer owns the loop, devices, precision, checkpoints, logging and progress. The contract's
-data-parallel part (how a step runs on several ranks) is ``distributed.DataParallelSteps``.
-Saved generators are a folder with ``config.json`` (family, config, training position) and
-``weights.safetensors``; checkpoints add optimiser state to the same safetensors file. Nothing is pickled.
+training step; the shared trainer owns the loop, devices, precision, checkpoints, logging and progress. The
+contract's data-parallel part (how a step runs on several ranks) is ``distributed.DataParallelSteps``. Saved
+generators are a folder with ``config.json`` (family, config, training position) and ``weights.safetensors``;
+checkpoints add optimiser state to the same safetensors file. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -283,8 +283,7 @@ class Generator(distributed.DataParallelSteps, ABC):
         boxes = None if parts[0][1] is None else [box for _, part in parts for box in part]
         return torch.cat([images for images, _ in parts]), boxes
 
-    def _generate_on_cpu(self, draws: Sequence[tuple[int, int]], condition: dict[str, Any]
-                         ) -> tuple[torch.Tensor, list | None]:
+    def _generate_on_cpu(self, draws: Sequence[tuple[int, int]], condition: dict[str, Any]) -> tuple:
         images, boxes = self.generate_draws(draws, condition)
         return images.float().cpu(), boxes
 
@@ -298,6 +297,11 @@ class Generator(distributed.DataParallelSteps, ABC):
     @classmethod
     def from_members(cls, members: Sequence[Generator]) -> Generator:
         """One model of trained generators of the family ``pools`` names (trained apart, e.g. as parallel tasks)."""
+        raise NotImplementedError(f"the {cls.family} family pools no other models")
+
+    @classmethod
+    def member_sections(cls, model: dict, train: dict, source: str, members: int) -> tuple[dict, dict]:
+        """The (model, train) settings, from this family's, of the member learning ``source`` of ``members``."""
         raise NotImplementedError(f"the {cls.family} family pools no other models")
 
     # persistence -------------------------------------------------------------------------------------------

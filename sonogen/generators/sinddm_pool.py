@@ -83,6 +83,13 @@ class SinDDMPool(Generator):
         pool.step, pool.epoch = sum(m.step for m in members), max(m.epoch for m in members)
         return pool
 
+    @classmethod
+    def member_sections(cls, model: dict, train: dict, source: str, members: int) -> tuple[dict, dict]:
+        # a member trained apart takes the turns it would take in the pool: its share of each epoch's steps
+        steps = int(train.get("steps_per_epoch") or cls.steps_per_epoch)
+        own = {k: v for k, v in model.items() if k not in ("images", "max_images", "members")}
+        return {**own, "images": [source]}, {**train, "steps_per_epoch": -(-steps // members)}
+
     def to(self, device: torch.device | str) -> SinDDMPool:
         super().to(device)
         for member in self.members:

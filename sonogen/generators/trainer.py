@@ -148,6 +148,20 @@ def quality(generator: Generator, real: torch.Tensor, n: int) -> tuple[dict[str,
     return metrics, samples
 
 
+def training_selection(generator: Generator, data: str | Path, label: str) -> tuple[UltrasoundDataset, list[int]]:
+    """The ``train`` split of ``label`` (or of every label the family learns) and the indices of the images the
+    generator chose to learn from (``select_training_images``)."""
+    dataset = UltrasoundDataset(data, split="train", labels=[label])
+    if (learned := generator.training_labels(dataset.classes)) != [label]:
+        dataset = UltrasoundDataset(data, split="train", labels=learned)
+    chosen = generator.select_training_images([r.image for r in dataset.records],
+                                              [r.patient_id for r in dataset.records])
+    if len(chosen) < generator.min_training_images:
+        raise ValueError(f"{data} has {len(chosen)} training image(s) of label {label!r} for {generator.family}; "
+                         f"at least {generator.min_training_images} are needed")
+    return dataset, chosen
+
+
 def train(
     generator: Generator,
     data: str | Path,
@@ -175,14 +189,8 @@ def train(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dataset = UltrasoundDataset(data, split="train", labels=[label])
-    if (learned := generator.training_labels(dataset.classes)) != [label]:
-        dataset = UltrasoundDataset(data, split="train", labels=learned)
-    chosen = generator.select_training_images([r.image for r in dataset.records],
-                                              [r.patient_id for r in dataset.records])
-    if len(chosen) < generator.min_training_images:
-        raise ValueError(f"{data} has {len(chosen)} training image(s) of label {label!r} for {generator.family}; "
-                         f"at least {generator.min_training_images} are needed")
+    dataset, chosen = training_selection(generator, data, label)
+    learned = generator.training_labels(dataset.classes)
     items = [dataset[k] for k in chosen]
     images = torch.stack([item["image"] for item in items])
     ranks = distributed.current()

@@ -189,42 +189,6 @@ def train_generator(
     return info
 
 
-def pool_trained(members: list[str | Path], out: str | Path, register: bool = True) -> dict:
-    """One model of generators trained apart into ``members`` (e.g. one single-image SinDDM per parallel task),
-    made by the family that pools theirs (``Generator.pools``), saved into ``out`` with an MLflow run that names
-    the members' runs; registered unless ``register`` is False."""
-    import mlflow
-
-    from sonogen.generators import families, load_generator
-
-    out = Path(out)
-    records = [RunRecord.read(member) for member in members]
-    for what in ("family", "label", "dataset", "data"):
-        if len(values := {getattr(record, what) for record in records}) > 1:
-            raise ValueError(f"the models to pool must share their {what}: got {', '.join(sorted(values))}")
-    first = records[0]
-    pooling = [name for name in families() if get_generator(name).pools == first.family]
-    if not pooling:
-        raise ValueError(f"no family pools {first.family} models")
-    family_class = get_generator(pooling[0])
-    pooled = family_class.from_members([load_generator(Path(member) / GENERATOR_DIR) for member in members])
-    tracking_uri = configure_mlflow()
-    set_experiment(f"{first.dataset}-{family_class.family}")
-    with mlflow.start_run(run_name=f"{family_class.family}-{first.label}") as run:
-        mlflow.log_params({**dataset_identity(first.data, first.label), "members": len(records)})
-        mlflow.set_tags({"family": family_class.family, "label": first.label, "dataset": first.dataset,
-                         "code_version": git_commit(), "pooled_runs": ",".join(r.run_id for r in records)})
-        pooled.save(out / GENERATOR_DIR)
-    record = RunRecord(run.info.run_id, tracking_uri, family_class.family, first.label, first.dataset, first.data,
-                       name=generator_name(family_class.family, first.label, asdict(pooled.config)),
-                       images=list(pooled.learned_images()), feature_extractor=first.feature_extractor)
-    record.write(out)
-    info = asdict(record)
-    if register:
-        info.update(register_trained(out))
-    return info
-
-
 def load_config_labels(out: Path) -> list[str]:
     """The labels a trained generator learned (a multi-label model's config names them), else none."""
     import json
