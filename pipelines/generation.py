@@ -27,29 +27,33 @@ def generation_pipeline(
     condition_folder: str = "",
     shard_count: int = 1,
     shards: list = [0],  # noqa: B006  (a KFP default: the shard indices 0 … shard_count − 1)
+    precision: str = "fp32",
 ):
     """``condition`` is a JSON object (what every image is drawn with); ``condition_folder`` ``KEY=FOLDER`` gives
     each image its own file as ``condition[KEY]`` (FOLDER: an ``s3://`` prefix on a cluster); ``shards`` lists the
-    indices the ParallelFor runs."""
+    indices the ParallelFor runs; ``precision`` fp32, or bf16 for torch families."""
     with dsl.ParallelFor(items=shards, name="shard") as shard:
         drawn = _cluster_environment(_on_gpu(generate_shard(
             model=model, n=n, out=out, seed=seed, batch=batch, condition=condition, shards=shard_count, shard=shard,
-            condition_folder=condition_folder,
+            condition_folder=condition_folder, precision=precision,
         ))).set_cpu_request("4").set_memory_request("16G").set_retry(2)
     _cluster_environment(merge_generated(out=out, shards=shard_count, done=dsl.Collected(drawn.output))
                          ).set_cpu_request("1").set_memory_request("2G").set_caching_options(False)
 
 
 def generation_arguments(model: str, n: int, out: str, seed: int = 0, batch: int = 64,
-                         condition: dict | None = None, shards: int = 1, condition_folder: str = "") -> dict:
+                         condition: dict | None = None, shards: int = 1, condition_folder: str = "",
+                         precision: str = "fp32") -> dict:
     from sonogen.generate import condition_folder_of
 
     if shards < 1:
         raise ValueError(f"--shards must be at least 1, got {shards}")
     condition_folder_of(condition_folder)  # KEY=FOLDER, checked before anything runs
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"--precision must be fp32 or bf16, got {precision!r}")
     return {"model": model, "n": n, "out": out, "seed": seed, "batch": batch,
             "condition": json.dumps(condition or {}), "condition_folder": condition_folder, "shard_count": shards,
-            "shards": list(range(shards))}
+            "shards": list(range(shards)), "precision": precision}
 
 
 def compile_generation_pipeline(package_path: str | Path) -> Path:

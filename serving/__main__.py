@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-n", type=int, default=int(env("SONOGEN_SERVE_MAX_N", "256")))
     parser.add_argument("--max-batch", type=int, default=int(env("SONOGEN_SERVE_MAX_BATCH", "0")) or None,
                         help="images per network call (default: 16 on a CPU; on a GPU 1024 for GANs, 64 else)")
+    parser.add_argument("--precision", default=env("SONOGEN_SERVE_PRECISION") or None, choices=("fp32", "bf16"),
+                        help="what requests that name none sample at (torch families; default fp32)")
+    parser.add_argument("--channels-last", action="store_true",
+                        default=env("SONOGEN_SERVE_CHANNELS_LAST", "").lower() in ("1", "true"),
+                        help="a torch family's networks in NHWC memory order")
     parser.add_argument("--max-body-bytes", type=int, default=int(env("SONOGEN_SERVE_MAX_BODY_BYTES", MAX_BODY_BYTES)))
     parser.add_argument("--watch", type=float, default=float(env("SONOGEN_SERVE_WATCH_S", "0")),
                         help="poll the alias every this many seconds and reload on promotion (0: off)")
@@ -39,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     uri = model_uri(args.model, args.alias, args.version)
-    model = SamplerModel(model_name_of(uri), uri, max_n=args.max_n, max_batch=args.max_batch)
+    model = SamplerModel(model_name_of(uri), uri, max_n=args.max_n, max_batch=args.max_batch,
+                         precision=args.precision, channels_last=args.channels_last)
     if not model.load():
         sys.exit(f"{uri} does not exist in the registry at {os.environ.get('MLFLOW_TRACKING_URI', 'the default store')}")
     if args.watch:

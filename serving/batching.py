@@ -59,10 +59,10 @@ class Batcher:
 
 
 class DrawBatcher:
-    """The torch families' counterpart: concurrent draws ``(n, seed)`` with the same condition go through the
-    network together (``run(draws, condition)``), up to ``max_batch`` images; a draw is never split (its images
-    depend on its seed and their index), so one larger than ``max_batch`` runs alone. Draws with other conditions
-    wait for a later call, in the order they came."""
+    """The torch families' counterpart: concurrent draws ``(n, seed)`` with the same condition and precision go
+    through the network together (``run(draws, condition, precision)``), up to ``max_batch`` images; a draw is
+    never split (its images depend on its seed and their index), so one larger than ``max_batch`` runs alone.
+    Draws with other conditions or precisions wait for a later call, in the order they came."""
 
     def __init__(self, run: Callable[[list, dict], tuple[np.ndarray, list | None]], max_batch: int):
         self._run, self.max_batch = run, max_batch
@@ -70,12 +70,13 @@ class DrawBatcher:
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
-    async def run(self, n: int, seed: int, condition: dict) -> tuple[np.ndarray, list | None]:
+    async def run(self, n: int, seed: int, condition: dict, precision: str) -> tuple[np.ndarray, list | None]:
         if self._worker is None:
             self._wake = asyncio.Event()
             self._worker = asyncio.create_task(self._work())
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((json.dumps(condition, sort_keys=True, default=str), n, seed, condition, future))
+        key = json.dumps([condition, precision], sort_keys=True, default=str)
+        self._queue.append((key, n, seed, (condition, precision), future))
         self._wake.set()
         return await future
 
@@ -100,7 +101,7 @@ class DrawBatcher:
             batch = self._take()
             try:
                 images, boxes = await asyncio.to_thread(self._run, [(n, seed) for _, n, seed, _, _ in batch],
-                                                        batch[0][3])
+                                                        *batch[0][3])
             except Exception as err:  # every waiting request learns what failed
                 for *_, future in batch:
                     if not future.done():

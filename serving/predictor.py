@@ -26,10 +26,14 @@ INLINE_ENCODE = 4  # images per request encoded on the event loop itself
 
 
 class SamplerModel(Model):
-    def __init__(self, name: str, model_uri: str, max_n: int = 256, max_batch: int | None = None):
-        """``max_batch``: images per network call (default: what suits the model's device and family)."""
+    def __init__(self, name: str, model_uri: str, max_n: int = 256, max_batch: int | None = None,
+                 precision: str | None = None, channels_last: bool = False):
+        """``max_batch``: images per network call (default: what suits the model's device and family);
+        ``precision``: what requests that name none sample at (torch families: fp32 or bf16; default fp32);
+        ``channels_last``: a torch family's networks in NHWC memory order."""
         super().__init__(name)
         self.model_uri, self.max_n, self.requested_batch = model_uri, max_n, max_batch
+        self.precision, self.channels_last = precision, channels_last
         self.max_batch = max_batch or 16
         self.version: str | None = None
         self.batcher: Batcher | DrawBatcher | None = None
@@ -40,7 +44,7 @@ class SamplerModel(Model):
         from sonogen.backends import load_backend
 
         with self._lock:
-            backend = load_backend(self.model_uri)
+            backend = load_backend(self.model_uri, self.precision, self.channels_last)
             if backend is None:
                 return False
             if self.batcher is not None:
@@ -56,7 +60,8 @@ class SamplerModel(Model):
         """The v2 inputs, as ``GET /v2/models/NAME`` lists them (shape [1] each; the condition a JSON object)."""
         return [{"name": "n", "datatype": "INT64", "shape": [1]}, {"name": "seed", "datatype": "INT64", "shape": [1]},
                 {"name": "label", "datatype": "BYTES", "shape": [1]},
-                {"name": "condition", "datatype": "BYTES", "shape": [1]}]
+                {"name": "condition", "datatype": "BYTES", "shape": [1]},
+                {"name": "precision", "datatype": "BYTES", "shape": [1]}]
 
     def get_output_types(self) -> list[dict]:
         """``images`` (n, H, W) uint8, ``boxes`` (n, most boxes of an image, 4) from families that place lesions,
@@ -74,7 +79,8 @@ class SamplerModel(Model):
         backend, batcher = self.backend, self.batcher
         if isinstance(batcher, DrawBatcher):  # torch families: whole draws, batched with others of the condition
             try:
-                return await batcher.run(request.n, request.seed, request.condition)
+                return await batcher.run(request.n, request.seed, request.condition,
+                                         request.precision or backend.precision)
             except ValueError as err:  # the family's own condition checks
                 raise InvalidInput(f"condition: {err}") from err
         chunks = [gaussian_latents(request.seed, min(self.max_batch, request.n - start), backend.latent_dim, start)
@@ -83,7 +89,8 @@ class SamplerModel(Model):
 
     def _echo(self, request: SamplingRequest) -> dict[str, Any]:
         return {"model_name": self.name, "model_version": self.version, "seed": request.seed,
-                "label": request.condition.get("label", self.backend.label), "condition": request.condition}
+                "label": request.condition.get("label", self.backend.label), "condition": request.condition,
+                "precision": request.precision or self.backend.precision}
 
     async def predict(self, payload, headers: dict[str, str] | None = None):
         if isinstance(payload, InferRequest):
@@ -106,7 +113,7 @@ class SamplerModel(Model):
                                  use_binary_outputs=payload.use_binary_outputs,
                                  requested_outputs=payload.request_outputs,
                                  parameters={k: v for k, v in self._echo(request).items()
-                                             if k in ("model_version", "seed", "label")})
+                                             if k in ("model_version", "seed", "label", "precision")})
         if isinstance(payload, (bytes, str)):  # kserve leaves bodies of other content types (curl -d) undecoded
             try:
                 payload = json.loads(payload)

@@ -10,7 +10,7 @@ from kserve import InferRequest
 from kserve.errors import InvalidInput
 
 FORMATS = ("png",)
-FIELDS = ("n", "seed", "label", "condition", "format")
+FIELDS = ("n", "seed", "label", "condition", "format", "precision")
 MAX_SEED = 2**63 - 1
 MAX_DEPTH = 8  # of nested lists and objects in a request: a mask as rows of pixels needs 2 inside its condition
 
@@ -21,6 +21,7 @@ class SamplingRequest:
     seed: int
     condition: dict[str, Any] = field(default_factory=dict)
     format: str = "png"
+    precision: str | None = None  # None: the server's
 
 
 def _integer(value: Any, name: str, low: int, high: int) -> int:
@@ -68,10 +69,14 @@ def parse_request(body: Any, backend, max_n: int, where: str = "request") -> Sam
     fmt = body.get("format", "png")
     if fmt not in FORMATS:
         raise InvalidInput(f"{where}.format: {fmt!r} is not one of {', '.join(FORMATS)}")
-    return SamplingRequest(n, seed, condition, fmt)
+    precision = body.get("precision")
+    if precision is not None and precision not in backend.precisions:
+        raise InvalidInput(f"{where}.precision: this model samples at {' or '.join(backend.precisions)} "
+                           f"({backend.runtime}), not {precision!r}")
+    return SamplingRequest(n, seed, condition, fmt, precision)
 
 
-V2_INPUTS = ("n", "seed", "label", "condition")
+V2_INPUTS = ("n", "seed", "label", "condition", "precision")
 
 
 def _text(value: Any, name: str) -> str:
@@ -99,8 +104,9 @@ def _flag(value: Any, name: str) -> None:
 
 
 def parse_v2_request(request: InferRequest, backend, max_n: int) -> SamplingRequest:
-    """v2 inputs: ``n`` and ``seed`` (integer tensors of shape [1]), optional ``label`` and ``condition`` (BYTES,
-    shape [1]; the condition as a JSON object); each input at most once, with exactly one value. Requested
+    """v2 inputs: ``n`` and ``seed`` (integer tensors of shape [1]), optional ``label``, ``condition`` and
+    ``precision`` (BYTES, shape [1]; the condition as a JSON object); each input at most once, with exactly one
+    value. Requested
     outputs are among ``outputs_of(backend)``."""
     body: dict[str, Any] = {}
     for tensor in request.inputs:
@@ -115,7 +121,7 @@ def parse_v2_request(request: InferRequest, backend, max_n: int) -> SamplingRequ
         if not isinstance(data, list) or len(data) != 1:
             raise InvalidInput(f"{name}: expected exactly one value (shape [1]), got "
                                f"{len(data) if isinstance(data, list) else type(data).__name__}")
-        if tensor.name in ("label", "condition"):
+        if tensor.name in ("label", "condition", "precision"):
             if tensor.datatype != "BYTES":
                 raise InvalidInput(f"{name}: expected datatype BYTES, got {tensor.datatype}")
             value = _text(data[0], name)

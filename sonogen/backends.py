@@ -13,6 +13,10 @@ import numpy as np
 from sonogen.export import ONNX_TAG, PRECISION_TAG
 from sonogen.sampling import gaussian_latents, to_uint8
 
+# the precisions a torch family samples at: bf16 runs the networks under autocast; its images stay within a few
+# grey levels of fp32's (tests/test_sampling_precision.py) and repeat with the seed as fp32's do
+TORCH_PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass
 class Backend:
@@ -22,23 +26,35 @@ class Backend:
     labels: tuple[str, ...]
     conditions: frozenset[str]
     runtime: str
+    precision: str = "fp32"  # what a request that names none is sampled at
+    precisions: tuple[str, ...] = ("fp32",)  # what a request may ask for
     places_lesions: bool = False  # draw() returns each image's lesion boxes
     draws_masks: bool = False  # draw() returns each image's lesion mask (H, W) uint8, 1 on the lesion
     # ONNX: latents (B, latent_dim) → uint8 images; torch families sample whole requests instead
     latent_dim: int | None = None
     run: Callable[[np.ndarray], np.ndarray] | None = None
-    # torch: (n, seed, condition) → (images, each image's lesion boxes or None)
-    sample: Callable[[int, int, dict[str, Any]], tuple[np.ndarray, list | None]] | None = None
-    # torch: several (n, seed) draws sharing a condition in as few network calls as the family can
-    sample_draws: Callable[[list[tuple[int, int]], dict[str, Any]], tuple[np.ndarray, list | None]] | None = None
+    # torch: several (n, seed) draws sharing a condition and a precision in as few network calls as the family can
+    # → (images, each image's lesion boxes or mask, or None)
+    sample_draws: Callable[[list[tuple[int, int]], dict[str, Any], str], tuple[np.ndarray, list | None]] | None = None
     max_batch: int = 16  # images per network call that suit the device and the family (a server's default)
 
-    def draw(self, n: int, seed: int, condition: dict[str, Any] | None = None) -> tuple[np.ndarray, list | None]:
+    def draw(self, n: int, seed: int, condition: dict[str, Any] | None = None,
+             precision: str | None = None) -> tuple[np.ndarray, list | None]:
         """Images ``(n, H, W)`` uint8 for ``seed``, whichever runtime holds the generator, with each image's
-        lesion boxes from families that place lesions, its lesion mask from families that draw masks, else None."""
+        lesion boxes from families that place lesions, its lesion mask from families that draw masks, else None;
+        at ``precision`` (one of ``precisions``; default ``precision``)."""
+        precision = self.check_precision(precision)
         if self.run is not None:
             return self.run(gaussian_latents(seed, n, self.latent_dim)), None
-        return self.sample(n, seed, condition or {})
+        return self.sample_draws([(n, seed)], condition or {}, precision)
+
+    def check_precision(self, precision: str | None) -> str:
+        if precision is None:
+            return self.precision
+        if precision not in self.precisions:
+            raise ValueError(f"this {self.family} samples at {' or '.join(self.precisions)} ({self.runtime}), not "
+                             f"{precision!r}")
+        return precision
 
     def images(self, n: int, seed: int, condition: dict[str, Any] | None = None) -> np.ndarray:
         return self.draw(n, seed, condition)[0]
@@ -57,7 +73,7 @@ def _onnx_backend(path: str, version: str, family: str, label: str, precision: s
 
     runtime = f"onnxruntime:{session.get_providers()[0]}{'' if precision == 'fp32' else ':' + precision}"
     on_gpu = session.get_providers()[0] == "CUDAExecutionProvider"
-    return Backend(version, family, label, (label,), frozenset({"label"}), runtime,
+    return Backend(version, family, label, (label,), frozenset({"label"}), runtime, precision, (precision,),
                    latent_dim=int(latents.shape[1]), run=run, max_batch=GAN_GPU_BATCH if on_gpu else CPU_BATCH)
 
 
@@ -77,23 +93,33 @@ def default_max_batch(generator) -> int:
     return GAN_GPU_BATCH
 
 
-def _torch_backend(generator, version: str) -> Backend:
-    def sample(n: int, seed: int, condition: dict[str, Any]) -> tuple[np.ndarray, list | None]:
-        return sample_draws([(n, seed)], condition)
+def _torch_backend(generator, version: str, precision: str, channels_last: bool) -> Backend:
+    import torch
 
-    def sample_draws(draws: list[tuple[int, int]], condition: dict[str, Any]) -> tuple[np.ndarray, list | None]:
-        images, boxes = generator.sample_draws(draws, condition)
+    if channels_last:  # the same weights in NHWC order: faster convolutions on most devices (bench/RESULTS.md)
+        for module in generator.networks().values():
+            module.to(memory_format=torch.channels_last)
+
+    def sample_draws(draws: list[tuple[int, int]], condition: dict[str, Any],
+                     precision: str) -> tuple[np.ndarray, list | None]:
+        # autocast is per thread: entered here, in the thread that samples
+        with torch.autocast(generator.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            images, boxes = generator.sample_draws(draws, condition)
         return to_uint8(images), boxes
 
-    return Backend(version, generator.family, generator.config.label, generator.sampling_labels(),
-                   frozenset(generator.conditions), f"torch:{generator.device}", generator.places_lesions,
-                   generator.draws_masks, sample=sample, sample_draws=sample_draws,
-                   max_batch=default_max_batch(generator))
+    backend = Backend(version, generator.family, generator.config.label, generator.sampling_labels(),
+                      frozenset(generator.conditions), f"torch:{generator.device}", "fp32", TORCH_PRECISIONS,
+                      generator.places_lesions, generator.draws_masks, sample_draws=sample_draws,
+                      max_batch=default_max_batch(generator))
+    backend.precision = backend.check_precision(precision)
+    return backend
 
 
-def load_backend(model_uri: str) -> Backend | None:
+def load_backend(model_uri: str, precision: str | None = None, channels_last: bool = False) -> Backend | None:
     """The sampler of ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a saved generator folder (local or
-    object-store URI); None while a registry alias or version does not exist yet."""
+    object-store URI); None while a registry alias or version does not exist yet. ``precision``: what requests
+    that name none are sampled at (default fp32; an ONNX export samples at its own); ``channels_last``: a torch
+    family's networks in NHWC memory order."""
     import mlflow
 
     from sonogen.registry import NotRegistered, model_version, resolve_version
@@ -105,7 +131,8 @@ def load_backend(model_uri: str) -> Backend | None:
         from sonogen.generators.trainer import resolve_device
 
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-        return _torch_backend(load_generator(folder, resolve_device("auto")), model_uri)
+        return _torch_backend(load_generator(folder, resolve_device("auto")), model_uri, precision or "fp32",
+                              channels_last)
     try:
         name, version = resolve_version(model_uri)
         tags = model_version(name, version).tags
@@ -114,7 +141,9 @@ def load_backend(model_uri: str) -> Backend | None:
     if ONNX_TAG in tags:
         path = mlflow.artifacts.download_artifacts(tags[ONNX_TAG])
         # versions exported before int8 existed carry no precision tag
-        return _onnx_backend(path, version, tags["family"], tags["label"], tags.get(PRECISION_TAG, "fp32"))
+        backend = _onnx_backend(path, version, tags["family"], tags["label"], tags.get(PRECISION_TAG, "fp32"))
+        backend.check_precision(precision)  # the export's precision is the only one
+        return backend
     try:
         from sonogen.generators.trainer import resolve_device
     except ImportError:  # the serving image: ONNX only, no torch
@@ -124,4 +153,4 @@ def load_backend(model_uri: str) -> Backend | None:
     from sonogen.registry import load_registered_generator
 
     generator = load_registered_generator(f"models:/{name}/{version}", resolve_device("auto"))
-    return _torch_backend(generator, version)
+    return _torch_backend(generator, version, precision or "fp32", channels_last)

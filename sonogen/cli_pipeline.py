@@ -95,6 +95,7 @@ def pipeline_run_command(
     condition_folder: Annotated[str, typer.Option(
         help="generate: KEY=FOLDER, each image drawn with its own PNG of FOLDER as condition KEY (an s3:// prefix "
              "on a cluster, where every shard can read it).")] = "",
+    precision: Annotated[str, typer.Option(help="generate: fp32, or bf16 for torch families.")] = "fp32",
 ):
     """Run the training (or cross-validation) pipeline: locally with kfp.local (default) or on a Kubeflow cluster
     (--host)."""
@@ -114,7 +115,8 @@ def pipeline_run_command(
 
         if not model or not n or not out:
             raise ValueError("--pipeline generate needs --model, --n and --out")
-        arguments = generation_arguments(model, n, out, seed, batch, condition_of(condition), shards, condition_folder)
+        arguments = generation_arguments(model, n, out, seed, batch, condition_of(condition), shards, condition_folder,
+                                         precision)
         compile_package, run_here, name = compile_generation_pipeline, run_generation_local, GENERATE
     elif not params.is_file():
         raise FileNotFoundError(f"{params} not found")

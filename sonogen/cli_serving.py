@@ -51,6 +51,11 @@ def serve_command(
     max_batch: Annotated[int | None, typer.Option(min=1, help="Most images per network call (requests are batched; "
                                                         "default: 16 on a CPU, more on a GPU by family).")] = None,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body accepted.")] = 64 * 1024,
+    precision: Annotated[str | None, typer.Option(
+        help="What requests that name no precision sample at: fp32 or bf16 (torch families; an ONNX export "
+             "samples at its own). Default fp32.")] = None,
+    channels_last: Annotated[bool, typer.Option(
+        "--channels-last", help="A torch family's networks in NHWC memory order (faster convolutions).")] = False,
     token: Token = None,
     watch: Annotated[float, typer.Option(help="Poll the alias every this many seconds and reload on promotion "
                                                 "(0: load once).")] = 0,
@@ -61,7 +66,8 @@ def serve_command(
     from sonogen.registry import model_name_of
 
     uri = model_uri(model, alias, version)
-    sampler = SamplerModel(model_name_of(uri), uri, max_n=max_n, max_batch=max_batch)
+    sampler = SamplerModel(model_name_of(uri), uri, max_n=max_n, max_batch=max_batch, precision=precision,
+                           channels_last=channels_last)
     if not sampler.load():
         if not watch:
             raise ValueError(f"{uri} does not exist in the registry; promote a version first or pass --watch")
@@ -69,7 +75,8 @@ def serve_command(
     if watch:
         watch_alias(sampler, watch)
     if sampler.ready:
-        console.print(f"serving {sampler.name} version {sampler.version} ({sampler.backend.runtime})")
+        console.print(f"serving {sampler.name} version {sampler.version} ({sampler.backend.runtime}, "
+                      f"{sampler.backend.precision})")
     console.print(f"v1: POST http://{host}:{port}/v1/models/{sampler.name}:predict   "
                   f"v2: POST http://{host}:{port}/v2/models/{sampler.name}/infer")
     run_server(sampler, host, port, max_body_bytes=max_body_bytes, token=token)
@@ -85,13 +92,15 @@ def sample_command(
     label: Annotated[str | None, typer.Option(help="Label to ask for (checked by the server).")] = None,
     condition: Annotated[str | None, typer.Option(help="Condition as JSON, for families that take one.")] = None,
     per_request: Annotated[int, typer.Option(min=1, help="Images per request.")] = 16,
+    precision: Annotated[str | None, typer.Option(
+        help="fp32 or bf16 instead of the server's default (torch families).")] = None,
     token: Token = None,
 ):
     """Ask a sampling endpoint for images and save them with a manifest."""
     from sonogen.client import sample, save_samples
 
     images = sample(url, model, n, seed, label=label, condition=json.loads(condition) if condition else None,
-                    token=token, per_request=per_request)
+                    token=token, per_request=per_request, precision=precision)
     manifest = save_samples(images, out)
     console.print(f"wrote {len(images)} images of {model} v{images[0]['model_version']} to {out}/ ({manifest.name})")
 
@@ -114,6 +123,10 @@ def generate_command(
     shard: Annotated[int, typer.Option(min=0, help="This worker's part, 0 … --shards − 1.")] = 0,
     merge: Annotated[bool, typer.Option("--merge", help="Join the --shards workers' parts into manifest.csv.")]
     = False,
+    precision: Annotated[str, typer.Option(help="fp32, or bf16 for torch families (within a few grey levels of "
+                                                "fp32; part of the set's settings).")] = "fp32",
+    channels_last: Annotated[bool, typer.Option(
+        "--channels-last", help="A torch family's networks in NHWC memory order (the same images, faster).")] = False,
 ):
     """Write a large synthetic dataset (images + manifest.csv); rerun the same command to resume. With --shards K,
     K workers (--shard 0 … K−1) draw disjoint parts of the same set, then one --merge writes its manifest."""
@@ -126,7 +139,8 @@ def generate_command(
         return
     result = generate_dataset(model, n, out, seed=seed, batch=batch, condition=condition_of(condition), shards=shards,
                               shard=shard, progress=progress(f"generating {n} images"),
-                              per_image=condition_folder_of(condition_folder))
+                              per_image=condition_folder_of(condition_folder), precision=precision,
+                              channels_last=channels_last)
     part = "" if shards == 1 else f"shard {shard} of {shards}: "
     console.print(f"{part}{result['images']} images of {result['model_name']} v{result['model_version']} in {out} "
                   f"({result['skipped_chunks']} of {result['chunks']} chunks were already there); "
@@ -183,6 +197,8 @@ def deploy_command(
     = None,
     min_replicas: Annotated[int, typer.Option(min=1, help="Warm replicas (one watches the alias).")] = 1,
     max_replicas: Annotated[int, typer.Option(min=1, help="Most replicas KServe scales to.")] = 2,
+    precision: Annotated[str | None, typer.Option(
+        help="What requests that name none sample at: fp32 or bf16 (torch-served families).")] = None,
 ):
     """Write the KServe InferenceService of a registered model (the image, GPU, probes, timeout and autoscaling its
     family needs) as a kustomization: kubectl apply -k deploy/<name>."""
@@ -195,7 +211,8 @@ def deploy_command(
         if not sep or not key:
             raise ValueError(f"--node-selector takes KEY=VALUE, got {pair!r}")
         selector[key] = value
-    result = deploy(model, out or Path("deploy") / model_name_of(model), alias, device, selector, min_replicas, max_replicas)
+    result = deploy(model, out or Path("deploy") / model_name_of(model), alias, device, selector, min_replicas,
+                    max_replicas, precision)
     console.print(f"{result['name']}@{result['alias']} (version {result['version']}, {result['family']}, "
                   f"{result['runtime']}) on {result['device']}: {result['image']}")
     console.print(f"apply with: kubectl apply -k {result['out']}")

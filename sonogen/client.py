@@ -11,17 +11,17 @@ from typing import Any
 from sonogen.data.manifest import encode_boxes
 from sonogen.sampling import chunk_seed
 
-MANIFEST_COLUMNS = ("image", "seed", "index", "model_name", "model_version", "label", "boxes", "mask")
+MANIFEST_COLUMNS = ("image", "seed", "index", "model_name", "model_version", "label", "boxes", "mask", "precision")
 
 
 def sample(url: str, model: str, n: int, seed: int = 0, label: str | None = None,
            condition: dict[str, Any] | None = None, token: str | None = None, per_request: int = 16,
-           timeout_s: float = 300) -> list[dict[str, Any]]:
+           timeout_s: float = 300, precision: str | None = None) -> list[dict[str, Any]]:
     """``n`` images from ``url``'s ``model``: one dict per image with its ``png`` bytes, the ``seed`` and
     ``index`` that reproduce it, ``model_name``, ``model_version``, ``label``, ``boxes`` (its lesion boxes from
     families that place lesions, else ``[]``) and ``mask`` (its lesion mask's PNG bytes from families that draw
-    masks, else None). Large draws are split into requests of ``per_request`` images,
-    request ``k`` with seed ``chunk_seed(seed, k)``."""
+    masks, else None), ``precision`` (what reproduces it). Large draws are split into requests of ``per_request`` images,
+    request ``k`` with seed ``chunk_seed(seed, k)``. ``precision`` (fp32 or bf16) overrides the server's."""
     import requests
 
     if n < 1:
@@ -37,6 +37,8 @@ def sample(url: str, model: str, n: int, seed: int = 0, label: str | None = None
                 instance["label"] = label
             if condition:
                 instance["condition"] = condition
+            if precision is not None:
+                instance["precision"] = precision
             try:
                 response = session.post(endpoint, json={"instances": [instance]}, headers=headers, timeout=timeout_s)
             except requests.ConnectionError as err:
@@ -53,7 +55,8 @@ def sample(url: str, model: str, n: int, seed: int = 0, label: str | None = None
                 images.append({"png": base64.b64decode(encoded), "seed": prediction["seed"], "index": index,
                                "model_name": prediction["model_name"], "model_version": prediction["model_version"],
                                "label": prediction["label"], "boxes": boxes[index] if boxes else [],
-                               "mask": base64.b64decode(masks[index]) if masks else None})
+                               "mask": base64.b64decode(masks[index]) if masks else None,
+                               "precision": prediction.get("precision", "fp32")})
     return images
 
 

@@ -45,9 +45,10 @@ def _secret(name: str, secret: str) -> dict:
 
 def inference_service(name: str, alias: str, runtime: str, version: str, device: str = "gpu",
                       node_selector: dict[str, str] | None = None, min_replicas: int = 1,
-                      max_replicas: int = 2) -> dict[str, Any]:
+                      max_replicas: int = 2, precision: str | None = None) -> dict[str, Any]:
     """The InferenceService serving ``models:/NAME@ALIAS`` with ``runtime`` (``onnx`` or ``torch``) on ``device``
-    (``gpu`` or ``cpu``), in the image of sonogen ``version``."""
+    (``gpu`` or ``cpu``), in the image of sonogen ``version``; ``precision`` (torch: fp32 or bf16) is what
+    requests that name none are sampled at."""
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", name):
         raise ValueError(f"{name!r} is not a Kubernetes object name (lower-case letters, digits and '-', at most 63); "
                          f"register the model under such a name to deploy it")
@@ -55,13 +56,16 @@ def inference_service(name: str, alias: str, runtime: str, version: str, device:
         raise ValueError(f"device must be gpu or cpu, got {device!r}")
     if not 1 <= min_replicas <= max_replicas:
         raise ValueError("min_replicas must be at least 1 (a warm replica watches the alias) and at most max_replicas")
+    if precision is not None and (runtime != "torch" or precision not in ("fp32", "bf16")):
+        raise ValueError(f"--precision {precision}: a torch-served model samples at fp32 or bf16; an ONNX export "
+                         f"at the precision it was exported in (sonogen export onnx --precision)")
     settings = RUNTIMES[runtime]
     limits = {**settings["limits"], **({"nvidia.com/gpu": 1} if device == "gpu" else {})}
     period, failures = settings["startup"]
     container = {
         "name": "kserve-container",
         "image": f"{IMAGES[runtime]}:{version}",
-        "args": ["--model", name, "--alias", alias, "--watch", "60"],
+        "args": ["--model", name, "--alias", alias, "--watch", "60", *(["--precision", precision] if precision else [])],
         "ports": [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}],
         "envFrom": [{"configMapRef": {"name": "sonogen-env"}}],
         "env": [_secret("AWS_ACCESS_KEY_ID", "sonogen-s3"), _secret("AWS_SECRET_ACCESS_KEY", "sonogen-s3"),
@@ -93,7 +97,8 @@ def inference_service(name: str, alias: str, runtime: str, version: str, device:
 
 
 def deploy(model: str, out: str | Path, alias: str = "champion", device: str = "gpu",
-           node_selector: dict[str, str] | None = None, min_replicas: int = 1, max_replicas: int = 2) -> dict:
+           node_selector: dict[str, str] | None = None, min_replicas: int = 1, max_replicas: int = 2,
+           precision: str | None = None) -> dict:
     """Writes ``OUT/inferenceservice.yaml`` and ``OUT/kustomization.yaml`` for the registered model ``model`` (a
     name, or ``models:/NAME@ALIAS``), whose alias must exist; returns what was chosen."""
     from importlib.metadata import version as installed
@@ -110,7 +115,7 @@ def deploy(model: str, out: str | Path, alias: str = "champion", device: str = "
     tags = model_version(name, number).tags
     runtime = "onnx" if ONNX_TAG in tags else "torch"
     manifest = inference_service(name, alias, runtime, installed("sonogen"), device, node_selector, min_replicas,
-                                 max_replicas)
+                                 max_replicas, precision)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     header = (f"# sonogen deploy {name} --alias {alias} --device {device}: version {number} now "

@@ -49,33 +49,36 @@ def test_bad_draws_and_conditions_are_refused_before_any_network_runs():
         model.sample_draws([(2, 5)], {"prompt": "x"})
 
 
-def test_concurrent_draws_with_one_condition_share_a_call_and_others_keep_their_turn():
+def test_concurrent_draws_with_one_condition_and_precision_share_a_call_and_others_keep_their_turn():
     calls = []
 
-    def run(draws, condition):
-        calls.append((draws, condition))
+    def run(draws, condition, precision):
+        calls.append((draws, condition, precision))
         time.sleep(0.02)
         return np.concatenate([np.full((n, 2, 2), seed, np.uint8) for n, seed in draws]), None
 
     batcher = DrawBatcher(run, max_batch=8)
 
     async def requests():
-        return await asyncio.gather(batcher.run(2, 1, {}), batcher.run(3, 2, {}), batcher.run(2, 3, {"label": "b"}),
-                                    batcher.run(4, 4, {}), batcher.run(9, 5, {}))
+        return await asyncio.gather(batcher.run(2, 1, {}, "fp32"), batcher.run(3, 2, {}, "fp32"),
+                                    batcher.run(2, 3, {"label": "b"}, "fp32"), batcher.run(1, 6, {}, "bf16"),
+                                    batcher.run(4, 4, {}, "fp32"), batcher.run(9, 5, {}, "fp32"))
 
     results = asyncio.run(requests())
-    assert calls == [([(2, 1), (3, 2)], {}), ([(2, 3)], {"label": "b"}), ([(4, 4)], {}), ([(9, 5)], {})]
-    for (images, boxes), (n, seed) in zip(results, [(2, 1), (3, 2), (2, 3), (4, 4), (9, 5)]):
+    assert calls == [([(2, 1), (3, 2)], {}, "fp32"), ([(2, 3)], {"label": "b"}, "fp32"), ([(1, 6)], {}, "bf16"),
+                     ([(4, 4)], {}, "fp32"), ([(9, 5)], {}, "fp32")]
+    for (images, boxes), (n, seed) in zip(results, [(2, 1), (3, 2), (2, 3), (1, 6), (4, 4), (9, 5)]):
         assert boxes is None and images.shape == (n, 2, 2) and (images == seed).all()
 
 
 def test_a_failing_call_fails_each_request_in_it():
-    def run(draws, condition):
+    def run(draws, condition, precision):
         raise ValueError("size: too large")
 
     batcher = DrawBatcher(run, max_batch=8)
 
     async def requests():
-        return await asyncio.gather(batcher.run(1, 1, {}), batcher.run(1, 2, {}), return_exceptions=True)
+        return await asyncio.gather(batcher.run(1, 1, {}, "fp32"), batcher.run(1, 2, {}, "fp32"),
+                                    return_exceptions=True)
 
     assert [str(result) for result in asyncio.run(requests())] == ["size: too large"] * 2

@@ -73,7 +73,14 @@ def test_the_manifest_is_a_valid_inference_service_and_pod_the_predictor_parses(
                "spec": {k: v for k, v in spec.items() if k in fields}}
         kubernetes_validate.validate(pod, k8s, strict=True)
     args = parse_serve_args(spec["containers"][0], monkeypatch, capsys)
-    assert (args.model, args.alias, args.watch) == ("lus-ldm-consolidation", "champion", 60.0)
+    assert (args.model, args.alias, args.watch, args.precision) == ("lus-ldm-consolidation", "champion", 60.0, None)
+
+
+def test_a_torch_predictor_can_sample_in_bf16_by_default_and_an_onnx_one_cannot(monkeypatch, capsys):
+    isvc = inference_service("lus-ldm-consolidation", "champion", "torch", VERSION, precision="bf16")
+    assert parse_serve_args(isvc["spec"]["predictor"]["containers"][0], monkeypatch, capsys).precision == "bf16"
+    with pytest.raises(ValueError, match="an ONNX export at the precision it was exported in"):
+        inference_service("lus-dcgan-consolidation", "champion", "onnx", VERSION, precision="bf16")
 
 
 def test_names_kubernetes_refuses_and_missing_aliases_are_clear_errors(aliases, tmp_path):

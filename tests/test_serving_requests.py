@@ -210,7 +210,7 @@ def test_tritonclient_json_and_binary_paths_and_the_tensor_metadata(server):
     assert client.is_server_ready() and client.is_model_ready(NAME, headers=headers)
     metadata = client.get_model_metadata(NAME, headers=headers)
     assert {(t["name"], t["datatype"]) for t in metadata["inputs"]} == {
-        ("n", "INT64"), ("seed", "INT64"), ("label", "BYTES"), ("condition", "BYTES")}
+        ("n", "INT64"), ("seed", "INT64"), ("label", "BYTES"), ("condition", "BYTES"), ("precision", "BYTES")}
     assert all(t["shape"] == [1] for t in metadata["inputs"])
     assert [(t["name"], t["datatype"], len(t["shape"])) for t in metadata["outputs"]] == [("images", "UINT8", 3)]
 
