@@ -1,12 +1,14 @@
-"""Sampling precision and memory order: fp32 NCHW (the baseline) against bf16, channels-last and both, through the
-product's sampling path (``sonogen.backends.load_backend``: what ``generate`` and the torch server run).
+"""Sampling precision, memory order and compilation: fp32 NCHW eager (the baseline) against bf16, channels-last,
+``torch.compile`` and their combinations, through the product's sampling path (``sonogen.backends.load_backend``:
+what ``generate`` and the torch server run).
 
     python bench/sampling_precision.py [GENERATOR_FOLDER ...] [--n 64] [--repeats 3]
 
 Without folders it times random-initialised models: the paper DCGAN at 64 and 128 px and a 64 px latent diffusion
 model (DPM-Solver++ 20 steps); with folders, those saved generators (e.g. trained cross-validation folds). Per
-model and setting: images/s (best of ``--repeats`` draws of ``--n`` images after a warm-up draw), the ratio to
-fp32 NCHW in the same run, and how far its uint8 images are from fp32's (mean and largest |Δ| in grey levels).
+model and setting: images/s (best of ``--repeats`` draws of ``--n`` images after a warm-up draw, which compiles a
+compiled setting), the ratio to fp32 NCHW eager in the same run, and how far its uint8 images are from fp32's
+(mean and largest |Δ| in grey levels).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 
 from sonogen.backends import load_backend
 
-SETTINGS = (("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True))
+SETTINGS = (("fp32", False, False), ("bf16", False, False), ("fp32", True, False), ("bf16", True, False),
+            ("fp32", False, True), ("bf16", True, True))  # precision, channels-last, compiled
 
 
 def random_models(folder: Path) -> list[tuple[str, str]]:
@@ -64,14 +67,15 @@ def main() -> None:
             random_models(Path(scratch))
         print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
               f"{torch.__version__}, n={args.n}, best of {args.repeats}")
-        print("| model | setting | images/s | × fp32 NCHW | mean |Δ| | max |Δ| |\n|---|---|---|---|---|---|")
+        print("| model | setting | images/s | × fp32 NCHW eager | mean |Δ| | max |Δ| |\n|---|---|---|---|---|---|")
         for name, folder in models:
             baseline, exact = None, None
-            for precision, channels_last in SETTINGS:
-                rate, drawn = images_per_second(load_backend(folder, precision, channels_last), args.n, args.repeats)
+            for precision, channels_last, compiled in SETTINGS:
+                backend = load_backend(folder, precision, channels_last, compiled)
+                rate, drawn = images_per_second(backend, args.n, args.repeats)
                 baseline, exact = (rate, drawn) if baseline is None else (baseline, exact)
                 difference = np.abs(drawn.astype(int) - exact.astype(int))
-                setting = f"{precision}{', channels-last' if channels_last else ''}"
+                setting = f"{precision}{', channels-last' if channels_last else ''}{', compiled' if compiled else ''}"
                 print(f"| {name} | {setting} | {rate:.1f} | {rate / baseline:.2f} | {difference.mean():.2f} | "
                       f"{difference.max()} |", flush=True)
 

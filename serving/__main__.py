@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels-last", action="store_true",
                         default=env("SONOGEN_SERVE_CHANNELS_LAST", "").lower() in ("1", "true"),
                         help="a torch family's networks in NHWC memory order")
+    parser.add_argument("--compile", action="store_true",
+                        default=env("SONOGEN_SERVE_COMPILE", "").lower() in ("1", "true"),
+                        help="a torch family's networks compiled (torch.compile) at the first draw of each batch shape")
     parser.add_argument("--max-body-bytes", type=int, default=int(env("SONOGEN_SERVE_MAX_BODY_BYTES", MAX_BODY_BYTES)))
     parser.add_argument("--watch", type=float, default=float(env("SONOGEN_SERVE_WATCH_S", "0")),
                         help="poll the alias every this many seconds and reload on promotion (0: off)")
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     uri = model_uri(args.model, args.alias, args.version)
     model = SamplerModel(model_name_of(uri), uri, max_n=args.max_n, max_batch=args.max_batch,
-                         precision=args.precision, channels_last=args.channels_last)
+                         precision=args.precision, channels_last=args.channels_last, compile=args.compile)
     if not model.load():
         sys.exit(f"{uri} does not exist in the registry at {os.environ.get('MLFLOW_TRACKING_URI', 'the default store')}")
     if args.watch:

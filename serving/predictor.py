@@ -27,13 +27,13 @@ INLINE_ENCODE = 4  # images per request encoded on the event loop itself
 
 class SamplerModel(Model):
     def __init__(self, name: str, model_uri: str, max_n: int = 256, max_batch: int | None = None,
-                 precision: str | None = None, channels_last: bool = False):
+                 precision: str | None = None, channels_last: bool = False, compile: bool = False):
         """``max_batch``: images per network call (default: what suits the model's device and family);
         ``precision``: what requests that name none sample at (torch families: fp32 or bf16; default fp32);
-        ``channels_last``: a torch family's networks in NHWC memory order."""
+        ``channels_last`` and ``compile``: a torch family's networks in NHWC memory order, compiled."""
         super().__init__(name)
         self.model_uri, self.max_n, self.requested_batch = model_uri, max_n, max_batch
-        self.precision, self.channels_last = precision, channels_last
+        self.tuning = {"precision": precision, "channels_last": channels_last, "compile": compile}
         self.max_batch = max_batch or 16
         self.version: str | None = None
         self.batcher: Batcher | DrawBatcher | None = None
@@ -44,7 +44,7 @@ class SamplerModel(Model):
         from sonogen.backends import load_backend
 
         with self._lock:
-            backend = load_backend(self.model_uri, self.precision, self.channels_last)
+            backend = load_backend(self.model_uri, **self.tuning)
             if backend is None:
                 return False
             if self.batcher is not None:

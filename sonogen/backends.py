@@ -93,12 +93,14 @@ def default_max_batch(generator) -> int:
     return GAN_GPU_BATCH
 
 
-def _torch_backend(generator, version: str, precision: str, channels_last: bool) -> Backend:
+def _torch_backend(generator, version: str, precision: str, channels_last: bool, compile: bool) -> Backend:
     import torch
 
-    if channels_last:  # the same weights in NHWC order: faster convolutions on most devices (bench/RESULTS.md)
-        for module in generator.networks().values():
+    for module in generator.networks().values():
+        if channels_last:  # the same weights in NHWC order: faster convolutions on most devices (bench/RESULTS.md)
             module.to(memory_format=torch.channels_last)
+        if compile:  # in place, compiled at the first draw of each batch shape
+            module.compile()
 
     def sample_draws(draws: list[tuple[int, int]], condition: dict[str, Any],
                      precision: str) -> tuple[np.ndarray, list | None]:
@@ -115,11 +117,12 @@ def _torch_backend(generator, version: str, precision: str, channels_last: bool)
     return backend
 
 
-def load_backend(model_uri: str, precision: str | None = None, channels_last: bool = False) -> Backend | None:
+def load_backend(model_uri: str, precision: str | None = None, channels_last: bool = False,
+                 compile: bool = False) -> Backend | None:
     """The sampler of ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a saved generator folder (local or
     object-store URI); None while a registry alias or version does not exist yet. ``precision``: what requests
     that name none are sampled at (default fp32; an ONNX export samples at its own); ``channels_last``: a torch
-    family's networks in NHWC memory order."""
+    family's networks in NHWC memory order; ``compile``: its networks compiled (``torch.compile``)."""
     import mlflow
 
     from sonogen.registry import NotRegistered, model_version, resolve_version
@@ -132,7 +135,7 @@ def load_backend(model_uri: str, precision: str | None = None, channels_last: bo
 
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
         return _torch_backend(load_generator(folder, resolve_device("auto")), model_uri, precision or "fp32",
-                              channels_last)
+                              channels_last, compile)
     try:
         name, version = resolve_version(model_uri)
         tags = model_version(name, version).tags
@@ -153,4 +156,4 @@ def load_backend(model_uri: str, precision: str | None = None, channels_last: bo
     from sonogen.registry import load_registered_generator
 
     generator = load_registered_generator(f"models:/{name}/{version}", resolve_device("auto"))
-    return _torch_backend(generator, version, precision or "fp32", channels_last)
+    return _torch_backend(generator, version, precision or "fp32", channels_last, compile)

@@ -56,6 +56,9 @@ def serve_command(
              "samples at its own). Default fp32.")] = None,
     channels_last: Annotated[bool, typer.Option(
         "--channels-last", help="A torch family's networks in NHWC memory order (faster convolutions).")] = False,
+    compile_: Annotated[bool, typer.Option(
+        "--compile", help="A torch family's networks compiled (torch.compile) at the first draw of each batch "
+                          "shape.")] = False,
     token: Token = None,
     watch: Annotated[float, typer.Option(help="Poll the alias every this many seconds and reload on promotion "
                                                 "(0: load once).")] = 0,
@@ -67,7 +70,7 @@ def serve_command(
 
     uri = model_uri(model, alias, version)
     sampler = SamplerModel(model_name_of(uri), uri, max_n=max_n, max_batch=max_batch, precision=precision,
-                           channels_last=channels_last)
+                           channels_last=channels_last, compile=compile_)
     if not sampler.load():
         if not watch:
             raise ValueError(f"{uri} does not exist in the registry; promote a version first or pass --watch")
@@ -127,6 +130,9 @@ def generate_command(
                                                 "fp32; part of the set's settings).")] = "fp32",
     channels_last: Annotated[bool, typer.Option(
         "--channels-last", help="A torch family's networks in NHWC memory order (the same images, faster).")] = False,
+    compile_: Annotated[bool, typer.Option(
+        "--compile", help="A torch family's networks compiled (torch.compile; the same images, to rounding).")]
+    = False,
 ):
     """Write a large synthetic dataset (images + manifest.csv); rerun the same command to resume. With --shards K,
     K workers (--shard 0 … K−1) draw disjoint parts of the same set, then one --merge writes its manifest."""
@@ -140,7 +146,7 @@ def generate_command(
     result = generate_dataset(model, n, out, seed=seed, batch=batch, condition=condition_of(condition), shards=shards,
                               shard=shard, progress=progress(f"generating {n} images"),
                               per_image=condition_folder_of(condition_folder), precision=precision,
-                              channels_last=channels_last)
+                              channels_last=channels_last, compile=compile_)
     part = "" if shards == 1 else f"shard {shard} of {shards}: "
     console.print(f"{part}{result['images']} images of {result['model_name']} v{result['model_version']} in {out} "
                   f"({result['skipped_chunks']} of {result['chunks']} chunks were already there); "

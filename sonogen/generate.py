@@ -135,7 +135,7 @@ def _draw_each(backend, key: str, files: list[Path], first: int, size: int, seed
 def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int = 64,
                      condition: dict[str, Any] | None = None, progress=None, shards: int = 1, shard: int = 0,
                      per_image: tuple[str, str | Path] | None = None, precision: str = "fp32",
-                     channels_last: bool = False) -> dict:
+                     channels_last: bool = False, compile: bool = False) -> dict:
     """Writes the images of ``model_uri`` that are this shard's (all of the ``n`` with one shard) to ``out``, and
     the manifest (one shard) or this shard's part of it; returns a summary (written, skipped chunks).
 
@@ -143,7 +143,7 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
     (a ControlNet's ``mask``, DiffUltra's background ``image``); masks are copied beside the images, into the
     manifest's ``mask`` column, so the set is image + mask pairs. Families that draw masks write theirs there too,
     with their boxes in the manifest. ``precision`` (fp32, or bf16 for torch families) is one of the set's
-    settings; ``channels_last`` changes only the speed."""
+    settings; ``channels_last`` and ``compile`` change only the speed."""
     from sonogen.registry import model_name_of
     from sonogen.backends import load_backend
 
@@ -152,7 +152,7 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
     if shards < 1 or not 0 <= shard < shards:
         raise ValueError(f"--shard must be from 0 to --shards − 1 ({shards - 1}), got {shard}")
     condition = dict(condition or {})
-    backend = load_backend(model_uri, precision, channels_last)
+    backend = load_backend(model_uri, precision, channels_last, compile)
     if backend is None:
         raise ValueError(f"{model_uri} is not in the registry")
     files: list[Path] = []

@@ -1,4 +1,4 @@
-"""Sampling torch families in bf16 and channels-last: the same seed gives the same images, in any company; bf16
+"""Sampling torch families in bf16, channels-last and compiled: the same seed gives the same images, in any company; bf16
 images stay within a few grey levels of fp32's; a request can ask for fp32 from a bf16 server (and is never
 batched with bf16 draws); an ONNX export samples at its own precision only; a generated set records its
 precision, and a rerun at another precision is refused."""
@@ -51,6 +51,10 @@ def test_bf16_images_repeat_with_the_seed_and_stay_near_fp32_s(family, tmp_path)
     assert np.array_equal(bf16.draw(6, 3, precision="fp32")[0], exact)  # fp32 asked of a bf16 backend
     nhwc = load_backend(folder, channels_last=True)
     assert np.abs(nhwc.images(6, 3).astype(int) - exact.astype(int)).max() <= 1  # the same images, NHWC
+    if family == "dcgan":  # compiling takes a while on a CPU: one family shows it
+        compiled = load_backend(folder, compile=True)
+        assert np.abs(compiled.images(6, 3).astype(int) - exact.astype(int)).max() <= 1
+        assert np.array_equal(compiled.images(6, 3), compiled.images(6, 3))
     with pytest.raises(ValueError, match="fp32 or bf16"):
         bf16.draw(1, 0, precision="fp16")
 
