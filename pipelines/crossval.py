@@ -48,7 +48,7 @@ def crossval_pipeline(
         prepared=prepared.outputs["prepared"], encoder=encoder.outputs["encoder"], family=family, label=label,
         params=params, dataset_name=dataset_name,
     ))
-    _register_if_passed(trained, gate(prepared, trained, encoder, params, crossval=pooled.outputs["report"]))
+    _register_if_passed(trained, gate(prepared, trained, encoder, params, crossval=pooled.outputs["report"]), params)
 
 
 def crossval_arguments(params_text: str, family: str, label: str, folds: int | None = None) -> dict:

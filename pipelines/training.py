@@ -71,10 +71,10 @@ def gate(prepared: dsl.PipelineTask, trained: dsl.PipelineTask, encoder: dsl.Pip
     ))).set_cpu_request("4").set_memory_request("8G")
 
 
-def _register_if_passed(trained: dsl.PipelineTask, gated: dsl.PipelineTask) -> None:
+def _register_if_passed(trained: dsl.PipelineTask, gated: dsl.PipelineTask, params) -> None:
     with dsl.If(gated.outputs["Output"] == True, name="gates-passed"):  # noqa: E712  (a KFP condition)
         _cluster_environment(
-            register_model(model=trained.outputs["model"], report=gated.outputs["report"])
+            register_model(model=trained.outputs["model"], report=gated.outputs["report"], params=params)
         ).set_caching_options(False)  # registering twice must make a new version, never be skipped
 
 
@@ -98,7 +98,7 @@ def training_pipeline(
             label=run.label, params=params,
             dataset_name=dataset_name,
         ))
-        _register_if_passed(trained, gate(prepared, trained, encoder, params))
+        _register_if_passed(trained, gate(prepared, trained, encoder, params), params)
     with dsl.ParallelFor(items=trainer_runs, name="family-label-on-trainer") as run:
         # a small pod that submits and follows the TrainJob; the GPUs are the job's
         trained = _cluster_environment(train_on_trainer(
@@ -106,7 +106,7 @@ def training_pipeline(
             label=run.label, params=params, nodes=run.nodes, gpus_per_node=run.gpus_per_node, image=IMAGE,
             dataset_name=dataset_name,
         )).set_cpu_request("1").set_memory_request("2G")
-        _register_if_passed(trained, gate(prepared, trained, encoder, params))
+        _register_if_passed(trained, gate(prepared, trained, encoder, params), params)
     with dsl.ParallelFor(items=pool_runs, name="pooled-family-label") as run:
         sources = _cluster_environment(pool_members(
             prepared=prepared.outputs["prepared"], family=run.family, label=run.label, params=params,
@@ -122,7 +122,7 @@ def training_pipeline(
             prepared=prepared.outputs["prepared"], members=dsl.Collected(member.outputs["model"]),
             family=run.family, label=run.label, params=params,
         )).set_cpu_request("1").set_memory_request("4G")
-        _register_if_passed(pooled, gate(prepared, pooled, encoder, params))
+        _register_if_passed(pooled, gate(prepared, pooled, encoder, params), params)
 
 
 def arguments_from_params(params_text: str) -> dict:

@@ -276,12 +276,19 @@ def register_command(
     gates: Annotated[Path | None, typer.Option(
         help="Folder of `sonogen evaluate` reports: only generators that passed are registered.")] = None,
     report: Annotated[Path | None, typer.Option(help="Write the registered versions to this JSON file.")] = None,
+    onnx: Annotated[str, typer.Option(
+        help="Export each registered GAN to ONNX for the slim serving image: fp32, int8 (CPU serving; fp32 when "
+             "its samples fail the int8 gate) or none.")] = "none",
 ):
     """Register trained generators in the MLflow Model Registry (gated ones only if they passed)."""
     import json
 
+    from sonogen.export import ONNX_CHOICES, export_if_servable_by_onnx
     from sonogen.jobs import register_trained, trained_name
     from sonogen.tracking import declined
+
+    if onnx not in ONNX_CHOICES:
+        raise ValueError(f"--onnx must be one of {', '.join(ONNX_CHOICES)}, got {onnx!r}")
 
     registered = []
     for folder in trained:
@@ -296,6 +303,11 @@ def register_command(
             continue
         console.print(f"registered [bold]{entry['registered_model']}[/bold] version {entry['version']} as @{alias} "
                       f"(gate {entry['gate']}); last sample grid {folder / 'samples.png'}")
+        if exported := export_if_servable_by_onnx(entry["model_uri"], onnx):
+            # the artifact's place names its run: the version's onnx_artifact tag keeps it, the report stays reproducible
+            registered[-1]["onnx"] = {k: exported[k] for k in ("precision", "int8_refused") if k in exported}
+            console.print(f"  exported to ONNX {exported['precision']}: {exported['artifact']}"
+                          + (f" (int8 refused: {exported['int8_refused']})" if "int8_refused" in exported else ""))
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(registered, indent=2) + "\n")

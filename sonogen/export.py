@@ -154,13 +154,27 @@ def export_registered(model_uri: str, tolerance: float = PARITY_TOLERANCE, preci
     return {"model_name": name, "version": version, "artifact": artifact, **report}
 
 
-def export_if_servable_by_onnx(model_uri: str) -> dict | None:
-    """``export_registered`` (fp32) for a generator whose sampling is one network (a GAN), so that the slim serving
-    image serves it; None for the others (a diffusion loop), which the torch image serves."""
+ONNX_CHOICES = ("fp32", "int8", "none")
+
+
+def export_if_servable_by_onnx(model_uri: str, precision: str = "fp32") -> dict | None:
+    """``export_registered`` for a generator whose sampling is one network (a GAN), so that the slim serving image
+    serves it; None for the others (a diffusion loop), which the torch image serves, and with ``precision``
+    ``none``. ``int8`` (CPU serving) falls back to fp32 when its samples fail the int8 gate, and says why in
+    ``int8_refused``."""
     from sonogen.registry import load_registered_generator
 
+    if precision not in ONNX_CHOICES:
+        raise ValueError(f"the ONNX export at registration is one of {', '.join(ONNX_CHOICES)}, got {precision!r}")
+    if precision == "none":
+        return None
     try:
         load_registered_generator(model_uri).sampling_network()
     except NotImplementedError:
         return None
+    if precision == "int8":
+        try:
+            return export_registered(model_uri, precision="int8")
+        except ValueError as err:
+            return {**export_registered(model_uri), "int8_refused": str(err)}
     return export_registered(model_uri)

@@ -105,6 +105,7 @@ def test_dvc_repro_prepares_trains_evaluates_and_registers_what_passes(project):
     assert len(records) == 8 and {r.split for r in records} <= {"train", "val", "test"}
     registered = json.loads((project / "reports" / "registered.json").read_text())
     assert [r["registered_model"] for r in registered] == ["lus-dcgan-consolidation", "lus-dcgan-normal"]
+    assert [r["onnx"]["precision"] for r in registered] == ["fp32", "fp32"]  # params.yaml's register.onnx
     report = json.loads((project / "reports" / "gates" / "dcgan-normal" / "gate_report.json").read_text())
     assert report["passed"] and report["extractor"] == "lus-us-encoder@1"
     assert report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # params.yaml: device auto

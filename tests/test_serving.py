@@ -343,6 +343,28 @@ def test_int8_export_is_gated_on_its_samples_batch_invariant_and_replaced_by_fp3
     assert load_backend(uri).runtime == "onnxruntime:CPUExecutionProvider"
 
 
+def test_register_exports_each_gan_for_the_slim_image_and_int8_falls_back_to_fp32_when_refused(registry, monkeypatch):
+    import sonogen.export as export
+
+    monkeypatch.chdir(registry["root"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    client = mlflow.MlflowClient(registry["uri"])
+    result = CliRunner().invoke(app, ["register", "trained", "--onnx", "int8", "--report", "int8.json"])
+    assert result.exit_code == 0, result.output
+    [entry] = json.loads((registry["root"] / "int8.json").read_text())
+    assert entry["onnx"]["precision"] == "int8"
+    assert client.get_model_version(NAME, entry["version"]).tags["onnx_precision"] == "int8"
+    exporting = export.export_registered  # an int8 gate no export passes
+    monkeypatch.setattr(export, "export_registered", lambda uri, **kw: exporting(uri, **{**kw, "max_mmd_ratio": 0.0}))
+    result = CliRunner().invoke(app, ["register", "trained", "--onnx", "int8", "--report", "refused.json"])
+    assert result.exit_code == 0 and "int8 refused" in result.output, result.output
+    [entry] = json.loads((registry["root"] / "refused.json").read_text())
+    assert entry["onnx"]["precision"] == "fp32" and "not logged" in entry["onnx"]["int8_refused"]
+    assert client.get_model_version(NAME, entry["version"]).tags["onnx_precision"] == "fp32"
+    wrong = CliRunner().invoke(app, ["register", "trained", "--onnx", "fp16"])
+    assert wrong.exit_code == 1 and "--onnx must be one of fp32, int8, none" in wrong.output
+
+
 def test_the_serving_image_path_samples_an_exported_generator_without_torch(registry, server):
     """The serve image has no torch: resolving the champion's ONNX export and sampling must not need it."""
     script = (
