@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        models = [(Path(f).parent.parent.name + "/" + Path(f).parent.name, f) for f in args.folders] or \
+        models = [("/".join(Path(f).resolve().parts[-4:-1]), f) for f in args.folders] or \
             random_models(Path(scratch))
         print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
               f"{torch.__version__}, n={args.n}, best of {args.repeats}")
