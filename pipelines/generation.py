@@ -27,11 +27,11 @@ def generation_pipeline(
     condition_folder: str = "",
     shard_count: int = 1,
     shards: list = [0],  # noqa: B006  (a KFP default: the shard indices 0 … shard_count − 1)
-    precision: str = "fp32",
+    precision: str = "",
 ):
     """``condition`` is a JSON object (what every image is drawn with); ``condition_folder`` ``KEY=FOLDER`` gives
     each image its own file as ``condition[KEY]`` (FOLDER: an ``s3://`` prefix on a cluster); ``shards`` lists the
-    indices the ParallelFor runs; ``precision`` fp32, or bf16 for torch families."""
+    indices the ParallelFor runs; ``precision`` fp32, or bf16 for torch families ("": the model's own)."""
     with dsl.ParallelFor(items=shards, name="shard") as shard:
         drawn = _cluster_environment(_on_gpu(generate_shard(
             model=model, n=n, out=out, seed=seed, batch=batch, condition=condition, shards=shard_count, shard=shard,
@@ -43,17 +43,17 @@ def generation_pipeline(
 
 def generation_arguments(model: str, n: int, out: str, seed: int = 0, batch: int = 64,
                          condition: dict | None = None, shards: int = 1, condition_folder: str = "",
-                         precision: str = "fp32") -> dict:
+                         precision: str | None = None) -> dict:
     from sonogen.generate import condition_folder_of
 
     if shards < 1:
         raise ValueError(f"--shards must be at least 1, got {shards}")
     condition_folder_of(condition_folder)  # KEY=FOLDER, checked before anything runs
-    if precision not in ("fp32", "bf16"):
+    if precision not in (None, "fp32", "bf16"):
         raise ValueError(f"--precision must be fp32 or bf16, got {precision!r}")
     return {"model": model, "n": n, "out": out, "seed": seed, "batch": batch,
             "condition": json.dumps(condition or {}), "condition_folder": condition_folder, "shard_count": shards,
-            "shards": list(range(shards)), "precision": precision}
+            "shards": list(range(shards)), "precision": precision or ""}
 
 
 def compile_generation_pipeline(package_path: str | Path) -> Path:

@@ -64,7 +64,7 @@ class DrawBatcher:
     never split (its images depend on its seed and their index), so one larger than ``max_batch`` runs alone.
     Draws with other conditions or precisions wait for a later call, in the order they came."""
 
-    def __init__(self, run: Callable[[list, dict], tuple[np.ndarray, list | None]], max_batch: int):
+    def __init__(self, run: Callable[[list, dict, str], tuple[np.ndarray, list | None]], max_batch: int):
         self._run, self.max_batch = run, max_batch
         self._queue: list = []
         self._wake: asyncio.Event | None = None

@@ -128,6 +128,9 @@ def train_command(
                              "values there, so that every member and the pool's choice of images agree")
         info = train_pool_member(family, data_folder, label, member, out, config_file, dataset, monitor=monitor,
                                  log=None if console.is_terminal else log)
+        distributed.stop()
+        if info.get("rank"):  # under torchrun, rank 0 reports
+            return
         console.print(f"trained the {family} member of {member} ({info['family']}, not registered): saved "
                       f"{out / 'generator'}; join the members with `sonogen pool`")
         return

@@ -95,7 +95,8 @@ def pipeline_run_command(
     condition_folder: Annotated[str, typer.Option(
         help="generate: KEY=FOLDER, each image drawn with its own PNG of FOLDER as condition KEY (an s3:// prefix "
              "on a cluster, where every shard can read it).")] = "",
-    precision: Annotated[str, typer.Option(help="generate: fp32, or bf16 for torch families.")] = "fp32",
+    precision: Annotated[str | None, typer.Option(
+        help="generate: fp32, or bf16 for torch families (default: the model's own).")] = None,
 ):
     """Run the training (or cross-validation) pipeline: locally with kfp.local (default) or on a Kubeflow cluster
     (--host)."""

@@ -126,8 +126,9 @@ def generate_command(
     shard: Annotated[int, typer.Option(min=0, help="This worker's part, 0 … --shards − 1.")] = 0,
     merge: Annotated[bool, typer.Option("--merge", help="Join the --shards workers' parts into manifest.csv.")]
     = False,
-    precision: Annotated[str, typer.Option(help="fp32, or bf16 for torch families (within a few grey levels of "
-                                                "fp32; part of the set's settings).")] = "fp32",
+    precision: Annotated[str | None, typer.Option(
+        help="fp32, or bf16 for torch families (within a few grey levels of fp32; part of the set's settings). "
+             "Default: fp32, or an ONNX export's own.")] = None,
     channels_last: Annotated[bool, typer.Option(
         "--channels-last", help="A torch family's networks in NHWC memory order (the same images, faster).")] = False,
     compile_: Annotated[bool, typer.Option(

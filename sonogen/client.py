@@ -20,8 +20,9 @@ def sample(url: str, model: str, n: int, seed: int = 0, label: str | None = None
     """``n`` images from ``url``'s ``model``: one dict per image with its ``png`` bytes, the ``seed`` and
     ``index`` that reproduce it, ``model_name``, ``model_version``, ``label``, ``boxes`` (its lesion boxes from
     families that place lesions, else ``[]``) and ``mask`` (its lesion mask's PNG bytes from families that draw
-    masks, else None), ``precision`` (what reproduces it). Large draws are split into requests of ``per_request`` images,
-    request ``k`` with seed ``chunk_seed(seed, k)``. ``precision`` (fp32 or bf16) overrides the server's."""
+    masks, else None) and ``precision`` (what reproduces it). Large draws are split into requests of
+    ``per_request`` images, request ``k`` with seed ``chunk_seed(seed, k)``. ``precision`` (fp32 or bf16)
+    overrides the server's."""
     import requests
 
     if n < 1:

@@ -134,7 +134,7 @@ def _draw_each(backend, key: str, files: list[Path], first: int, size: int, seed
 
 def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int = 64,
                      condition: dict[str, Any] | None = None, progress=None, shards: int = 1, shard: int = 0,
-                     per_image: tuple[str, str | Path] | None = None, precision: str = "fp32",
+                     per_image: tuple[str, str | Path] | None = None, precision: str | None = None,
                      channels_last: bool = False, compile: bool = False) -> dict:
     """Writes the images of ``model_uri`` that are this shard's (all of the ``n`` with one shard) to ``out``, and
     the manifest (one shard) or this shard's part of it; returns a summary (written, skipped chunks).
@@ -142,8 +142,8 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
     ``per_image`` ``(key, folder)``: each image is drawn alone with its own file of the folder as that condition
     (a ControlNet's ``mask``, DiffUltra's background ``image``); masks are copied beside the images, into the
     manifest's ``mask`` column, so the set is image + mask pairs. Families that draw masks write theirs there too,
-    with their boxes in the manifest. ``precision`` (fp32, or bf16 for torch families) is one of the set's
-    settings; ``channels_last`` and ``compile`` change only the speed."""
+    with their boxes in the manifest. ``precision`` (torch families: fp32 or bf16; default: the model's, fp32 or
+    an ONNX export's own) is one of the set's settings; ``channels_last`` and ``compile`` change only the speed."""
     from sonogen.registry import model_name_of
     from sonogen.backends import load_backend
 

@@ -354,6 +354,10 @@ def test_register_exports_each_gan_for_the_slim_image_and_int8_falls_back_to_fp3
     [entry] = json.loads((registry["root"] / "int8.json").read_text())
     assert entry["onnx"]["precision"] == "int8"
     assert client.get_model_version(NAME, entry["version"]).tags["onnx_precision"] == "int8"
+    from sonogen.generate import generate_dataset  # an int8 version generates at its own precision by default
+
+    generate_dataset(f"models:/{NAME}/{entry['version']}", 2, str(registry["root"] / "int8-set"), batch=2)
+    assert json.loads((registry["root"] / "int8-set" / "generate.json").read_text())["precision"] == "int8"
     exporting = export.export_registered  # an int8 gate no export passes
     monkeypatch.setattr(export, "export_registered", lambda uri, **kw: exporting(uri, **{**kw, "max_mmd_ratio": 0.0}))
     result = CliRunner().invoke(app, ["register", "trained", "--onnx", "int8", "--report", "refused.json"])
