@@ -44,12 +44,13 @@ def generation_pipeline(
 def generation_arguments(model: str, n: int, out: str, seed: int = 0, batch: int = 64,
                          condition: dict | None = None, shards: int = 1, condition_folder: str = "",
                          precision: str | None = None) -> dict:
+    from sonogen.backends import TORCH_PRECISIONS
     from sonogen.generate import condition_folder_of
 
     if shards < 1:
         raise ValueError(f"--shards must be at least 1, got {shards}")
     condition_folder_of(condition_folder)  # KEY=FOLDER, checked before anything runs
-    if precision not in (None, "fp32", "bf16"):
+    if precision is not None and precision not in TORCH_PRECISIONS:
         raise ValueError(f"--precision must be fp32 or bf16, got {precision!r}")
     return {"model": model, "n": n, "out": out, "seed": seed, "batch": batch,
             "condition": json.dumps(condition or {}), "condition_folder": condition_folder, "shard_count": shards,

@@ -14,6 +14,11 @@ from sonogen.export import MAX_MMD_RATIO, PARITY_TOLERANCE
 export_app = typer.Typer(help="Export registered generators for serving.", no_args_is_help=True)
 
 Token = Annotated[str | None, typer.Option(envvar="SONOGEN_SERVE_TOKEN", help="Bearer token of the endpoint.")]
+ChannelsLast = Annotated[bool, typer.Option(
+    "--channels-last", help="A torch family's networks in NHWC memory order (the same images, faster convolutions).")]
+Compile = Annotated[bool, typer.Option(
+    "--compile", help="A torch family's networks compiled (torch.compile, at the first draw of each batch shape; "
+                      "the same images, to rounding).")]
 
 
 @export_app.command("onnx")
@@ -54,11 +59,8 @@ def serve_command(
     precision: Annotated[str | None, typer.Option(
         help="What requests that name no precision sample at: fp32 or bf16 (torch families; an ONNX export "
              "samples at its own). Default fp32.")] = None,
-    channels_last: Annotated[bool, typer.Option(
-        "--channels-last", help="A torch family's networks in NHWC memory order (faster convolutions).")] = False,
-    compile_: Annotated[bool, typer.Option(
-        "--compile", help="A torch family's networks compiled (torch.compile) at the first draw of each batch "
-                          "shape.")] = False,
+    channels_last: ChannelsLast = False,
+    compile_: Compile = False,
     token: Token = None,
     watch: Annotated[float, typer.Option(help="Poll the alias every this many seconds and reload on promotion "
                                                 "(0: load once).")] = 0,
@@ -129,11 +131,8 @@ def generate_command(
     precision: Annotated[str | None, typer.Option(
         help="fp32, or bf16 for torch families (within a few grey levels of fp32; part of the set's settings). "
              "Default: fp32, or an ONNX export's own.")] = None,
-    channels_last: Annotated[bool, typer.Option(
-        "--channels-last", help="A torch family's networks in NHWC memory order (the same images, faster).")] = False,
-    compile_: Annotated[bool, typer.Option(
-        "--compile", help="A torch family's networks compiled (torch.compile; the same images, to rounding).")]
-    = False,
+    channels_last: ChannelsLast = False,
+    compile_: Compile = False,
 ):
     """Write a large synthetic dataset (images + manifest.csv); rerun the same command to resume. With --shards K,
     K workers (--shard 0 … K−1) draw disjoint parts of the same set, then one --merge writes its manifest."""

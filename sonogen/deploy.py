@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from sonogen.backends import TORCH_PRECISIONS
 from sonogen.export import ONNX_TAG
 
 NAMESPACE = "sonogen"
@@ -56,7 +57,7 @@ def inference_service(name: str, alias: str, runtime: str, version: str, device:
         raise ValueError(f"device must be gpu or cpu, got {device!r}")
     if not 1 <= min_replicas <= max_replicas:
         raise ValueError("min_replicas must be at least 1 (a warm replica watches the alias) and at most max_replicas")
-    if precision is not None and (runtime != "torch" or precision not in ("fp32", "bf16")):
+    if precision is not None and (runtime != "torch" or precision not in TORCH_PRECISIONS):
         raise ValueError(f"--precision {precision}: a torch-served model samples at fp32 or bf16; an ONNX export "
                          f"at the precision it was exported in (sonogen export onnx --precision)")
     settings = RUNTIMES[runtime]
