@@ -106,8 +106,7 @@ def _torch_backend(generator, version: str, precision: str, channels_last: bool,
                      precision: str) -> tuple[np.ndarray, list | None]:
         # autocast is per thread: entered here, in the thread that samples
         with torch.autocast(generator.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            images, boxes = generator.sample_draws(draws, condition)
-        return to_uint8(images), boxes
+            return generator.sample_draws(draws, condition, as_uint8=True)
 
     backend = Backend(version, generator.family, generator.config.label, generator.sampling_labels(),
                       frozenset(generator.conditions), f"torch:{generator.device}", "fp32", TORCH_PRECISIONS,
@@ -117,25 +116,35 @@ def _torch_backend(generator, version: str, precision: str, channels_last: bool,
     return backend
 
 
+def _download(artifact_uri: str) -> str:
+    import mlflow
+
+    from sonogen.tracking import configure_mlflow
+
+    configure_mlflow()
+    return mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri)
+
+
 def load_backend(model_uri: str, precision: str | None = None, channels_last: bool = False,
                  compile: bool = False) -> Backend | None:
     """The sampler of ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a saved generator folder (local or
     object-store URI); None while a registry alias or version does not exist yet. ``precision``: what requests
     that name none are sampled at (default fp32; an ONNX export samples at its own); ``channels_last``: a torch
     family's networks in NHWC memory order; ``compile``: its networks compiled (``torch.compile``)."""
+    if not model_uri.startswith("models:/"):
+        from sonogen.generators import load_generator
+        from sonogen.generators.trainer import resolve_device
+
+        # a local folder needs no tracking client (a GPU box with torch alone serves or generates from one)
+        folder = Path(model_uri) if Path(model_uri).is_dir() else Path(_download(model_uri))
+        return _torch_backend(load_generator(folder, resolve_device("auto")), model_uri, precision or "fp32",
+                              channels_last, compile)
     import mlflow
 
     from sonogen.registry import NotRegistered, model_version, resolve_version
     from sonogen.tracking import configure_mlflow
 
     configure_mlflow()
-    if not model_uri.startswith("models:/"):
-        from sonogen.generators import load_generator
-        from sonogen.generators.trainer import resolve_device
-
-        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-        return _torch_backend(load_generator(folder, resolve_device("auto")), model_uri, precision or "fp32",
-                              channels_last, compile)
     try:
         name, version = resolve_version(model_uri)
         tags = model_version(name, version).tags

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -173,30 +174,30 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
     else:
         destination.write(PLAN, (json.dumps(plan, indent=2) + "\n").encode())
     chunks = [(k, start, min(batch, n - start)) for k, start in enumerate(range(0, n, batch)) if k % shards == shard]
-    records, skipped = [], 0
-    for k, start, size in (progress or iter)(chunks):
-        names = [f"images/{start + i:07d}.png" for i in range(size)]
-        # families that place lesions keep each chunk's boxes beside its images, written last: a chunk counts as
-        # done only once its boxes are there too
-        boxes_name = [f"boxes/{start:07d}.json"] if backend.places_lesions else []
-        masks = ([f"masks/{start + i:07d}.png" for i in range(size)]
-                 if backend.draws_masks or (per_image and per_image[0] == "mask") else [])
-        used = [files[(start + i) % len(files)].name for i in range(size)] if per_image else []
-        if all(done in destination.existing for done in names + masks + boxes_name):
-            skipped += 1
+
+    def files_of(start: int, size: int) -> tuple[list[str], list[str], list[str]]:
+        """A chunk's image, boxes and mask files. Families that place lesions keep each chunk's boxes beside its
+        images, written last: a chunk counts as done only once its boxes are there too."""
+        return ([f"images/{start + i:07d}.png" for i in range(size)],
+                [f"boxes/{start:07d}.json"] if backend.places_lesions else [],
+                [f"masks/{start + i:07d}.png" for i in range(size)]
+                if backend.draws_masks or (per_image and per_image[0] == "mask") else [])
+
+    def finish(k: int, start: int, size: int, drawn: tuple | None, used: list[str]) -> list[Record]:
+        """Chunk k's files (encoded and written unless ``drawn`` is None: already there) and manifest rows."""
+        names, boxes_name, masks = files_of(start, size)
+        if drawn is None:
             pngs = [destination.read(image_name) for image_name in names]
             boxes = json.loads(destination.read(boxes_name[0])) if boxes_name else None
             if backend.draws_masks:
                 boxes = [boxes_from_mask(_mask_of(destination.read(mask_name))) for mask_name in masks]
         else:
-            if per_image:
-                images, boxes, used = _draw_each(backend, per_image[0], files, start, size, seed, condition)
-            else:
-                images, boxes = backend.draw(size, chunk_seed(seed, k), condition)
-            pngs = [png_bytes(image) for image in images]
+            images, boxes = drawn
+            pngs = list(encoders.map(png_bytes, images))
             if backend.draws_masks:  # drawn with the images: 255 on the lesion, and its boxes in the manifest
-                for mask_name, mask in zip(masks, boxes):  # the masks first: the images mark a chunk done
-                    destination.write(mask_name, png_bytes(mask.astype(np.uint8) * 255))
+                mask_pngs = list(encoders.map(png_bytes, [mask.astype(np.uint8) * 255 for mask in boxes]))
+                for mask_name, mask_png in zip(masks, mask_pngs):  # the masks first: the images mark a chunk done
+                    destination.write(mask_name, mask_png)
                 boxes = [boxes_from_mask(mask) for mask in boxes]
             elif masks:  # a ControlNet's requested masks (image j took file j mod their count): image + mask pairs
                 for i, mask_name in enumerate(masks):
@@ -205,15 +206,36 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
                 destination.write(image_name, data)
             if boxes_name:
                 destination.write(boxes_name[0], json.dumps(boxes).encode())
+        rows = []
         for i, (image_name, data) in enumerate(zip(names, pngs)):
             origin = (f"seed={chunk_seed(seed, start + i)};index=0;{per_image[0]}={used[i]}" if per_image
                       else f"seed={chunk_seed(seed, k)};index={i}")
-            records.append(Record(
+            rows.append(Record(
                 image=image_name, patient_id=f"{SYNTHETIC_PATIENT}{name}-v{backend.version}-s{seed}-{start + i:07d}",
                 source=f"{name}@v{backend.version}", label=label, split="train", boxes=boxes[i] if boxes else [],
                 mask=masks[i] if masks else "", origin=origin,
                 licence="synthetic: see the model card", sha256=hashlib.sha256(data).hexdigest(),
             ))
+        return rows
+
+    # one chunk is encoded and written (PNGs on all cores) while the next is drawn: on a GPU the encoding would
+    # otherwise take most of the time; at most two drawn chunks are held
+    finished: list[Future] = []
+    skipped = 0
+    with ThreadPoolExecutor(os.cpu_count() or 1) as encoders, ThreadPoolExecutor(1) as writer:
+        for k, start, size in (progress or iter)(chunks):
+            used = [files[(start + i) % len(files)].name for i in range(size)] if per_image else []
+            drawn = None
+            if all(done in destination.existing for part in files_of(start, size) for done in part):
+                skipped += 1
+            elif per_image:
+                *drawn, used = _draw_each(backend, per_image[0], files, start, size, seed, condition)
+            else:
+                drawn = backend.draw(size, chunk_seed(seed, k), condition)
+            if len(finished) >= 1:
+                finished[-1].result()  # the previous chunk is written before this one is handed over
+            finished.append(writer.submit(finish, k, start, size, drawn, used))
+        records = [record for future in finished for record in future.result()]
     destination.write(MANIFEST if shards == 1 else shard_manifest(shard, shards), _manifest_bytes(records))
     return {"out": out, "images": len(records), "chunks": len(chunks), "skipped_chunks": skipped,
             "shard": shard, "shards": shards, **plan}

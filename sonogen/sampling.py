@@ -37,8 +37,9 @@ def chunk_seed(seed: int, chunk: int) -> int:
 
 def to_uint8(images: Any) -> np.ndarray:
     """Images ``(N, 1, H, W)`` in [-1, 1], a numpy array or a torch tensor (on any device), as uint8 ``(N, H, W)``."""
-    if hasattr(images, "detach"):  # a torch tensor; this module imports no torch (the serve image has none)
-        images = images.detach().float().cpu().numpy()
+    if hasattr(images, "detach"):  # a torch tensor, converted where it is (this module imports no torch: the serve
+        # image has none); the same float32 operations as below, so the same bytes
+        return images.detach()[:, 0].float().clamp(-1, 1).add(1).mul(127.5).round().byte().cpu().numpy()
     scaled = (np.clip(images[:, 0].astype(np.float32), -1, 1) + np.float32(1)) * np.float32(127.5)
     return np.rint(scaled).astype(np.uint8)
 

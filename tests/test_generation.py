@@ -64,6 +64,50 @@ def test_a_condition_is_checked_against_the_model_before_anything_is_drawn(regis
     assert json.loads((tmp_path / "d" / "generate.json").read_text())["condition"] == {"label": "consolidation"}
 
 
+def saved_dcgan(folder: Path) -> Path:
+    from sonogen.generators.dcgan import DCGAN, DCGANConfig
+
+    torch.manual_seed(0)
+    return DCGAN(DCGANConfig(label="consolidation", image_size=16, base_channels=4)).save(folder)
+
+
+def test_a_failed_write_stops_generation_keeps_what_was_written_and_a_rerun_completes_the_same_set(tmp_path,
+                                                                                                monkeypatch):
+    """A chunk is written while the next is drawn: an error in the writing still stops the run at once."""
+    from sonogen.generate import Destination, generate_dataset
+
+    folder = saved_dcgan(tmp_path / "generator")
+    generate_dataset(str(folder), 10, str(tmp_path / "whole"), seed=3, batch=3)
+    write = Destination.write
+
+    def disk_full_at_image_7(self, name, data):
+        if name == "images/0000007.png":
+            raise OSError("No space left on device")
+        write(self, name, data)
+
+    monkeypatch.setattr(Destination, "write", disk_full_at_image_7)
+    out = tmp_path / "interrupted"
+    with pytest.raises(OSError, match="No space left"):
+        generate_dataset(str(folder), 10, str(out), seed=3, batch=3)
+    written = sorted(path.name for path in (out / "images").iterdir())
+    assert written == [f"{i:07d}.png" for i in range(7)] and not (out / "manifest.csv").exists()
+    monkeypatch.setattr(Destination, "write", write)
+    rerun = generate_dataset(str(folder), 10, str(out), seed=3, batch=3)
+    assert rerun["skipped_chunks"] == 2 and rerun["images"] == 10  # chunk 2 was half written: drawn again
+    assert dataset(out) == dataset(tmp_path / "whole")
+
+
+def test_a_saved_generator_folder_generates_without_a_tracking_client(tmp_path):
+    """What a GPU machine with torch alone runs: `generate --model FOLDER` imports no mlflow."""
+    folder = saved_dcgan(tmp_path / "generator")
+    script = ("import sys; sys.modules['mlflow'] = None\n"  # any `import mlflow` now fails
+              "from sonogen.generate import generate_dataset\n"
+              f"print(generate_dataset({str(folder)!r}, 5, {str(tmp_path / 'set')!r}, batch=2)['images'])")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("5"), done.stderr[-2000:]
+    assert len(read_manifest(tmp_path / "set")) == 5
+
+
 def test_a_real_import_refuses_patient_ids_that_mark_synthetic_images(tmp_path):
     from sonogen.data.writer import DatasetWriter
 
