@@ -43,6 +43,8 @@ def step_seconds(family: str, steps: int, ddp: bool) -> float:
     """Seconds per step of this rank's share of the global batch (rank 0's clock; the ranks step in lockstep)."""
     ranks = distributed.current()
     device = distributed.device_of(ranks, resolve_device("auto"))
+    if device.type == "cuda" and device.index is None:  # DDP names the GPU of its one rank
+        device = torch.device("cuda", torch.cuda.current_device())
     model, item = build(family, device)
     batch = BATCH[family]
     images = torch.rand(2 * batch, 1, 64, 64, generator=torch.Generator().manual_seed(1)).to(device) * 2 - 1
@@ -69,6 +71,8 @@ def step_seconds(family: str, steps: int, ddp: bool) -> float:
 
 
 def worker(families: list[str], steps: int, out: str) -> None:
+    if not distributed.launched():  # torchrun's single rank is no process group, but DDP needs one, if of one
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo", world_size=1, rank=0)
     ranks = distributed.start(timeout_s=600)
     times = {family: step_seconds(family, steps, ddp=True) for family in families}
     if ranks.main:
@@ -98,8 +102,9 @@ def main() -> None:
     device = "cuda " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     print(f"{platform.node()} {device}, torch {torch.__version__}, {torch.get_num_threads()} threads in 1 process, "
           f"{threads} per rank")
-    print(f"| family | global batch | 1 process s/step | {args.ranks} ranks s/step | 1 process img/s | "
-          f"{args.ranks} ranks img/s | × |")
+    ranked_name = f"{args.ranks} rank{'s' if args.ranks > 1 else ''} under DDP"
+    print(f"| family | global batch | 1 process s/step | {ranked_name} s/step | 1 process img/s | "
+          f"{ranked_name} img/s | × |")
     print("|---|---|---|---|---|---|---|")
     for family in families:
         one, many, batch = single[family], ranked[family], BATCH[family]

@@ -1,10 +1,13 @@
 """Tiny training runs that test_distributed.py takes once in one process and once with torchrun on 2 CPU ranks:
 ``python -m torch.distributed.run --nproc-per-node 2 tests/ddp_steps.py FAMILY DATA OUT`` writes each rank's
-weights after the run to ``OUT/rank<k>.safetensors``."""
+weights after the run to ``OUT/rank<k>.safetensors``. ``dcgan-sync`` runs its ranks on GPUs: one each where there
+are enough, else all on the first over gloo (NCCL refuses two ranks on one GPU; SyncBatchNorm gathers over either)."""
 
 from __future__ import annotations
 
+import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -22,9 +25,12 @@ GLOBAL_BATCH = 8
 
 def dcgan_step(data: Path | None, out: Path | None, device: torch.device = torch.device("cpu"),
                sync_batchnorm: bool = False) -> dict[str, torch.Tensor]:
-    """One DCGAN step on a fixed global batch of 8 (no dropout: its masks are drawn per call)."""
+    """One DCGAN step on a fixed global batch of 8 (no dropout: its masks are drawn per call). On a GPU, without
+    TF32: its rounding would hide a wrong step behind the tolerance."""
     ranks = distributed.current()
-    device = distributed.device_of(ranks, device)
+    device = distributed.device_of(ranks, device) if torch.cuda.device_count() >= ranks.world else device
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     model = DCGAN(DCGANConfig(label="x", image_size=16, base_channels=4, dropout=0.0, lr_generator=1e-3,
                               lr_discriminator=1e-3)).to(device)
@@ -67,11 +73,13 @@ def ldm_run(data: Path, out: Path) -> dict[str, torch.Tensor]:
 
 
 RUNS = {"dcgan": dcgan_step, "sinddm": sinddm_run, "ldm": ldm_run,
-        "dcgan-sync": lambda data, out: dcgan_step(data, out, torch.device("cuda"), sync_batchnorm=True)}
+        "dcgan-sync": lambda data, out: dcgan_step(data, out, torch.device("cuda", 0), sync_batchnorm=True)}
 
 
 if __name__ == "__main__":
     family, data, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    if family == "dcgan-sync" and torch.cuda.device_count() < int(os.environ["WORLD_SIZE"]):
+        torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=120))
     ranks = distributed.start(timeout_s=120)
     out.mkdir(parents=True, exist_ok=True)
     weights = RUNS[family](data, out / "run")
