@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -117,26 +118,25 @@ def condition_files(key: str, folder: str | Path) -> tuple[list[Path], dict[str,
 
 
 def _draw_each(backend, key: str, files: list[Path], first: int, size: int, seed: int,
-               condition: dict[str, Any]) -> tuple[Any, list | None, list[str]]:
+               condition: dict[str, Any]) -> tuple[Any, list | None]:
     """Images ``first`` … ``first + size - 1`` drawn one by one, image j with seed ``chunk_seed(seed, j)`` and file
     j mod the files' count as ``condition[key]`` (a base64 PNG, as a request sends it)."""
     import base64
 
-    images, boxes, used = [], [], []
+    images, boxes = [], []
     for j in range(first, first + size):
         path = files[j % len(files)]
         drawn, drawn_boxes = backend.draw(1, chunk_seed(seed, j),
                                           {**condition, key: base64.b64encode(path.read_bytes()).decode()})
         images.append(drawn[0])
         boxes.append(drawn_boxes[0] if drawn_boxes else None)
-        used.append(path.name)
-    return np.stack(images), None if boxes[0] is None else boxes, used
+    return np.stack(images), None if boxes[0] is None else boxes
 
 
 def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int = 64,
                      condition: dict[str, Any] | None = None, progress=None, shards: int = 1, shard: int = 0,
                      per_image: tuple[str, str | Path] | None = None, precision: str | None = None,
-                     channels_last: bool = False, compile: bool = False) -> dict:
+                     channels_last: bool = False, compile: bool = False, draw_ahead: int | None = None) -> dict:
     """Writes the images of ``model_uri`` that are this shard's (all of the ``n`` with one shard) to ``out``, and
     the manifest (one shard) or this shard's part of it; returns a summary (written, skipped chunks).
 
@@ -144,7 +144,9 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
     (a ControlNet's ``mask``, DiffUltra's background ``image``); masks are copied beside the images, into the
     manifest's ``mask`` column, so the set is image + mask pairs. Families that draw masks write theirs there too,
     with their boxes in the manifest. ``precision`` (torch families: fp32 or bf16; default: the model's, fp32 or
-    an ONNX export's own) is one of the set's settings; ``channels_last`` and ``compile`` change only the speed."""
+    an ONNX export's own) is one of the set's settings; ``channels_last``, ``compile`` and ``draw_ahead`` (chunks
+    drawn at once; default 2 on a GPU, where one's latents are made on the CPU while another's run, else 1) change
+    only the speed."""
     from sonogen.registry import model_name_of
     from sonogen.backends import load_backend
 
@@ -218,23 +220,36 @@ def generate_dataset(model_uri: str, n: int, out: str, seed: int = 0, batch: int
             ))
         return rows
 
-    # one chunk is encoded and written (PNGs on all cores) while the next is drawn: on a GPU the encoding would
-    # otherwise take most of the time; at most two drawn chunks are held
+    def draw(k: int, start: int, size: int) -> tuple:
+        if per_image:
+            return _draw_each(backend, per_image[0], files, start, size, seed, condition)
+        return backend.draw(size, chunk_seed(seed, k), condition)
+
+    # one chunk is encoded and written (PNGs on all cores) while the next are drawn: on a GPU the encoding would
+    # otherwise take most of the time. Compiled networks are drawn one chunk at a time (compiling is not threadsafe).
+    ahead = draw_ahead or (2 if backend.runtime.startswith("torch:cuda") and not compile else 1)
+    drawing: deque = deque()  # (k, start, size, the draw's future or None when the chunk is there already)
     finished: list[Future] = []
     skipped = 0
-    with ThreadPoolExecutor(os.cpu_count() or 1) as encoders, ThreadPoolExecutor(1) as writer:
+
+    def hand_over() -> None:
+        k, start, size, future = drawing.popleft()
+        used = [files[(start + i) % len(files)].name for i in range(size)] if per_image else []
+        drawn = None if future is None else future.result()  # images and boxes (or masks)
+        if finished:
+            finished[-1].result()  # the previous chunk is written before this one is handed over
+        finished.append(writer.submit(finish, k, start, size, drawn, used))
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as encoders, ThreadPoolExecutor(1) as writer, \
+            ThreadPoolExecutor(ahead) as drawers:
         for k, start, size in (progress or iter)(chunks):
-            used = [files[(start + i) % len(files)].name for i in range(size)] if per_image else []
-            drawn = None
-            if all(done in destination.existing for part in files_of(start, size) for done in part):
-                skipped += 1
-            elif per_image:
-                *drawn, used = _draw_each(backend, per_image[0], files, start, size, seed, condition)
-            else:
-                drawn = backend.draw(size, chunk_seed(seed, k), condition)
-            if len(finished) >= 1:
-                finished[-1].result()  # the previous chunk is written before this one is handed over
-            finished.append(writer.submit(finish, k, start, size, drawn, used))
+            there = all(done in destination.existing for part in files_of(start, size) for done in part)
+            skipped += int(there)
+            drawing.append((k, start, size, None if there else drawers.submit(draw, k, start, size)))
+            if len(drawing) >= ahead:
+                hand_over()
+        while drawing:
+            hand_over()
         records = [record for future in finished for record in future.result()]
     destination.write(MANIFEST if shards == 1 else shard_manifest(shard, shards), _manifest_bytes(records))
     return {"out": out, "images": len(records), "chunks": len(chunks), "skipped_chunks": skipped,

@@ -71,13 +71,17 @@ def saved_dcgan(folder: Path) -> Path:
     return DCGAN(DCGANConfig(label="consolidation", image_size=16, base_channels=4)).save(folder)
 
 
+@pytest.mark.parametrize("ahead", [1, 2])  # chunks drawn at once: 2 is a GPU's default
 def test_a_failed_write_stops_generation_keeps_what_was_written_and_a_rerun_completes_the_same_set(tmp_path,
-                                                                                                monkeypatch):
-    """A chunk is written while the next is drawn: an error in the writing still stops the run at once."""
+                                                                                                monkeypatch, ahead):
+    """A chunk is written while the next are drawn: an error in the writing still stops the run at once."""
     from sonogen.generate import Destination, generate_dataset
 
     folder = saved_dcgan(tmp_path / "generator")
     generate_dataset(str(folder), 10, str(tmp_path / "whole"), seed=3, batch=3)
+    ahead_set = generate_dataset(str(folder), 10, str(tmp_path / "ahead"), seed=3, batch=3, draw_ahead=3)
+    assert ahead_set["images"] == 10 and dataset(tmp_path / "ahead") == dataset(tmp_path / "whole")
+    assert read_manifest(tmp_path / "ahead") == read_manifest(tmp_path / "whole")
     write = Destination.write
 
     def disk_full_at_image_7(self, name, data):
@@ -88,11 +92,11 @@ def test_a_failed_write_stops_generation_keeps_what_was_written_and_a_rerun_comp
     monkeypatch.setattr(Destination, "write", disk_full_at_image_7)
     out = tmp_path / "interrupted"
     with pytest.raises(OSError, match="No space left"):
-        generate_dataset(str(folder), 10, str(out), seed=3, batch=3)
+        generate_dataset(str(folder), 10, str(out), seed=3, batch=3, draw_ahead=ahead)
     written = sorted(path.name for path in (out / "images").iterdir())
     assert written == [f"{i:07d}.png" for i in range(7)] and not (out / "manifest.csv").exists()
     monkeypatch.setattr(Destination, "write", write)
-    rerun = generate_dataset(str(folder), 10, str(out), seed=3, batch=3)
+    rerun = generate_dataset(str(folder), 10, str(out), seed=3, batch=3, draw_ahead=ahead)
     assert rerun["skipped_chunks"] == 2 and rerun["images"] == 10  # chunk 2 was half written: drawn again
     assert dataset(out) == dataset(tmp_path / "whole")
 
