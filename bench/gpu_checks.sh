@@ -51,6 +51,8 @@ if [ "$quick" = "--quick" ]; then
   check generate 120 python3 bench/generate_throughput.py --image-size 64 --n 128 --batches 32 --repeats 1
   check endpoint 120 python3 bench/endpoint_latency.py --torch --image-size 32 --requests 16 --concurrency 1,4 \
     --max-batch 4 --precision bf16
+  check endpoint-n16 120 python3 bench/endpoint_latency.py --torch --image-size 32 --requests 8 --n 4 --concurrency 4 \
+    --max-batch 16 --precision bf16
   check ldm-vs-diffusers 180 python3 bench/ldm_vs_diffusers.py --image-size 32 --n 4 --repeats 1
   check sampling-precision 300 python3 bench/sampling_precision.py --n 4 --repeats 1
   exit 0
@@ -63,5 +65,7 @@ check dcgan-paper-train 90 python3 bench/dcgan_throughput.py --device cuda --ste
 check generate 120 python3 bench/generate_throughput.py --n 8192 --batches 256,1024 --channels-last
 check endpoint 120 python3 bench/endpoint_latency.py --torch --image-size 256 --requests 1024 --concurrency 1,64 \
   --max-batch 64 --precision bf16
+check endpoint-n16 90 python3 bench/endpoint_latency.py --torch --image-size 256 --requests 256 --n 16 \
+  --concurrency 64 --max-batch 256 --precision bf16
 check ldm-vs-diffusers 150 python3 bench/ldm_vs_diffusers.py --image-size 64 --n 64 --compile
 check sampling-precision 150 python3 bench/sampling_precision.py --n 256
