@@ -35,6 +35,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's with the threads torch uses on it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+
+
+def gemm_size(device: torch.device) -> int:
+    """The side of the square matmul every bench's baseline times: large enough to fill the device."""
+    return 8192 if device.type == "cuda" else 2048
+
+
+def baseline_gemm_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a ``gemm_size`` matmul in ``dtype``: the baseline every fraction of GEMM is taken against."""
+    return gemm_rate(device, dtype, gemm_size(device), 50 if device.type == "cuda" else 10)
+
+
 def gemm_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: int) -> float:
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -89,11 +106,9 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'}, " \
-        f"{torch.get_num_threads()} threads"
-    baseline = gemm_rate(device, dtype, 8192 if device.type == "cuda" else 2048, 50 if device.type == "cuda" else 10)
-    print(f"device: {name}; torch {torch.__version__}; precision {dtype}")
-    print(f"baseline GEMM ({'8192' if device.type == 'cuda' else '2048'}², {dtype}): {baseline / 1e9:.1f} GFLOP/s")
+    baseline = baseline_gemm_rate(device, dtype)
+    print(f"device: {device_name(device)}; torch {torch.__version__}; precision {dtype}")
+    print(f"baseline GEMM ({gemm_size(device)}², {dtype}): {baseline / 1e9:.1f} GFLOP/s")
     print(f"256 px generator forward: {generator_flops(DCGANConfig(label='x')) / 1e9:.2f} GFLOP per image\n")
     print("| config | batch | images/s | GFLOP per step | achieved GFLOP/s | fraction of GEMM |")
     print("|---|---|---|---|---|---|")

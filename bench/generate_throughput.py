@@ -20,13 +20,13 @@ which every path loads as `sonogen generate --model FOLDER` would (no tracking s
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from dcgan_throughput import gemm_rate
+from dcgan_throughput import baseline_gemm_rate, device_name, synchronize
 
 from sonogen.backends import load_backend
 from sonogen.generate import generate_dataset
@@ -36,22 +36,18 @@ from sonogen.generators.trainer import resolve_device
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def best_rate(run, images: int, repeats: int, device: torch.device) -> float:
-    """Images/s of ``run()`` (which makes ``images``), best of ``repeats`` after a warm-up call."""
-    run()
+def best_rate(run, images: int, repeats: int, device: torch.device) -> tuple[float, Any]:
+    """Images/s of ``run()`` (which makes ``images``), best of ``repeats`` after a warm-up call, and what the last
+    call returned."""
+    made = run()
     best = float("inf")
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        run()
+        made = run()
         synchronize(device)
         best = min(best, time.perf_counter() - start)
-    return images / best
+    return images / best, made
 
 
 def network_rate(model: DCGAN, batch: int, precision: str, device: torch.device, repeats: int) -> float:
@@ -63,7 +59,7 @@ def network_rate(model: DCGAN, batch: int, precision: str, device: torch.device,
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             network(latents)
 
-    return best_rate(run, batch, repeats, device)
+    return best_rate(run, batch, repeats, device)[0]
 
 
 def generate_rate(folder: Path, out: Path, args: argparse.Namespace, batch: int, precision: str) -> float:
@@ -95,29 +91,26 @@ def main() -> None:
     if args.n < 2 * max(map(int, args.batches.split(","))):
         parser.error("--n must be at least twice the largest batch: `generate` is timed from its second chunk")
     device = resolve_device(args.device)
-    gemm_size = 8192 if device.type == "cuda" else 2048
     torch.manual_seed(0)
     config = DCGANConfig(label="x", image_size=args.image_size)
     flops = generator_flops(config)
     with tempfile.TemporaryDirectory() as scratch:
         folder = DCGAN(config).save(Path(scratch) / "generator")
         model = DCGAN(config).to(device).eval_mode()
-        name = torch.cuda.get_device_name() if device.type == "cuda" else \
-            f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
-        print(f"device: {name}; torch {torch.__version__}; {args.image_size} px paper DCGAN, "
+        print(f"device: {device_name(device)}; torch {torch.__version__}; {args.image_size} px paper DCGAN, "
               f"{flops / 1e9:.2f} GFLOP per image; generate writes {args.n} images per row"
               f"{'; channels-last' if args.channels_last else ''}{'; compiled' if args.compile else ''}")
         print("\n| precision | batch | GEMM TFLOP/s | network images/s | sampler images/s | generate images/s | "
               "network / GEMM | sampler / GEMM | generate / GEMM |")
         print("|---|---|---|---|---|---|---|---|---|")
         for precision in args.precisions.split(","):
-            gemm = gemm_rate(device, DTYPES[precision], gemm_size, 50 if device.type == "cuda" else 10)
+            gemm = baseline_gemm_rate(device, DTYPES[precision])
             backend = load_backend(str(folder), precision, args.channels_last, args.compile)
             if args.channels_last:
                 model.generator.to(memory_format=torch.channels_last)
             for batch in map(int, args.batches.split(",")):
                 network = network_rate(model, batch, precision, device, args.repeats)
-                sampler = best_rate(lambda: backend.draw(batch, 0, {}), batch, args.repeats, device)
+                sampler = best_rate(lambda: backend.draw(batch, 0, {}), batch, args.repeats, device)[0]
                 generated = generate_rate(folder, Path(scratch) / f"set-{precision}-{batch}", args, batch,
                                           precision)
                 print(f"| {precision} | {batch} | {gemm / 1e12:.2f} | {network:.0f} | {sampler:.0f} | "

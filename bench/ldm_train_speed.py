@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from dcgan_throughput import device_name
 
 from sonogen.generators.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from sonogen.generators.trainer import resolve_device
@@ -59,9 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     batches = sorted(int(b) for b in args.batches.split(","))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'}, " \
-        f"{torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}\n")
+    print(f"device: {device_name(device)}; torch {torch.__version__}\n")
     print("| mode | batch | ms / step | images/s | × images/s |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:

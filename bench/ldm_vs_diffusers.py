@@ -16,13 +16,13 @@ product's uint8 images are from the plain pipeline's in the same precision (the 
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from dcgan_throughput import device_name
+from generate_throughput import best_rate
 
 from sonogen.backends import load_backend
 from sonogen.generators import load_generator
@@ -35,23 +35,6 @@ from sonogen.sampling import gaussian_latents, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def best_rate(draw, n: int, repeats: int, device: torch.device) -> tuple[float, np.ndarray]:
-    images = draw()
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        images = draw()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return n / best, images
 
 
 def plain_pipeline(folder: Path, model: LatentDiffusion, precision: str, n: int, device: torch.device):
@@ -102,10 +85,8 @@ def main() -> None:
             folder = LatentDiffusion(config).save(Path(scratch) / "ldm")
         model = load_generator(folder, device)
         c = model.config
-        name = torch.cuda.get_device_name() if device.type == "cuda" else \
-            f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
-        print(f"device: {name}; torch {torch.__version__}; ldm {c.image_size} px, {c.scheduler} {c.steps} steps, "
-              f"guidance {c.guidance_scale}; {args.n} images per draw")
+        print(f"device: {device_name(device)}; torch {torch.__version__}; ldm {c.image_size} px, {c.scheduler} "
+              f"{c.steps} steps, guidance {c.guidance_scale}; {args.n} images per draw")
         rows, plain = [], {}
         for precision in ("fp32", "bf16"):
             rate, images = best_rate(plain_pipeline(folder, model, precision, args.n, device), args.n,

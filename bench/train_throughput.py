@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from dcgan_throughput import gemm_rate
+from dcgan_throughput import baseline_gemm_rate, device_name, gemm_size
 from torch.utils.flop_counter import FlopCounterMode
 
 from sonogen.data import UltrasoundDataset
@@ -125,14 +124,11 @@ def main() -> None:
         parser.error("--warmup and --steps must be at least 1: the first timed step starts at a logged one")
     device = resolve_device(args.device)
     chosen = args.families.split(",") if args.families else [f for f in families() if not get_generator(f).pools]
-    gemm_size = 8192 if device.type == "cuda" else 2048
-    baselines = {precision: gemm_rate(device, dtype, gemm_size, 50 if device.type == "cuda" else 10)
+    baselines = {precision: baseline_gemm_rate(device, dtype)
                  for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
-    name = torch.cuda.get_device_name() if device.type == "cuda" else \
-        f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; {args.size} px phantom; label {args.label}; "
+    print(f"device: {device_name(device)}; torch {torch.__version__}; {args.size} px phantom; label {args.label}; "
           f"{args.steps} timed steps after {args.warmup}")
-    print(f"baseline GEMM ({gemm_size}²): bf16 {baselines['bf16'] / 1e12:.3f} TFLOP/s, fp32 "
+    print(f"baseline GEMM ({gemm_size(device)}²): bf16 {baselines['bf16'] / 1e12:.3f} TFLOP/s, fp32 "
           f"{baselines['fp32'] / 1e12:.3f} TFLOP/s{' (TF32 off)' if device.type == 'cuda' else ''}\n")
     print("| family | precision | batch | images/s | s/step | GFLOP per step | TFLOP/s | fraction of GEMM |")
     print("|---|---|---|---|---|---|---|---|")
