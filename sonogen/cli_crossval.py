@@ -36,6 +36,10 @@ def crossval_command(
         help="Downstream protocol: default, yu2023, zhang2023, basarab2024, diffultra2025, wen2026 "
              "(default: evaluate.downstream.protocol)."
     )] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Finish the interrupted run in --out: finished folds are kept, an unfinished fold's training continues "
+             "from its checkpoint; refused if the settings changed. Without it an earlier run there is replaced.")]
+    = False,
 ):
     """Train the generator K times, each time without one fold's patients, and test the downstream classifiers on
     those patients; pool every patient's out-of-fold predictions into one verdict: helps, hurts, or no
@@ -58,7 +62,7 @@ def crossval_command(
             console.print(f"params.yaml's crossval lists no families and labels: nothing to do ({out / INDEX})")
     for run_family, run_label, run_out in runs:
         report = crossval(run_family, data, run_label, folds, run_out, config, dataset, seed, extractor, log=log,
-                          protocol=protocol)
+                          protocol=protocol, resume=resume)
         pooled = report["pooled"]
         colour = {"helps": "green", "hurts": "red"}.get(pooled["verdict"], "yellow")
         console.print(f"{run_family}-{run_label}: [{colour}]{pooled['verdict']}[/{colour}]; report "

@@ -3,17 +3,20 @@ downstream classifiers on the fold's patients) and the pooled verdict; ``crossva
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 from sonogen.crossval import assign_folds, fold_view, patient_labels, pool, verdict_line, write_report
-from sonogen.data.manifest import read_manifest
+from sonogen.data.manifest import MANIFEST, file_sha256, read_manifest
 from sonogen.evaluation import evaluate_generator, train_encoder
 from sonogen.gates import gates_for
 from sonogen.generators import get_generator, load_generator
+from sonogen.generators.base import CHECKPOINT
 from sonogen.generators.trainer import GENERATOR_DIR, resolve_device
 from sonogen.jobs.data import read_params
 from sonogen.jobs.gating import evaluation_config
@@ -24,6 +27,11 @@ from sonogen.metrics.protocols import METRICS
 from sonogen.tracking import configure_mlflow, dataset_identity, git_commit, set_experiment
 
 FOLD_RESULT = "fold_result.json"
+SETTINGS = "crossval_settings.json"  # what a resumed run must share with the run it finishes
+# params.yaml sections that decide nothing inside a fold (the data's making is in its manifest's digest), and the
+# lists that only choose which runs a matrix makes
+NOT_FOLD_SETTINGS = ("dataset", "phantom", "prepare", "register", "train.families", "train.labels",
+                     "crossval.families", "crossval.labels")
 PER_FOLD = "us-encoder, one per fold on its training patients"
 # judged on the pooled verdict, not on one fold's few patients
 POOLED_GATES = ("min_auc_delta_lower_ci", "min_balanced_accuracy_delta_lower_ci", "min_detection_ap50_delta",
@@ -40,12 +48,13 @@ def crossval_extractor(spec: str | None = None) -> str | None:
 def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: int, out: str | Path,
                   config_path: str | Path, extractor_spec: str | None, dataset: str | None = None, seed: int = 0,
                   parent_run_id: str | None = None, log: Callable[[str], None] | None = None,
-                  view: str | Path | None = None, protocol: str | None = None) -> dict:
+                  view: str | Path | None = None, protocol: str | None = None, resume: bool = False) -> dict:
     """Fold ``fold`` of ``folds``: the generator trained on the other folds' patients, gated on the fold's view
     of the data (written to ``view``, default ``out/data``), the downstream classifiers tested on the fold's
     patients; its result in ``out/fold_result.json``. ``extractor_spec`` None: the fold's own us-encoder, trained
     on its training patients (``out/encoder``). ``protocol`` names the downstream protocol in place of
-    params.yaml's ``evaluate.downstream.protocol``."""
+    params.yaml's ``evaluate.downstream.protocol``. ``resume``: a generator whose training left a checkpoint in
+    ``out`` continues from it (``crossval`` checks that the settings are the same)."""
     data, out = Path(data), Path(out)
     say = (lambda message: log(f"fold {fold}: {message}")) if log else None
     params = read_params(config_path)
@@ -77,15 +86,22 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
         extractor_spec = f"us-encoder:{encoder['folder']}"
     if say:
         say(f"training {family} on {sum(1 for f in fold_of.values() if f not in (fold, validation))} patients")
-    train_generator(family, view, label, out / "model", config_path, dataset or data.name, register=False,
-                    build_prerequisites=True, parent_run_id=parent_run_id, log=say, monitor=extractor_spec)
+
+    def train_one(target: str, folder: Path) -> None:
+        resumed = resume and (folder / CHECKPOINT).is_file()
+        if resumed and say:
+            say(f"continuing the training of {family} on {target} from its checkpoint")
+        train_generator(family, view, target, folder, config_path, dataset or data.name, register=False,
+                        build_prerequisites=True, parent_run_id=parent_run_id, log=say, monitor=extractor_spec,
+                        resume=resumed)
+
+    train_one(label, out / "model")
     generator = load_generator(out / "model" / GENERATOR_DIR, resolve_device(config.device))
     negative = None
     if other:
         if say:
             say(f"training {family} on {other[0]} too, for the classifiers of synthetic images only")
-        train_generator(family, view, other[0], out / "negative", config_path, dataset or data.name, register=False,
-                        build_prerequisites=True, parent_run_id=parent_run_id, log=say, monitor=extractor_spec)
+        train_one(other[0], out / "negative")
         negative = load_generator(out / "negative" / GENERATOR_DIR, resolve_device(config.device))
     fold_gates = {k: v for k, v in gates_for(gates, generator.gate_set).items() if k not in POOLED_GATES}
     report = evaluate_generator(generator, view, get_extractor(extractor_spec), fold_gates, config, out / "gates",
@@ -168,22 +184,87 @@ def _start_run(client, family: str, label: str, data: Path | str, dataset: str, 
     return run.info.run_id
 
 
+def fold_settings(family: str, data: str | Path, label: str, folds: int, seed: int, extractor: str | None,
+                  protocol: str | None, config_path: str | Path) -> dict:
+    """What decides a fold's result: the run's arguments, the data's manifest and a digest of each params.yaml
+    section a fold reads (``train`` and ``crossval`` per key), so a changed one can be named."""
+    sections: dict[str, str] = {}
+    for key, value in read_params(config_path).items():
+        parts = value.items() if key in ("train", "crossval") and isinstance(value, dict) else [(None, value)]
+        for part, part_value in parts:
+            name = f"{key}.{part}" if part else key
+            if name not in NOT_FOLD_SETTINGS and key not in NOT_FOLD_SETTINGS:
+                sections[name] = hashlib.sha256(json.dumps(part_value, sort_keys=True).encode()).hexdigest()[:16]
+    return {"family": family, "label": label, "folds": folds, "seed": seed, "extractor": extractor or PER_FOLD,
+            "protocol": protocol, "data_manifest_sha256": file_sha256(Path(data) / MANIFEST), "params": sections}
+
+
+def _changed(then: dict, now: dict) -> list[str]:
+    changed = [f"{key} ({then.get(key)} then, {now[key]} now)" for key in now
+               if key != "params" and then.get(key) != now[key]]
+    before, after = then.get("params", {}), now["params"]
+    return changed + [f"params.yaml's {key}" for key in sorted(set(before) | set(after))
+                      if before.get(key) != after.get(key)]
+
+
+def _earlier_run(out: Path, settings: dict, log: Callable[[str], None] | None) -> dict | None:
+    """The unfinished run in ``out`` that ``--resume`` finishes, None if there is none; refused if its settings
+    differ from ``settings``."""
+    if not (out / SETTINGS).is_file():
+        if log:
+            log(f"nothing to resume in {out}: starting the cross-validation")
+        return None
+    earlier = json.loads((out / SETTINGS).read_text())
+    if changed := _changed(earlier, settings):
+        raise ValueError(f"--resume: {out} holds a cross-validation run with other settings: {'; '.join(changed)}. "
+                         f"Resume it with the settings it ran with, or run without --resume (or into another --out)")
+    return earlier
+
+
 def crossval(family: str, data: str | Path, label: str, folds: int, out: str | Path, config_path: str | Path,
              dataset: str | None = None, seed: int = 0, extractor: str | None = None,
-             log: Callable[[str], None] | None = None, protocol: str | None = None) -> dict:
-    """All folds, then the pooled report in ``out``; one MLflow run with a child run per fold's generator."""
+             log: Callable[[str], None] | None = None, protocol: str | None = None, resume: bool = False) -> dict:
+    """All folds, then the pooled report in ``out``; one MLflow run with a child run per fold's generator.
+
+    ``resume`` finishes an interrupted run in ``out``, in its MLflow run: finished folds are kept, an unfinished
+    fold's training continues from its checkpoint; refused if the settings differ. Without it, an earlier run's
+    folds in ``out`` are replaced."""
     data, out = Path(data), Path(out)
     dataset = dataset or data.name
     extractor_spec = crossval_extractor(extractor)
     described = extractor_spec or PER_FOLD
+    settings = fold_settings(family, data, label, folds, seed, extractor_spec, protocol, config_path)
+    earlier = _earlier_run(out, settings, log) if resume else None
     client = _client()
-    run_id = _start_run(client, family, label, data, dataset, folds, seed, described)
+    if earlier:
+        run_id = earlier["run_id"]
+        client.update_run(run_id, status="RUNNING")
+        if earlier["code_version"] != git_commit():
+            client.set_tag(run_id, "crossval.resumed_code_version", git_commit())
+    else:
+        for folder in out.glob("fold-*"):  # an earlier run's folds: never to be mixed into this one's
+            if folder.is_dir():
+                shutil.rmtree(folder)
+        run_id = _start_run(client, family, label, data, dataset, folds, seed, described)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SETTINGS).write_text(json.dumps({**settings, "run_id": run_id, "code_version": git_commit()}, indent=2)
+                                + "\n")
     try:
+        results, kept = [], []
         with tempfile.TemporaryDirectory(prefix="sonogen-folds-") as views:  # links to the data: not outputs
-            results = [crossval_fold(family, data, label, fold, folds, out / f"fold-{fold}", config_path,
-                                     extractor_spec, dataset, seed, run_id, log, Path(views) / f"fold-{fold}",
-                                     protocol)
-                       for fold in range(folds)]
+            for fold in range(folds):
+                finished = out / f"fold-{fold}" / FOLD_RESULT
+                if earlier and finished.is_file():
+                    results.append(json.loads(finished.read_text()))
+                    kept.append(str(fold))
+                    if log:
+                        log(f"fold {fold}: finished earlier, kept")
+                    continue
+                results.append(crossval_fold(family, data, label, fold, folds, out / f"fold-{fold}", config_path,
+                                             extractor_spec, dataset, seed, run_id, log, Path(views) / f"fold-{fold}",
+                                             protocol, resume=earlier is not None))
+        if kept:
+            client.set_tag(run_id, "crossval.kept_folds", ",".join(kept))
         report = crossval_report(results, out, family, label, data, config_path, dataset, seed, described, run_id)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
