@@ -38,7 +38,7 @@ def crossval_pool(
                               PER_FOLD, fold_runs=runs)
     shutil.copy(Path(report.path) / "crossval_report.md", summary.path)
     pooled = outcome["pooled"]
-    for key in ("real", "real_plus_synthetic", "delta", "ci_low", "ci_high"):
+    for key in ("real", "real_plus_synthetic", "delta", "ci_low", "ci_high", "detectable_delta"):
         if key in pooled:
             metrics.log_metric(key, pooled[key])
     report.metadata.update({"verdict": pooled["verdict"], "run_id": outcome["run_id"]})

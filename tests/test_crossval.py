@@ -17,8 +17,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from sonogen.cli import app
-from sonogen.crossval import (BASELINE, AUGMENTED, COPIES, assign_folds, fold_view, patient_labels, pool,
-                              pooled_verdict, pooled_scores)
+from sonogen.crossval import (BASELINE, AUGMENTED, COPIES, assign_folds, detectable_delta, fold_view,
+                              patient_labels, pool, pooled_verdict, pooled_scores)
 from sonogen.data.manifest import read_manifest, write_manifest
 from sonogen.metrics.downstream import DownstreamConfig, roc_table
 from sonogen.metrics.protocols import PROTOCOLS
@@ -127,6 +127,24 @@ def test_a_three_class_verdict_is_on_balanced_accuracy_with_per_class_f1():
     assert "auc" in result["other_metrics"]  # the label's AUC comes along, with its own interval
 
 
+def test_a_true_effect_of_the_detectable_delta_is_detected_four_times_in_five():
+    rng = np.random.default_rng(11)
+    patients = [f"p{k}" for k in range(60) for _ in range(3)]
+    targets = np.repeat(np.arange(60) % 2, 3)
+
+    def study(accuracy_real, accuracy_synthetic):
+        def arm(accuracy):  # (seeds, images, classes): each seed's call right with probability ``accuracy``
+            right = rng.random((3, len(targets))) < accuracy
+            return np.eye(2)[np.where(right, targets, 1 - targets)] * 0.8 + 0.1
+
+        return pooled_verdict(targets, patients, {BASELINE: arm(accuracy_real), AUGMENTED: arm(accuracy_synthetic)},
+                              ["negative", "positive"], 1, "balanced_accuracy", 200, int(rng.integers(1 << 30)))
+
+    planned = np.mean([detectable_delta(r["ci_low"], r["ci_high"]) for r in (study(0.7, 0.7) for _ in range(10))])
+    detected = [study(0.7, 0.7 + planned)["ci_low"] > 0 for _ in range(40)]
+    assert 0.65 <= np.mean(detected) <= 0.93  # 80 % power; 1.96 standard errors would give ~50 %, 3.92 ~97 %
+
+
 def test_a_generator_that_copies_is_reported_as_copying_whatever_its_delta():
     fold = {"fold": 0, "test_patients": ["a"], "gates": [{"gate": "max_near_copy_fraction", "passed": False}]}
     other = {"fold": 1, "test_patients": ["b"], "gates": [{"gate": "max_near_copy_fraction", "passed": True}]}
@@ -215,6 +233,9 @@ def test_a_three_fold_cross_validation_from_the_cli_gates_tags_and_guards_the_re
     pooled = report["pooled"]
     assert set(pooled) >= {"metric", "real", "real_plus_synthetic", "delta", "ci_low", "ci_high", "verdict"}
     assert pooled["ci_low"] <= pooled["delta"] <= pooled["ci_high"]
+    assert pooled["detectable_delta"] == pytest.approx(detectable_delta(pooled["ci_low"], pooled["ci_high"]))
+    assert f"±{pooled['detectable_delta']:.3f} or more would be detected" in (
+        workdir / "cv" / "dcgan-consolidation" / "crossval_report.md").read_text()
     for name in ("crossval_report.md", "fold_auc.png", "pooled_roc.png"):
         assert (workdir / "cv" / "dcgan-consolidation" / name).stat().st_size > 0
     client = mlflow.MlflowClient()

@@ -154,7 +154,7 @@ def crossval_report(results: list[dict], out: str | Path, family: str, label: st
     if fold_runs:
         client.set_tag(run_id, "crossval.fold_runs", ",".join(fold_runs))
     pooled = report["pooled"]
-    for key in ("real", "real_plus_synthetic", "delta", "ci_low", "ci_high"):
+    for key in ("real", "real_plus_synthetic", "delta", "ci_low", "ci_high", "detectable_delta"):
         if key in pooled:
             client.log_metric(run_id, f"crossval.{key}", pooled[key])
     client.set_tag(run_id, "crossval.verdict", pooled["verdict"])
