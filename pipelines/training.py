@@ -78,6 +78,24 @@ def _register_if_passed(trained: dsl.PipelineTask, gated: dsl.PipelineTask, para
         ).set_caching_options(False)  # registering twice must make a new version, never be skipped
 
 
+def pool_trained_apart(data, encoder, family, label, params, dataset_name) -> dsl.PipelineTask:
+    """A pooled family's members trained on ``data`` as tasks of their own (a ParallelFor over the images the pool
+    chooses, one GPU each on a cluster), then joined into the model gated: the task whose ``model`` it is."""
+    sources = _cluster_environment(pool_members(
+        prepared=data, family=family, label=label, params=params,
+    )).set_cpu_request("1").set_memory_request("2G")
+    # each member item names its family and label: kfp.local (2.17) reads an outer loop's item inside an inner
+    # loop as the inner one's
+    with dsl.ParallelFor(items=sources.output, name="member") as member_of:
+        member = _gpu_training(train_pool_member(
+            prepared=data, encoder=encoder, family=member_of.family, label=member_of.label, source=member_of.source,
+            params=params, dataset_name=dataset_name,
+        ))
+    return _cluster_environment(pool_trained_members(
+        prepared=data, members=dsl.Collected(member.outputs["model"]), family=family, label=label, params=params,
+    )).set_cpu_request("1").set_memory_request("4G")
+
+
 @dsl.pipeline(name=PIPELINE_NAME, description="Train, gate and register ultrasound image generators.")
 def training_pipeline(
     params: str,
@@ -108,20 +126,8 @@ def training_pipeline(
         )).set_cpu_request("1").set_memory_request("2G")
         _register_if_passed(trained, gate(prepared, trained, encoder, params), params)
     with dsl.ParallelFor(items=pool_runs, name="pooled-family-label") as run:
-        sources = _cluster_environment(pool_members(
-            prepared=prepared.outputs["prepared"], family=run.family, label=run.label, params=params,
-        )).set_cpu_request("1").set_memory_request("2G")
-        # each member item names its family and label: kfp.local (2.17) reads an outer loop's item inside an
-        # inner loop as the inner one's
-        with dsl.ParallelFor(items=sources.output, name="member") as member_of:
-            member = _gpu_training(train_pool_member(
-                prepared=prepared.outputs["prepared"], encoder=encoder.outputs["encoder"], family=member_of.family,
-                label=member_of.label, source=member_of.source, params=params, dataset_name=dataset_name,
-            ))
-        pooled = _cluster_environment(pool_trained_members(
-            prepared=prepared.outputs["prepared"], members=dsl.Collected(member.outputs["model"]),
-            family=run.family, label=run.label, params=params,
-        )).set_cpu_request("1").set_memory_request("4G")
+        pooled = pool_trained_apart(prepared.outputs["prepared"], encoder.outputs["encoder"], run.family, run.label,
+                                    params, dataset_name)
         _register_if_passed(pooled, gate(prepared, pooled, encoder, params), params)
 
 

@@ -11,7 +11,7 @@ from sonogen.cli_common import console, user_errors as _user_errors
 
 pipeline_app = typer.Typer(help="Kubeflow Pipelines: compile the training and cross-validation pipelines, run them "
                                 "here or on a cluster.", no_args_is_help=True)
-Which = Annotated[str, typer.Option("--pipeline", help="training; crossval (sonogen-crossval: one family and label "
+Which = Annotated[str, typer.Option("--pipeline", help="training; crossval (sonogen-crossval, or -pooled for a pooled family: one family and label "
                                                        "per run, --family and --label); or generate (sonogen-generate: "
                                                        "a synthetic dataset in shards, --model, --n, --out).")]
 
@@ -36,13 +36,15 @@ def pipeline_compile_command(
         help="params.yaml whose families, labels and settings become the compiled pipeline's defaults.")] = None,
     image: Image = None,
     pipeline: Which = "training",
+    family: Annotated[str | None, typer.Option(
+        help="crossval: a family that pools models trained apart compiles sonogen-crossval-pooled.")] = None,
 ):
     """Compile the training (or cross-validation) pipeline to KFP IR YAML."""
     _set_image(image)
     if pipeline == "crossval":
         from pipelines.crossval import compile_crossval_pipeline
 
-        console.print(f"wrote {compile_crossval_pipeline(out)}")
+        console.print(f"wrote {compile_crossval_pipeline(out, family)}")
         return
     if pipeline == "generate":
         from pipelines.generation import compile_generation_pipeline
@@ -100,11 +102,12 @@ def pipeline_run_command(
 ):
     """Run the training (or cross-validation) pipeline: locally with kfp.local (default) or on a Kubeflow cluster
     (--host)."""
+    import functools
     import tempfile
 
     _set_image(image)
     _check_pipeline(pipeline)
-    from pipelines.crossval import (PIPELINE_NAME as CROSSVAL, compile_crossval_pipeline, crossval_arguments,
+    from pipelines.crossval import (compile_crossval_pipeline, crossval_arguments, crossval_pipeline_name,
                                     run_crossval_local)
     from pipelines.generation import (PIPELINE_NAME as GENERATE, compile_generation_pipeline, generation_arguments,
                                       run_generation_local)
@@ -125,7 +128,8 @@ def pipeline_run_command(
         if not family or not label:
             raise ValueError("--pipeline crossval needs --family and --label")
         arguments = crossval_arguments(params.read_text(), family, label, folds)
-        compile_package, run_here, name = compile_crossval_pipeline, run_crossval_local, CROSSVAL
+        compile_package = functools.partial(compile_crossval_pipeline, family=family)
+        run_here, name = run_crossval_local, crossval_pipeline_name(family)
     else:
         arguments = arguments_from_params(params.read_text())
         compile_package, run_here, name = compile_pipeline, run_local, TRAINING

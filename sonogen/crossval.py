@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -72,15 +73,18 @@ def assign_folds(labels: dict[str, str], folds: int, seed: int = 0) -> dict[str,
 
 
 def fold_view(data: str | Path, fold_of: dict[str, int], fold: int, out: str | Path,
-              validation: int | None = None) -> Path:
+              validation: int | None = None, link: bool = True) -> Path:
     """The dataset as fold ``fold`` sees it, in ``out``: its patients are the test split, fold ``validation``'s
     (if any) the val split, every other patient training data (the dataset's own splits are not used); images
-    and masks are the dataset's (linked)."""
+    and masks are the dataset's (linked, or copied without ``link``: a dataset of its own for other machines)."""
     data, out = Path(data).resolve(), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for folder in ("images", "masks"):
         if (data / folder).is_dir() and not (out / folder).exists():
-            os.symlink(data / folder, out / folder, target_is_directory=True)
+            if link:
+                os.symlink(data / folder, out / folder, target_is_directory=True)
+            else:
+                shutil.copytree(data / folder, out / folder)
     split = {fold: "test", validation: "val"}
     write_manifest(out, [replace(r, split=split.get(fold_of[r.patient_id], "train")) for r in read_manifest(data)])
     return out

@@ -173,3 +173,53 @@ def test_members_trained_as_tasks_of_their_own_take_the_pool_s_images_settings_a
     assert not_pooled.exit_code == 1 and "pools no models" in not_pooled.output
     with pytest.raises(ValueError, match="other images than the pool's"):
         pool_trained(folders[:1], tmp_path / "short", register=False, order=sources)
+
+
+def test_a_pooled_cross_validation_pipeline_trains_each_fold_s_members_as_tasks_with_kfp_local(tmp_path, monkeypatch):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipelines.crossval import compile_crossval_pipeline
+    from sonogen.cli import app
+    from sonogen.crossval import assign_folds, fold_view, patient_labels
+    from sonogen.data.manifest import read_manifest
+    from sonogen.jobs import pool_sources
+
+    spec = next(yaml.safe_load_all(compile_crossval_pipeline(tmp_path / "cv.yaml", "sinddmpool").read_text()))
+    assert spec["pipelineInfo"]["name"] == "sonogen-crossval-pooled"
+    fold_tasks = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    assert {"crossval-fold-data", "pool-members", "for-loop-2", "pool-trained-members", "crossval-pooled-fold"} <= \
+        set(fold_tasks)  # inside each fold, a loop over its members
+    assert set(spec["components"]["comp-for-loop-2"]["dag"]["tasks"]) == {"train-pool-member"}
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = {"dataset": {"name": "lus", "raw": "data/raw/phantom"},
+              "phantom": {"patients": 8, "frames_per_patient": 3, "seed": 0, "consolidation_fraction": 0.5},
+              "prepare": {"size": 32, "split": "0.7,0.15,0.15", "seed": 0, "split_method": "stratify"},
+              "train": {"sinddmpool": {"model": {**TINY, "coarsest_side": [8, 12], "max_images": 2},
+                                       "train": {"epochs": 1, "steps_per_epoch": 4, "batch_size": 2,
+                                                 "eval_samples": 2}}},
+              "evaluate": {"samples": 8, "few_image_samples": 8, "encoder_epochs": 1,
+                           "downstream": {"seeds": 3, "epochs": 1, "bootstrap": 100}},
+              "gates": {"sinddmpool": {"extractor": "us-encoder", "max_near_copy_fraction": 1.0,
+                                       "max_pixel_near_copy_fraction": 1.0, "min_auc_delta_lower_ci": -1.0}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(app, ["pipeline", "run", "--pipeline", "crossval", "--family", "sinddmpool",
+                                      "--label", "consolidation", "--folds", "2"])
+    assert result.exit_code == 0, result.output
+    [report] = (tmp_path / ".kfp").rglob("crossval-pool/report/crossval_report.json")
+    folds = json.loads(report.read_text())["folds"]
+    [prepared] = (tmp_path / ".kfp").rglob("prepare-data/prepared")
+    fold_of = assign_folds(patient_labels(read_manifest(prepared)), 2, 0)
+    for fold in folds:
+        [result_folder] = [p for p in (tmp_path / ".kfp").rglob("crossval-pooled-fold*/result")
+                           if json.loads((p / "fold_result.json").read_text())["fold"] == fold["fold"]]
+        learned = json.loads((result_folder / "model" / "generator" / "config.json").read_text())["config"]["images"]
+        view = fold_view(prepared, fold_of, fold["fold"], tmp_path / f"view-{fold['fold']}")
+        # the members the fold's tasks trained are the pool that `sonogen crossval` trains in the fold, in its order
+        assert learned == pool_sources("sinddmpool", view, "consolidation", "params.yaml")
+        assert fold["extractor"].startswith("us-encoder:") and "crossval-fold-data" in fold["extractor"]
+    assert "registered lus-sinddmpool-consolidation version 1" in result.output  # pooled the same way, gated

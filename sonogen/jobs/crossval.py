@@ -48,13 +48,15 @@ def crossval_extractor(spec: str | None = None) -> str | None:
 def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: int, out: str | Path,
                   config_path: str | Path, extractor_spec: str | None, dataset: str | None = None, seed: int = 0,
                   parent_run_id: str | None = None, log: Callable[[str], None] | None = None,
-                  view: str | Path | None = None, protocol: str | None = None, resume: bool = False) -> dict:
+                  view: str | Path | None = None, protocol: str | None = None, resume: bool = False,
+                  trained: str | Path | None = None) -> dict:
     """Fold ``fold`` of ``folds``: the generator trained on the other folds' patients, gated on the fold's view
     of the data (written to ``view``, default ``out/data``), the downstream classifiers tested on the fold's
     patients; its result in ``out/fold_result.json``. ``extractor_spec`` None: the fold's own us-encoder, trained
     on its training patients (``out/encoder``). ``protocol`` names the downstream protocol in place of
     params.yaml's ``evaluate.downstream.protocol``. ``resume``: a generator whose training left a checkpoint in
-    ``out`` continues from it (``crossval`` checks that the settings are the same)."""
+    ``out`` continues from it (``crossval`` checks that the settings are the same). ``trained``: a model trained
+    apart on this fold's view (``crossval_fold_data``), gated and tested in place of one trained here."""
     data, out = Path(data), Path(out)
     say = (lambda message: log(f"fold {fold}: {message}")) if log else None
     params = read_params(config_path)
@@ -75,9 +77,7 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
     if len(other) > 1:  # the arm of synthetic images only draws the other label too
         raise ValueError(f"crossval.synthetic_only draws the other label's images too, and {data} has {len(other)} "
                          f"other labels ({', '.join(other)}): it needs a two-label dataset")
-    fold_of = assign_folds(patient_labels(records), folds, seed)
-    # a protocol that chooses on validation patients gets the next fold's as validation, unseen by the generator
-    validation = (fold + 1) % folds if config.downstream.resolved.needs_validation else None
+    fold_of, validation = _fold_split(records, fold, folds, seed, config)
     view = fold_view(data, fold_of, fold, view or out / "data", validation)
     if extractor_spec is None:
         if say:
@@ -85,7 +85,9 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
         encoder = train_encoder(view, out / "encoder", dataset or data.name, encoder_epochs, device=config.device)
         extractor_spec = f"us-encoder:{encoder['folder']}"
     if say:
-        say(f"training {family} on {sum(1 for f in fold_of.values() if f not in (fold, validation))} patients")
+        say(f"{'testing the' if trained else 'training'} {family} "
+            f"{'trained apart ' if trained else ''}on {sum(1 for f in fold_of.values() if f not in (fold, validation))} "
+            "patients")
 
     def train_one(target: str, folder: Path) -> None:
         resumed = resume and (folder / CHECKPOINT).is_file()
@@ -95,7 +97,10 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
                         build_prerequisites=True, parent_run_id=parent_run_id, log=say, monitor=extractor_spec,
                         resume=resumed)
 
-    train_one(label, out / "model")
+    if trained is not None:  # trained apart on this fold's view (a pooled family's members, one task each)
+        shutil.copytree(trained, out / "model", dirs_exist_ok=True)
+    else:
+        train_one(label, out / "model")
     generator = load_generator(out / "model" / GENERATOR_DIR, resolve_device(config.device))
     negative = None
     if other:
@@ -138,6 +143,27 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
         result.setdefault("per_seed", {})["seg_dice"] = segmentation["seg_dice_per_seed"]
     (out / FOLD_RESULT).write_text(json.dumps(result) + "\n")
     return result
+
+
+def _fold_split(records, fold: int, folds: int, seed: int, config) -> tuple[dict[str, int], int | None]:
+    """Each patient's fold, and the fold whose patients are fold ``fold``'s validation patients (if any)."""
+    fold_of = assign_folds(patient_labels(records), folds, seed)
+    # a protocol that chooses on validation patients gets the next fold's as validation, unseen by the generator
+    return fold_of, (fold + 1) % folds if config.downstream.resolved.needs_validation else None
+
+
+def crossval_fold_data(data: str | Path, fold: int, folds: int, view: str | Path, encoder: str | Path,
+                       config_path: str | Path, dataset: str | None = None, seed: int = 0) -> dict:
+    """Fold ``fold``'s view of ``data`` as a dataset of its own in ``view`` (images copied: tasks on other nodes
+    read it) and the fold's us-encoder, trained on its training patients, in ``encoder``: what the tasks that train
+    a pooled family's members on the fold share, before ``crossval_fold(..., trained=...)`` tests their pool."""
+    data = Path(data)
+    config, _, encoder_epochs = evaluation_config(read_params(config_path))
+    fold_of, validation = _fold_split(read_manifest(data), fold, folds, seed, config)
+    fold_view(data, fold_of, fold, view, validation, link=False)
+    info = train_encoder(view, encoder, dataset or data.name, encoder_epochs, device=config.device)
+    return {"view": str(view), "encoder": info["folder"],
+            "test_patients": sorted(p for p, f in fold_of.items() if f == fold)}
 
 
 def crossval_report(results: list[dict], out: str | Path, family: str, label: str, data: str | Path,
