@@ -11,9 +11,10 @@ from sonogen.cli_common import console, user_errors as _user_errors
 
 pipeline_app = typer.Typer(help="Kubeflow Pipelines: compile the training and cross-validation pipelines, run them "
                                 "here or on a cluster.", no_args_is_help=True)
-Which = Annotated[str, typer.Option("--pipeline", help="training; crossval (sonogen-crossval, or -pooled for a pooled family: one family and label "
-                                                       "per run, --family and --label); or generate (sonogen-generate: "
-                                                       "a synthetic dataset in shards, --model, --n, --out).")]
+Which = Annotated[str, typer.Option("--pipeline", help="training; crossval (sonogen-crossval, sonogen-crossval-pooled "
+                                                       "for a pooled family: one family and label per run, --family "
+                                                       "and --label); or generate (sonogen-generate: a synthetic "
+                                                       "dataset in shards, --model, --n, --out).")]
 
 
 Image = Annotated[str | None, typer.Option(

@@ -217,6 +217,8 @@ def verdict_line(pooled: dict) -> str:
                         for name, n in pooled.get(
                 "patients_per_class", {"positive": pooled["patients"]["positive"],
                                        "negative": pooled["patients"]["negative"]}).items()))
+    if "detectable_delta" in pooled:
+        line += f"; detectable at 80 % power: ±{pooled['detectable_delta']:.3f}"
     if pooled["verdict"] == COPIES:
         line += f" (effect {pooled['effect']}, but folds {pooled['copying_folds']} copy training images)"
     return line

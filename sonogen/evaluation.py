@@ -334,7 +334,8 @@ def gate_tags(report: dict) -> dict[str, str]:
     if "verdict" in pooled:
         tags["crossval.verdict"] = pooled["verdict"]
         tags["crossval.metric"] = pooled.get("metric", "auc")
-        tags.update({f"crossval.{key}": f"{pooled[key]:.6g}" for key in ("delta", "ci_low", "ci_high") if key in pooled})
+        tags.update({f"crossval.{key}": f"{pooled[key]:.6g}"
+                     for key in ("delta", "ci_low", "ci_high", "detectable_delta") if key in pooled})
     return tags
 
 

@@ -264,6 +264,7 @@ def test_a_three_fold_cross_validation_from_the_cli_gates_tags_and_guards_the_re
     version = client.get_model_version("lus-dcgan-consolidation", "1")
     assert version.tags["crossval.verdict"] == pooled["verdict"]
     assert float(version.tags["crossval.ci_low"]) == pytest.approx(pooled["ci_low"], rel=1e-5)
+    assert float(version.tags["crossval.detectable_delta"]) == pytest.approx(pooled["detectable_delta"], rel=1e-5)
     assert "Usefulness, cross-validated" in version.description and pooled["verdict"] in version.description
     promoted = runner.invoke(app, ["registry", "promote", "lus-dcgan-consolidation", "1", "--to", "champion"])
     if pooled["verdict"] == "helps":
