@@ -36,65 +36,65 @@ def _verdict(prepared, folded, family, label, params, seed, dataset_name) -> dsl
     )).set_cpu_request("2").set_memory_request("4G")
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="Cross-validate a generator family's usefulness by patient.")
-def crossval_pipeline(
-    params: str,
-    family: str = "dcgan",
-    label: str = "consolidation",
-    folds: list = [0, 1, 2, 3, 4],  # noqa: B006  (a KFP default: the fold indices)
-    fold_count: int = 5,
-    seed: int = 0,
-    raw: str = "phantom",
-    dvc_repo: str = "",
-    dvc_rev: str = "",
-    dataset_name: str = "lus",
-):
-    """``folds`` lists the fold indices (0 … ``fold_count`` − 1) the ParallelFor runs."""
-    prepared, encoder = prepared_and_encoder(params, raw, dvc_repo, dvc_rev, dataset_name)
-    with dsl.ParallelFor(items=folds, name="fold") as fold:
-        folded = _gpu_training(crossval_fold(
+def _fold(prepared, family, label, fold, fold_count, params, seed, dataset_name, pooled: bool) -> dsl.PipelineTask:
+    """One fold's task whose ``result`` the verdict pools: the fold trains its generator itself, or (``pooled``)
+    its view and us-encoder are a task, its members a ParallelFor of their own and their pool the model tested."""
+    if not pooled:
+        return _gpu_training(crossval_fold(
             prepared=prepared.outputs["prepared"], family=family, label=label, fold=fold, folds=fold_count,
             params=params, seed=seed, dataset_name=dataset_name,
         ))
-    pooled = _verdict(prepared, folded, family, label, params, seed, dataset_name)
-    trained = _gpu_training(train_generator(
-        prepared=prepared.outputs["prepared"], encoder=encoder.outputs["encoder"], family=family, label=label,
-        params=params, dataset_name=dataset_name,
+    data = _gpu_training(crossval_fold_data(
+        prepared=prepared.outputs["prepared"], fold=fold, folds=fold_count, params=params, seed=seed,
+        dataset_name=dataset_name,
     ))
-    _register_if_passed(trained, gate(prepared, trained, encoder, params, crossval=pooled.outputs["report"]), params)
+    pool = pool_trained_apart(data.outputs["view"], data.outputs["encoder"], family, label, params, dataset_name)
+    return _gpu_training(crossval_pooled_fold(
+        prepared=prepared.outputs["prepared"], model=pool.outputs["model"], encoder=data.outputs["encoder"],
+        family=family, label=label, fold=fold, folds=fold_count, params=params, seed=seed, dataset_name=dataset_name,
+    ))
 
 
-@dsl.pipeline(name=POOLED_PIPELINE_NAME,
-              description="Cross-validate a pooled family's usefulness by patient, its members trained apart.")
-def crossval_pooled_pipeline(
-    params: str,
-    family: str = "sinddmpool",
-    label: str = "consolidation",
-    folds: list = [0, 1, 2, 3, 4],  # noqa: B006  (a KFP default: the fold indices)
-    fold_count: int = 5,
-    seed: int = 0,
-    raw: str = "phantom",
-    dvc_repo: str = "",
-    dvc_rev: str = "",
-    dataset_name: str = "lus",
-):
-    """As ``crossval_pipeline``; each fold's members are tasks of their own, trained on the fold's view."""
-    prepared, encoder = prepared_and_encoder(params, raw, dvc_repo, dvc_rev, dataset_name)
-    with dsl.ParallelFor(items=folds, name="fold") as fold:
-        data = _gpu_training(crossval_fold_data(
-            prepared=prepared.outputs["prepared"], fold=fold, folds=fold_count, params=params, seed=seed,
-            dataset_name=dataset_name,
-        ))
-        pool = pool_trained_apart(data.outputs["view"], data.outputs["encoder"], family, label, params, dataset_name)
-        folded = _gpu_training(crossval_pooled_fold(
-            prepared=prepared.outputs["prepared"], model=pool.outputs["model"], encoder=data.outputs["encoder"],
-            family=family, label=label, fold=fold, folds=fold_count, params=params, seed=seed,
-            dataset_name=dataset_name,
-        ))
-    pooled = _verdict(prepared, folded, family, label, params, seed, dataset_name)
-    trained = pool_trained_apart(prepared.outputs["prepared"], encoder.outputs["encoder"], family, label, params,
-                                 dataset_name)
-    _register_if_passed(trained, gate(prepared, trained, encoder, params, crossval=pooled.outputs["report"]), params)
+def _crossval_pipeline(name: str, description: str, default_family: str, pooled: bool):
+    """``sonogen-crossval``, or with ``pooled`` its pooled families' form (members trained as tasks)."""
+
+    @dsl.pipeline(name=name, description=description)
+    def pipeline(
+        params: str,
+        family: str = default_family,
+        label: str = "consolidation",
+        folds: list = [0, 1, 2, 3, 4],  # noqa: B006  (a KFP default: the fold indices)
+        fold_count: int = 5,
+        seed: int = 0,
+        raw: str = "phantom",
+        dvc_repo: str = "",
+        dvc_rev: str = "",
+        dataset_name: str = "lus",
+    ):
+        """``folds`` lists the fold indices (0 … ``fold_count`` − 1) the ParallelFor runs."""
+        prepared, encoder = prepared_and_encoder(params, raw, dvc_repo, dvc_rev, dataset_name)
+        with dsl.ParallelFor(items=folds, name="fold") as fold:
+            folded = _fold(prepared, family, label, fold, fold_count, params, seed, dataset_name, pooled)
+        verdict = _verdict(prepared, folded, family, label, params, seed, dataset_name)
+        if pooled:
+            trained = pool_trained_apart(prepared.outputs["prepared"], encoder.outputs["encoder"], family, label,
+                                         params, dataset_name)
+        else:
+            trained = _gpu_training(train_generator(
+                prepared=prepared.outputs["prepared"], encoder=encoder.outputs["encoder"], family=family,
+                label=label, params=params, dataset_name=dataset_name,
+            ))
+        gated = gate(prepared, trained, encoder, params, crossval=verdict.outputs["report"])
+        _register_if_passed(trained, gated, params)
+
+    return pipeline
+
+
+crossval_pipeline = _crossval_pipeline(PIPELINE_NAME, "Cross-validate a generator family's usefulness by patient.",
+                                       "dcgan", pooled=False)
+crossval_pooled_pipeline = _crossval_pipeline(
+    POOLED_PIPELINE_NAME, "Cross-validate a pooled family's usefulness by patient, its members trained apart.",
+    "sinddmpool", pooled=True)
 
 
 def _pipeline_of(family: str | None) -> tuple:
