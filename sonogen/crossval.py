@@ -41,11 +41,14 @@ COPY_GATES = ("max_near_copy_fraction", "max_pixel_near_copy_fraction")
 # error is read from the 95 % interval (half its width over z_0.975): docs/crossval.md, "How it decides"
 DETECTABLE_PER_WIDTH = (1.959964 + 0.841621) / (2 * 1.959964)
 
+HELPS, HURTS, NO_EFFECT, COPIES = "helps", "hurts", "no measurable effect", "copies training images"
+# the delta helps, but no more than the same number of real images of the label repeated (the control arm)
+REPEATS_ONLY = "helps no more than repeated real images"
+
 
 def detectable_delta(low: float, high: float) -> float:
     """The smallest true delta this design detects with 80 % power at the 5 % level, from its 95 % interval."""
     return DETECTABLE_PER_WIDTH * (high - low)
-HELPS, HURTS, NO_EFFECT, COPIES = "helps", "hurts", "no measurable effect", "copies training images"
 
 
 def patient_labels(records) -> dict[str, str]:
@@ -107,10 +110,17 @@ def pooled_verdict(targets: np.ndarray, patients: list[str], probabilities: dict
     strata = patient_strata(targets, patients)
     summary = summarise(targets, patients, probabilities, classes, positive, resamples, seed)
     low, high = summary[f"{metric}_delta_ci95"]
-    effect = effect_of(low, high)
-    return {"metric": metric, **{m: summary[m] for m in METRICS if m in summary},
+    effect = verdict = effect_of(low, high)
+    control = {}
+    if f"{metric}_over_repeated" in summary:
+        control_low, control_high = summary[f"{metric}_over_repeated_ci95"]
+        control = {"over_repeated": {"delta": summary[f"{metric}_over_repeated"], "ci95": [control_low, control_high],
+                                     "effect": effect_of(control_low, control_high)}}
+        if effect == HELPS and control["over_repeated"]["effect"] != HELPS:
+            verdict = REPEATS_ONLY  # extra examples of the label help; the synthetic ones are not shown to add more
+    return {"metric": metric, **{m: summary[m] for m in METRICS if m in summary}, **control,
             "real": summary[metric][BASELINE], "real_plus_synthetic": summary[metric][AUGMENTED],
-            "delta": summary[f"{metric}_delta"], "ci_low": low, "ci_high": high, "effect": effect, "verdict": effect,
+            "delta": summary[f"{metric}_delta"], "ci_low": low, "ci_high": high, "effect": effect, "verdict": verdict,
             "other_metrics": {m: {"delta": summary[f"{m}_delta"], "ci95": summary[f"{m}_delta_ci95"]}
                               for m in METRICS if m in summary and m != metric},
             "per_class": summary["per_class"], "bootstrap_resamples": resamples,
@@ -142,7 +152,9 @@ def pool(folds: list[dict], resamples: int = 1000, seed: int = 0) -> dict:
         first = scoring[0]
         pooled = pooled_verdict(np.concatenate([f.get("class_targets", f["targets"]) for f in scoring]),
                                 [p for f in scoring for p in f["image_patients"]],
-                                {arm: np.concatenate([e[arm] for e in each], axis=1) for arm in each[0]},
+                                # the arms of every fold (a control arm is missing from folds run before it)
+                                {arm: np.concatenate([e[arm] for e in each], axis=1) for arm in each[0]
+                                 if all(arm in e for e in each)},
                                 first.get("classes"), first.get("positive", 1), first.get("metric", "auc"),
                                 resamples, seed)
         pooled["protocol"] = first.get("protocol", "default")
@@ -184,7 +196,7 @@ def _verdict_on(pooled: dict, protocol: str, metric: str, values: dict[str, floa
     classifiers', whose metrics come along with ``others`` in ``other_metrics``."""
     low, high = interval
     effect = effect_of(low, high)
-    return {**{k: v for k, v in pooled.items() if k not in ("verdict", "effect", "reason")},
+    return {**{k: v for k, v in pooled.items() if k not in ("verdict", "effect", "reason", "over_repeated")},
             "protocol": protocol, "metric": metric, "real": values[BASELINE], "real_plus_synthetic": values[AUGMENTED],
             "delta": delta, "ci_low": low, "ci_high": high, "effect": effect, "verdict": effect,
             "patients_per_class": patients_per_class, "other_metrics": {**(others or {}), **_classifier_metrics(pooled)}}
@@ -217,6 +229,9 @@ def verdict_line(pooled: dict) -> str:
                         for name, n in pooled.get(
                 "patients_per_class", {"positive": pooled["patients"]["positive"],
                                        "negative": pooled["patients"]["negative"]}).items()))
+    if control := pooled.get("over_repeated"):
+        line += (f"; against as many real images of the label repeated: {control['delta']:+.3f} "
+                 f"[{control['ci95'][0]:+.3f}, {control['ci95'][1]:+.3f}]")
     if "detectable_delta" in pooled:
         line += f"; detectable at 80 % power: ±{pooled['detectable_delta']:.3f}"
     if pooled["verdict"] == COPIES:

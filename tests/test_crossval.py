@@ -17,10 +17,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 from sonogen.cli import app
-from sonogen.crossval import (BASELINE, AUGMENTED, COPIES, assign_folds, detectable_delta, fold_view,
-                              patient_labels, pool, pooled_verdict, pooled_scores)
+from sonogen.crossval import (BASELINE, AUGMENTED, COPIES, REPEATS_ONLY, assign_folds, detectable_delta, fold_view,
+                              patient_labels, pool, pooled_verdict, pooled_scores, verdict_line)
 from sonogen.data.manifest import read_manifest, write_manifest
-from sonogen.metrics.downstream import DownstreamConfig, roc_table
+from sonogen.metrics.downstream import REPEATED, DownstreamConfig, roc_table
 from sonogen.metrics.protocols import PROTOCOLS
 from sonogen.generators import Generator, register_family
 from sonogen.generators.families import unregister_family
@@ -127,6 +127,26 @@ def test_a_three_class_verdict_is_on_balanced_accuracy_with_per_class_f1():
     assert "auc" in result["other_metrics"]  # the label's AUC comes along, with its own interval
 
 
+def test_a_gain_that_repeating_real_images_of_the_label_matches_is_not_called_helps():
+    rng = np.random.default_rng(3)
+    patients = [f"p{k}" for k in range(40) for _ in range(3)]
+    targets = np.repeat(np.arange(40) % 2, 3)
+
+    def noisy(sharpness):  # (seeds, images, classes): the true class made more probable by ``sharpness``
+        logits = rng.normal(size=(3, len(targets), 2)) + sharpness * np.eye(2)[targets]
+        return np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+
+    real, better = noisy(0.2), noisy(1.5)
+    as_good = pooled_verdict(targets, patients, {BASELINE: real, AUGMENTED: better, REPEATED: better.copy()},
+                             resamples=200)  # repeating real positives does exactly what the synthetic ones do
+    assert as_good["effect"] == "helps" and as_good["verdict"] == REPEATS_ONLY
+    assert as_good["over_repeated"]["effect"] == "no measurable effect"
+    beyond = pooled_verdict(targets, patients, {BASELINE: real, AUGMENTED: better, REPEATED: real.copy()},
+                            resamples=200)  # repeating them does nothing
+    assert beyond["verdict"] == beyond["over_repeated"]["effect"] == "helps"
+    assert "against as many real images of the label repeated" in verdict_line(beyond)
+
+
 def test_a_true_effect_of_the_detectable_delta_is_detected_four_times_in_five():
     rng = np.random.default_rng(11)
     patients = [f"p{k}" for k in range(60) for _ in range(3)]
@@ -226,7 +246,7 @@ def test_a_three_fold_cross_validation_from_the_cli_gates_tags_and_guards_the_re
     assert [f["fold"] for f in report["folds"]] == [0, 1, 2]
     for fold in report["folds"]:
         assert not set(fold["generator_train_patients"]) & set(fold["test_patients"])
-        assert set(fold["per_seed"]["auc"]) == {"real", "real+synthetic", "synthetic+real-negatives"}
+        assert set(fold["per_seed"]["auc"]) == {"real", "real+synthetic", "real+repeated", "synthetic+real-negatives"}
         assert all(len(values) == 3 for values in fold["per_seed"]["auc"].values())  # per training set, per seed
     assert sorted(p for f in report["folds"] for p in f["test_patients"]) == sorted(
         {r.patient_id for r in read_manifest(lus)})
@@ -522,7 +542,7 @@ def test_each_fold_can_train_the_other_label_too_for_the_arm_of_synthetic_images
                                       "--folds", "2", "--out", "cv", "--extractor", "pixels-16"])
     assert result.exit_code == 0, result.output
     report = json.loads((workdir / "cv" / "crossval_report.json").read_text())
-    arms = {"real", "real+synthetic", "synthetic+real-negatives", "synthetic"}
+    arms = {"real", "real+synthetic", "real+repeated", "synthetic+real-negatives", "synthetic"}
     for fold in report["folds"]:
         assert set(fold["probabilities"]) == arms and set(fold["per_seed"]["auc"]) == arms
         negative = json.loads((workdir / "cv" / f"fold-{fold['fold']}" / "negative" / "run.json").read_text())

@@ -163,8 +163,8 @@ def test_dvc_repro_prepares_trains_evaluates_and_registers_what_passes(project):
     out = run([sys.executable, "-m", "sonogen.cli", "evaluate", "--model", "models:/lus-dcgan-normal@candidate",
                "--data", str(prepared), "--config", "params.yaml", "--out", "reports/adhoc"], project)
     assert "lus-dcgan-normal-v1: FAILED (lus-us-encoder@1)" in out
-    # the long steps are announced as they start: the nine downstream classifiers take most of an evaluation
-    assert "lus-dcgan-normal-v1: downstream classifier 9/9: synthetic+real-negatives, seed 2" in out
+    # the long steps are announced as they start: the twelve downstream classifiers take most of an evaluation
+    assert "lus-dcgan-normal-v1: downstream classifier 12/12: synthetic+real-negatives, seed 2" in out
     assert _version_tags(project, "lus-dcgan-normal", "1")["gate"] == "failed"
     with Image.open(prepared / records[0].image) as im:
         assert im.size == (32, 32)

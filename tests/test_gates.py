@@ -111,15 +111,32 @@ def test_validation_keeps_the_best_epoch_and_says_which(lus):
     assert torch.equal(predict_proba(chosen, images), predict_proba(two_epochs, images))
 
 
-def test_downstream_reports_auc_per_condition_with_a_patient_bootstrap(lus):
+def test_downstream_reports_auc_per_condition_with_a_patient_bootstrap(lus, monkeypatch):
+    from sonogen.metrics import downstream
+
     train, train_labels, _ = split_images(lus, "train")
     test, test_labels, patients = split_images(lus, "test")
     positive = torch.tensor([x == "consolidation" for x in train_labels])
     flipped_positives = train[positive].flip(-1)  # a stand-in generator: mirrored real positives
     config = DownstreamConfig(seeds=3, epochs=8, bootstrap=200)
+    fitted = []
+
+    def recording_fit(images, targets, *args):
+        fitted.append((images, targets))
+        return fit(images, targets, *args)
+
+    fit = downstream._fit
+    monkeypatch.setattr(downstream, "_fit", recording_fit)
     result = downstream_usefulness(train, positive, test, torch.tensor([x == "consolidation" for x in test_labels]),
                                    patients, flipped_positives, None, config)
-    assert set(result["auc"]) == {"real", "real+synthetic", "synthetic+real-negatives"}
+    assert set(result["auc"]) == {"real", "real+synthetic", "real+repeated", "synthetic+real-negatives"}
+    # the control: the real set plus as many real positives drawn again as there are synthetic ones
+    repeated, targets = fitted[2 * config.seeds]
+    extra = repeated[len(train):]
+    assert len(extra) == len(flipped_positives) and (targets[len(train):] == 1).all()
+    assert all(any(torch.equal(image, real) for real in train[positive]) for image in extra)
+    low, high = result["auc_over_repeated_ci95"]
+    assert low <= result["auc_over_repeated"] <= high
     assert all(len(v) == 3 for v in result["auc_per_seed"].values())
     assert result["auc"]["real"] >= 0.9  # phantom consolidations are easy to see
     low, high = result["auc_delta_ci95"]

@@ -3,6 +3,8 @@
 The same reduced-VGG classifier is trained, for each replicate seed, on
   real            the real training images (the baseline)
   real+synthetic  the same plus synthetic images of the label
+  real+repeated   the same plus as many real images of the label drawn again (with replacement): the control that
+                  tells what synthetic images add from what any extra examples of the label add (class balance)
   synthetic+real-negatives  synthetic images of the label in place of the real ones
   synthetic       synthetic images of the label and of the other class (label vs rest, with a generator of it)
 and scored on the real, patient-level test split: AUC-ROC of the label, balanced accuracy and per-class
@@ -26,6 +28,7 @@ from sonogen.metrics.protocols import METRICS, Protocol, get_protocol, search_sp
 
 BASELINE = "real"
 AUGMENTED = "real+synthetic"
+REPEATED = "real+repeated"
 
 
 @dataclass
@@ -123,14 +126,16 @@ def patient_resamples(strata: list[list[np.ndarray]], resamples: int, seed: int 
 
 
 def paired_bootstrap(targets: np.ndarray, patients: list[str], probabilities: dict[str, np.ndarray], metric: str,
-                     positive: int, resamples: int, seed: int = 0) -> tuple[float, float]:
-    """95 % interval of ``metric``'s ``real+synthetic − real`` over patient resamples within each class's
-    patients; ``probabilities[arm]`` is ``(seeds, images, classes)``, averaged over seeds inside a resample."""
+                     positive: int, resamples: int, seed: int = 0,
+                     arms: tuple[str, str] = (AUGMENTED, BASELINE)) -> tuple[float, float]:
+    """95 % interval of ``metric``'s ``arms[0] − arms[1]`` (``real+synthetic − real``) over patient resamples
+    within each class's patients; ``probabilities[arm]`` is ``(seeds, images, classes)``, averaged over seeds
+    inside a resample."""
     strata = list(patient_strata(targets, patients).values())
     deltas = np.empty(resamples)
     for index, rows in enumerate(patient_resamples(strata, resamples, seed)):
         deltas[index] = np.subtract(*(np.mean([score(metric, targets[rows], p[rows], positive)
-                                               for p in probabilities[arm]]) for arm in (AUGMENTED, BASELINE)))
+                                               for p in probabilities[arm]]) for arm in arms))
     return float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5))
 
 
@@ -148,6 +153,11 @@ def summarise(targets: np.ndarray, patients: list[str], probabilities: dict[str,
                        f"{metric}_delta": mean[AUGMENTED] - mean[BASELINE],
                        f"{metric}_delta_ci95": list(paired_bootstrap(targets, patients, probabilities, metric,
                                                                      positive, resamples, seed))})
+        if REPEATED in probabilities:  # the synthetic images against as many real ones repeated
+            result.update({f"{metric}_over_repeated": mean[AUGMENTED] - mean[REPEATED],
+                           f"{metric}_over_repeated_ci95": list(paired_bootstrap(
+                               targets, patients, probabilities, metric, positive, resamples, seed,
+                               (AUGMENTED, REPEATED)))})
     result["per_class"] = {arm: per_class(targets, runs.mean(0), classes) for arm, runs in probabilities.items()}
     return result
 
@@ -209,10 +219,14 @@ def downstream_usefulness(
         validation = (validation[0], validation[1].long().numpy())
     real = (train_images, train_targets)
     others = train_targets != positive
+    # the control: the label's real training images drawn again, as many as the synthetic ones (seeded)
+    repeats = torch.from_numpy(np.random.default_rng(0).choice(np.flatnonzero(~others), len(synthetic_positives)))
     conditions = {
         BASELINE: real,
         AUGMENTED: (torch.cat([train_images, synthetic_positives]),
                     np.r_[train_targets, np.full(len(synthetic_positives), positive)]),
+        REPEATED: (torch.cat([train_images, train_images[repeats]]),
+                   np.r_[train_targets, np.full(len(synthetic_positives), positive)]),
         "synthetic+real-negatives": (torch.cat([train_images[torch.from_numpy(others)], synthetic_positives]),
                                      np.r_[train_targets[others], np.full(len(synthetic_positives), positive)]),
     }
