@@ -78,7 +78,7 @@ def test_an_interrupted_cross_validation_resumed_gives_the_uninterrupted_verdict
 
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("lus-dcgan").experiment_id
-    run_id = json.loads((workdir / "cv" / jobs_crossval.SETTINGS).read_text())["run_id"]
+    run_id = json.loads((workdir / "cv" / jobs_crossval.RUN_POINTER).read_text())["run_id"]
     assert len(client.search_runs([experiment], "tags.crossval = 'true'")) == 2  # the uninterrupted run and this
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["crossval.kept_folds"] == "0"
@@ -108,4 +108,4 @@ def test_an_interrupted_cross_validation_resumed_gives_the_uninterrupted_verdict
     monkeypatch.setattr(jobs_crossval, "crossval_fold", lost_at_once)
     assert isinstance(crossval_cli(lus).exception, RuntimeError)
     assert not list((workdir / "cv").glob("fold-*"))
-    assert json.loads((workdir / "cv" / jobs_crossval.SETTINGS).read_text())["run_id"] != run_id
+    assert json.loads((workdir / "cv" / jobs_crossval.RUN_POINTER).read_text())["run_id"] != run_id

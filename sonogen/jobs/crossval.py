@@ -28,6 +28,9 @@ from sonogen.tracking import configure_mlflow, dataset_identity, git_commit, set
 
 FOLD_RESULT = "fold_result.json"
 SETTINGS = "crossval_settings.json"  # what a resumed run must share with the run it finishes
+# which MLflow run holds the cross-validation, from which commit: a pointer into the store, a new one every run,
+# so kept apart from the outputs' content (.dvcignore leaves it out of their hashes)
+RUN_POINTER = "crossval_run.json"
 # params.yaml sections that decide nothing inside a fold (the data's making is in its manifest's digest), and the
 # lists that only choose which runs a matrix makes
 NOT_FOLD_SETTINGS = ("dataset", "phantom", "prepare", "register", "train.families", "train.labels",
@@ -262,19 +265,22 @@ def crossval(family: str, data: str | Path, label: str, folds: int, out: str | P
     settings = fold_settings(family, data, label, folds, seed, extractor_spec, protocol, config_path)
     earlier = _earlier_run(out, settings, log) if resume else None
     client = _client()
-    if earlier:
-        run_id = earlier["run_id"]
+    pointer = json.loads((out / RUN_POINTER).read_text()) if earlier and (out / RUN_POINTER).is_file() else None
+    if pointer:  # the interrupted run continues (outputs fetched by `dvc pull` come without it: a new run then)
+        run_id = pointer["run_id"]
         client.update_run(run_id, status="RUNNING")
-        if earlier["code_version"] != git_commit():
+        if pointer["code_version"] != git_commit():
             client.set_tag(run_id, "crossval.resumed_code_version", git_commit())
+    elif earlier:
+        run_id = _start_run(client, family, label, data, dataset, folds, seed, described)
     else:
         for folder in out.glob("fold-*"):  # an earlier run's folds: never to be mixed into this one's
             if folder.is_dir():
                 shutil.rmtree(folder)
         run_id = _start_run(client, family, label, data, dataset, folds, seed, described)
     out.mkdir(parents=True, exist_ok=True)
-    (out / SETTINGS).write_text(json.dumps({**settings, "run_id": run_id, "code_version": git_commit()}, indent=2)
-                                + "\n")
+    (out / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+    (out / RUN_POINTER).write_text(json.dumps({"run_id": run_id, "code_version": git_commit()}, indent=2) + "\n")
     try:
         results, kept = [], []
         with tempfile.TemporaryDirectory(prefix="sonogen-folds-") as views:  # links to the data: not outputs
