@@ -88,9 +88,9 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
         encoder = train_encoder(view, out / "encoder", dataset or data.name, encoder_epochs, device=config.device)
         extractor_spec = f"us-encoder:{encoder['folder']}"
     if say:
-        say(f"{'testing the' if trained else 'training'} {family} "
-            f"{'trained apart ' if trained else ''}on {sum(1 for f in fold_of.values() if f not in (fold, validation))} "
-            "patients")
+        patients = sum(1 for f in fold_of.values() if f not in (fold, validation))
+        say(f"testing the {family} trained apart on {patients} patients" if trained
+            else f"training {family} on {patients} patients")
 
     def train_one(target: str, folder: Path) -> None:
         resumed = resume and (folder / CHECKPOINT).is_file()
@@ -264,23 +264,23 @@ def crossval(family: str, data: str | Path, label: str, folds: int, out: str | P
     described = extractor_spec or PER_FOLD
     settings = fold_settings(family, data, label, folds, seed, extractor_spec, protocol, config_path)
     earlier = _earlier_run(out, settings, log) if resume else None
-    client = _client()
-    pointer = json.loads((out / RUN_POINTER).read_text()) if earlier and (out / RUN_POINTER).is_file() else None
-    if pointer:  # the interrupted run continues (outputs fetched by `dvc pull` come without it: a new run then)
-        run_id = pointer["run_id"]
-        client.update_run(run_id, status="RUNNING")
-        if pointer["code_version"] != git_commit():
-            client.set_tag(run_id, "crossval.resumed_code_version", git_commit())
-    elif earlier:
-        run_id = _start_run(client, family, label, data, dataset, folds, seed, described)
-    else:
+    if not earlier:
         for folder in out.glob("fold-*"):  # an earlier run's folds: never to be mixed into this one's
             if folder.is_dir():
                 shutil.rmtree(folder)
+    client, commit = _client(), git_commit()
+    # the interrupted run continues in its MLflow run (outputs fetched by `dvc pull` come without the pointer)
+    pointer = json.loads((out / RUN_POINTER).read_text()) if earlier and (out / RUN_POINTER).is_file() else None
+    if pointer:
+        run_id = pointer["run_id"]
+        client.update_run(run_id, status="RUNNING")
+        if pointer["code_version"] != commit:
+            client.set_tag(run_id, "crossval.resumed_code_version", commit)
+    else:
         run_id = _start_run(client, family, label, data, dataset, folds, seed, described)
     out.mkdir(parents=True, exist_ok=True)
     (out / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
-    (out / RUN_POINTER).write_text(json.dumps({"run_id": run_id, "code_version": git_commit()}, indent=2) + "\n")
+    (out / RUN_POINTER).write_text(json.dumps({"run_id": run_id, "code_version": commit}, indent=2) + "\n")
     try:
         results, kept = [], []
         with tempfile.TemporaryDirectory(prefix="sonogen-folds-") as views:  # links to the data: not outputs
