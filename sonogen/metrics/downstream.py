@@ -127,37 +127,40 @@ def patient_resamples(strata: list[list[np.ndarray]], resamples: int, seed: int 
 
 def paired_bootstrap(targets: np.ndarray, patients: list[str], probabilities: dict[str, np.ndarray], metric: str,
                      positive: int, resamples: int, seed: int = 0,
-                     arms: tuple[str, str] = (AUGMENTED, BASELINE)) -> tuple[float, float]:
-    """95 % interval of ``metric``'s ``arms[0] − arms[1]`` (``real+synthetic − real``) over patient resamples
-    within each class's patients; ``probabilities[arm]`` is ``(seeds, images, classes)``, averaged over seeds
-    inside a resample."""
+                     pairs: tuple[tuple[str, str], ...] = ((AUGMENTED, BASELINE),)) -> list[tuple[float, float]]:
+    """Per pair ``(a, b)`` (``real+synthetic − real``), the 95 % interval of ``metric``'s ``a − b`` over patient
+    resamples within each class's patients, every pair on the same resamples and each arm scored once per
+    resample; ``probabilities[arm]`` is ``(seeds, images, classes)``, averaged over seeds inside a resample."""
     strata = list(patient_strata(targets, patients).values())
-    deltas = np.empty(resamples)
+    arms = sorted({arm for pair in pairs for arm in pair})
+    scores = {arm: np.empty(resamples) for arm in arms}
     for index, rows in enumerate(patient_resamples(strata, resamples, seed)):
-        deltas[index] = np.subtract(*(np.mean([score(metric, targets[rows], p[rows], positive)
-                                               for p in probabilities[arm]]) for arm in arms))
-    return float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5))
+        for arm in arms:
+            scores[arm][index] = np.mean([score(metric, targets[rows], p[rows], positive) for p in probabilities[arm]])
+    return [(float(np.percentile(scores[a] - scores[b], 2.5)), float(np.percentile(scores[a] - scores[b], 97.5)))
+            for a, b in pairs]
 
 
 def summarise(targets: np.ndarray, patients: list[str], probabilities: dict[str, np.ndarray], classes: list[str],
               positive: int, resamples: int, seed: int = 0) -> dict:
     """Every metric per arm (mean over seeds, and per seed), per-class precision / recall / F1 of the
-    seed-averaged probabilities, and each metric's delta with its patient-bootstrap interval."""
+    seed-averaged probabilities, and each metric's delta with its patient-bootstrap interval (and, with the
+    control arm, real+synthetic's delta over it, ``over_repeated``)."""
     result: dict = {}
+    # the synthetic images against as many real ones repeated, where the control arm ran
+    pairs = ((AUGMENTED, BASELINE),) + (((AUGMENTED, REPEATED),) if REPEATED in probabilities else ())
     for metric in METRICS:
         if metric == "auc" and len(np.unique(targets == positive)) < 2:
             continue
         per_seed = {arm: [score(metric, targets, p, positive) for p in runs] for arm, runs in probabilities.items()}
         mean = {arm: float(np.mean(v)) for arm, v in per_seed.items()}
+        intervals = paired_bootstrap(targets, patients, probabilities, metric, positive, resamples, seed, pairs)
         result.update({metric: mean, f"{metric}_per_seed": per_seed,
                        f"{metric}_delta": mean[AUGMENTED] - mean[BASELINE],
-                       f"{metric}_delta_ci95": list(paired_bootstrap(targets, patients, probabilities, metric,
-                                                                     positive, resamples, seed))})
-        if REPEATED in probabilities:  # the synthetic images against as many real ones repeated
+                       f"{metric}_delta_ci95": list(intervals[0])})
+        if len(pairs) > 1:
             result.update({f"{metric}_over_repeated": mean[AUGMENTED] - mean[REPEATED],
-                           f"{metric}_over_repeated_ci95": list(paired_bootstrap(
-                               targets, patients, probabilities, metric, positive, resamples, seed,
-                               (AUGMENTED, REPEATED)))})
+                           f"{metric}_over_repeated_ci95": list(intervals[1])})
     result["per_class"] = {arm: per_class(targets, runs.mean(0), classes) for arm, runs in probabilities.items()}
     return result
 
