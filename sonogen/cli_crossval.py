@@ -40,6 +40,10 @@ def crossval_command(
         help="Finish the interrupted run in --out: finished folds are kept, an unfinished fold's training continues "
              "from its checkpoint; refused if the settings changed. Without it an earlier run there is replaced.")]
     = False,
+    models_from: Annotated[Path | None, typer.Option(
+        help="An earlier run's --out (without FAMILY: the folder of its <family>-<label> runs): test its folds' "
+             "generators again instead of training them, when only the evaluation changed (protocol's arms, "
+             "evaluate, gates); refused unless they were trained as this run would train them.")] = None,
 ):
     """Train the generator K times, each time without one fold's patients, and test the downstream classifiers on
     those patients; pool every patient's out-of-fold predictions into one verdict: helps, hurts, or no
@@ -52,17 +56,18 @@ def crossval_command(
     if family is not None:
         if label is None:
             raise ValueError("--label: which label the generator draws (with FAMILY)")
-        runs = [(family, label, out)]
+        runs = [(family, label, out, models_from)]
     else:
-        runs = [(f, lb, out / f"{f}-{lb}") for f in settings.get("families", []) for lb in settings.get("labels", [])]
+        runs = [(f, lb, out / f"{f}-{lb}", models_from / f"{f}-{lb}" if models_from else None)
+                for f in settings.get("families", []) for lb in settings.get("labels", [])]
         out.mkdir(parents=True, exist_ok=True)
-        (out / INDEX).write_text(json.dumps({"runs": [f"{f}-{lb}" for f, lb, _ in runs], "folds": folds,
+        (out / INDEX).write_text(json.dumps({"runs": [f"{f}-{lb}" for f, lb, _, _ in runs], "folds": folds,
                                              "seed": seed}, indent=2) + "\n")
         if not runs:
             console.print(f"params.yaml's crossval lists no families and labels: nothing to do ({out / INDEX})")
-    for run_family, run_label, run_out in runs:
+    for run_family, run_label, run_out, run_models in runs:
         report = crossval(run_family, data, run_label, folds, run_out, config, dataset, seed, extractor, log=log,
-                          protocol=protocol, resume=resume)
+                          protocol=protocol, resume=resume, models_from=run_models)
         pooled = report["pooled"]
         colour = {"helps": "green", "hurts": "red"}.get(pooled["verdict"], "yellow")
         console.print(f"{run_family}-{run_label}: [{colour}]{pooled['verdict']}[/{colour}]; report "

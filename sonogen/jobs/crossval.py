@@ -35,6 +35,8 @@ RUN_POINTER = "crossval_run.json"
 # lists that only choose which runs a matrix makes
 NOT_FOLD_SETTINGS = ("dataset", "phantom", "prepare", "register", "train.families", "train.labels",
                      "crossval.families", "crossval.labels")
+# what a fold's generator never reads: ``--models-from`` reuses generators across changes of these
+EVALUATION_SETTINGS = ("evaluate", "gates")
 PER_FOLD = "us-encoder, one per fold on its training patients"
 # judged on the pooled verdict, not on one fold's few patients
 POOLED_GATES = ("min_auc_delta_lower_ci", "min_balanced_accuracy_delta_lower_ci", "min_detection_ap50_delta",
@@ -52,14 +54,15 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
                   config_path: str | Path, extractor_spec: str | None, dataset: str | None = None, seed: int = 0,
                   parent_run_id: str | None = None, log: Callable[[str], None] | None = None,
                   view: str | Path | None = None, protocol: str | None = None, resume: bool = False,
-                  trained: str | Path | None = None) -> dict:
+                  trained: str | Path | None = None, trained_on: list[str] | None = None) -> dict:
     """Fold ``fold`` of ``folds``: the generator trained on the other folds' patients, gated on the fold's view
     of the data (written to ``view``, default ``out/data``), the downstream classifiers tested on the fold's
     patients; its result in ``out/fold_result.json``. ``extractor_spec`` None: the fold's own us-encoder, trained
     on its training patients (``out/encoder``). ``protocol`` names the downstream protocol in place of
     params.yaml's ``evaluate.downstream.protocol``. ``resume``: a generator whose training left a checkpoint in
     ``out`` continues from it (``crossval`` checks that the settings are the same). ``trained``: a model trained
-    apart on this fold's view (``crossval_fold_data``), gated and tested in place of one trained here."""
+    apart on this fold's view (``crossval_fold_data``), gated and tested in place of one trained here;
+    ``trained_on``: the patients it learned from, refused unless they are this fold's generator patients."""
     data, out = Path(data), Path(out)
     say = (lambda message: log(f"fold {fold}: {message}")) if log else None
     params = read_params(config_path)
@@ -81,6 +84,13 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
         raise ValueError(f"crossval.synthetic_only draws the other label's images too, and {data} has {len(other)} "
                          f"other labels ({', '.join(other)}): it needs a two-label dataset")
     fold_of, validation = _fold_split(records, fold, folds, seed, config)
+    train_patients = sorted(p for p, f in fold_of.items() if f not in (fold, validation))
+    if trained_on is not None and sorted(trained_on) != train_patients:
+        raise ValueError(
+            f"fold {fold}: the model in {trained} learned from {len(set(trained_on) ^ set(train_patients))} patients "
+            f"other than this fold's generator would (protocol {config.downstream.protocol}"
+            f"{' keeps validation patients apart' if validation is not None else ' keeps no validation patients'}): "
+            "test it under the protocol it was trained for, or train the generators again (without --models-from)")
     view = fold_view(data, fold_of, fold, view or out / "data", validation)
     if extractor_spec is None:
         if say:
@@ -88,9 +98,8 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
         encoder = train_encoder(view, out / "encoder", dataset or data.name, encoder_epochs, device=config.device)
         extractor_spec = f"us-encoder:{encoder['folder']}"
     if say:
-        patients = sum(1 for f in fold_of.values() if f not in (fold, validation))
-        say(f"testing the {family} trained apart on {patients} patients" if trained
-            else f"training {family} on {patients} patients")
+        say(f"testing the {family} trained apart on {len(train_patients)} patients" if trained
+            else f"training {family} on {len(train_patients)} patients")
 
     def train_one(target: str, folder: Path) -> None:
         resumed = resume and (folder / CHECKPOINT).is_file()
@@ -118,7 +127,7 @@ def crossval_fold(family: str, data: str | Path, label: str, fold: int, folds: i
     downstream = report.get("downstream", {})
     result = {
         "fold": fold,
-        "generator_train_patients": sorted(p for p, f in fold_of.items() if f not in (fold, validation)),
+        "generator_train_patients": train_patients,
         "validation_patients": sorted(p for p, f in fold_of.items() if f == validation),
         "test_patients": sorted(p for p, f in fold_of.items() if f == fold),
         "gates": report["gates"], "passed": report["passed"], "metrics": report["metrics"],
@@ -250,19 +259,57 @@ def _earlier_run(out: Path, settings: dict, log: Callable[[str], None] | None) -
     return earlier
 
 
+def _models_source(source: Path, out: Path, settings: dict) -> dict:
+    """The earlier cross-validation in ``source`` whose generators ``--models-from`` tests again, with its MLflow
+    run id; refused unless they learned as this run's would: family, label, folds, seed, data, and every
+    params.yaml section but the evaluation's and other families' training."""
+    if source.resolve() == out.resolve():
+        raise ValueError(f"--models-from {source} is this run's --out, whose folds a new run replaces: give the new "
+                         "run another --out")
+    if not (source / SETTINGS).is_file():
+        raise ValueError(f"--models-from: {source} holds no cross-validation ({SETTINGS} is missing): name the --out "
+                         "of a finished `sonogen crossval`")
+    then = json.loads((source / SETTINGS).read_text())
+
+    def training(of: dict) -> dict:
+        return {**{key: of.get(key) for key in ("family", "label", "folds", "seed", "data_manifest_sha256")},
+                "params": {key: value for key, value in of.get("params", {}).items()
+                           if key not in EVALUATION_SETTINGS and not key.startswith("crossval.")
+                           and not (key.startswith("train.") and key != f"train.{settings['family']}")}}
+
+    if changed := _changed(training(then), training(settings)):
+        raise ValueError(f"--models-from: {source}'s generators were trained otherwise: {'; '.join(changed)}. Test "
+                         "them with the settings they were trained with, or train again (without --models-from)")
+    pointer = source / RUN_POINTER  # runs before the pointer file kept the run id in their settings
+    return {"run_id": json.loads(pointer.read_text())["run_id"] if pointer.is_file() else then.get("run_id")}
+
+
+def _fold_models(source: Path, fold: int) -> dict:
+    """``crossval_fold``'s arguments that test fold ``fold``'s generator of the cross-validation in ``source``."""
+    finished, model = source / f"fold-{fold}" / FOLD_RESULT, source / f"fold-{fold}" / "model"
+    if not finished.is_file() or not (model / GENERATOR_DIR).is_dir():
+        raise ValueError(f"--models-from: fold {fold} of {source} did not finish (no {FOLD_RESULT} or saved model): "
+                         "finish that run first (`sonogen crossval ... --resume`)")
+    return {"trained": model, "trained_on": json.loads(finished.read_text())["generator_train_patients"]}
+
+
 def crossval(family: str, data: str | Path, label: str, folds: int, out: str | Path, config_path: str | Path,
              dataset: str | None = None, seed: int = 0, extractor: str | None = None,
-             log: Callable[[str], None] | None = None, protocol: str | None = None, resume: bool = False) -> dict:
+             log: Callable[[str], None] | None = None, protocol: str | None = None, resume: bool = False,
+             models_from: str | Path | None = None) -> dict:
     """All folds, then the pooled report in ``out``; one MLflow run with a child run per fold's generator.
 
     ``resume`` finishes an interrupted run in ``out``, in its MLflow run: finished folds are kept, an unfinished
     fold's training continues from its checkpoint; refused if the settings differ. Without it, an earlier run's
-    folds in ``out`` are replaced."""
+    folds in ``out`` are replaced. ``models_from``: an earlier cross-validation whose fold generators are tested
+    again instead of trained again (when only the evaluation changed); refused unless trained as this run would."""
     data, out = Path(data), Path(out)
     dataset = dataset or data.name
     extractor_spec = crossval_extractor(extractor)
     described = extractor_spec or PER_FOLD
     settings = fold_settings(family, data, label, folds, seed, extractor_spec, protocol, config_path)
+    source = _models_source(Path(models_from), out, settings) if models_from else None
+    settings["models_from"] = str(models_from) if models_from else None
     earlier = _earlier_run(out, settings, log) if resume else None
     if not earlier:
         for folder in out.glob("fold-*"):  # an earlier run's folds: never to be mixed into this one's
@@ -278,6 +325,10 @@ def crossval(family: str, data: str | Path, label: str, folds: int, out: str | P
             client.set_tag(run_id, "crossval.resumed_code_version", commit)
     else:
         run_id = _start_run(client, family, label, data, dataset, folds, seed, described)
+    if source:
+        client.set_tag(run_id, "crossval.models_from", str(models_from))
+        if source["run_id"]:
+            client.set_tag(run_id, "crossval.models_from_run", source["run_id"])
     out.mkdir(parents=True, exist_ok=True)
     (out / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     (out / RUN_POINTER).write_text(json.dumps({"run_id": run_id, "code_version": commit}, indent=2) + "\n")
@@ -292,9 +343,10 @@ def crossval(family: str, data: str | Path, label: str, folds: int, out: str | P
                     if log:
                         log(f"fold {fold}: finished earlier, kept")
                     continue
+                reused = _fold_models(Path(models_from), fold) if source else {}
                 results.append(crossval_fold(family, data, label, fold, folds, out / f"fold-{fold}", config_path,
                                              extractor_spec, dataset, seed, run_id, log, Path(views) / f"fold-{fold}",
-                                             protocol, resume=earlier is not None))
+                                             protocol, resume=earlier is not None, **reused))
         if kept:
             client.set_tag(run_id, "crossval.kept_folds", ",".join(kept))
         report = crossval_report(results, out, family, label, data, config_path, dataset, seed, described, run_id)
