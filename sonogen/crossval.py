@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from sonogen.data.manifest import read_manifest, write_manifest  # noqa: E402
 from sonogen.data.splits import unit_hash  # noqa: E402
 from sonogen.metrics.detection import pooled_detection  # noqa: E402
-from sonogen.metrics.downstream import AUGMENTED, BASELINE, patient_strata, summarise  # noqa: E402
+from sonogen.metrics.downstream import AUGMENTED, BASELINE, REPEATED, patient_strata, summarise  # noqa: E402
 from sonogen.metrics.protocols import METRICS, get_protocol  # noqa: E402
 from sonogen.metrics.segmentation import summarise_dice  # noqa: E402
 
@@ -256,14 +256,15 @@ def write_report(report: dict, out: str | Path) -> Path:
         lines += [f"With these patients a true change of {name} of ±{pooled['detectable_delta']:.3f} or more would "
                   "be detected four times in five (80 % power at the 5 % level, from the interval's width); a smaller "
                   "one can hide in `no measurable effect`.", ""]
+    arms = [BASELINE, AUGMENTED] + [REPEATED] * any(REPEATED in fold_values(f, metric) for f in report["folds"])
     lines += ["| fold | generator trained on (patients) | tested on (patients) | gates (other than usefulness) | "
-             f"{name} real | {name} real+synthetic |", "|---|---|---|---|---|---|"]
+              + "".join(f"{name} {arm} | " for arm in arms).rstrip(), "|---|---|---|---|" + "---|" * len(arms)]
     for fold in report["folds"]:
         failed = [row["gate"] for row in fold["gates"] if not row["passed"]]
         values = fold_values(fold, metric)
-        cells = [f"{np.mean(values[arm]):.3f}" if arm in values else "n/a" for arm in (BASELINE, AUGMENTED)]
+        cells = "".join(f"{np.mean(values[arm]):.3f} | " if arm in values else "n/a | " for arm in arms)
         lines.append(f"| {fold['fold']} | {len(fold['generator_train_patients'])} | {len(fold['test_patients'])} | "
-                     f"{'passed' if not failed else 'failed: ' + ', '.join(failed)} | {cells[0]} | {cells[1]} |")
+                     f"{'passed' if not failed else 'failed: ' + ', '.join(failed)} | {cells}".rstrip())
     for other, values in pooled.get("other_metrics", {}).items():
         lines += ["", f"{NAMES[other]}: delta {values['delta']:+.3f}, 95% interval [{values['ci95'][0]:+.3f}, "
                   f"{values['ci95'][1]:+.3f}]."]

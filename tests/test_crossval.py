@@ -254,8 +254,11 @@ def test_a_three_fold_cross_validation_from_the_cli_gates_tags_and_guards_the_re
     assert set(pooled) >= {"metric", "real", "real_plus_synthetic", "delta", "ci_low", "ci_high", "verdict"}
     assert pooled["ci_low"] <= pooled["delta"] <= pooled["ci_high"]
     assert pooled["detectable_delta"] == pytest.approx(detectable_delta(pooled["ci_low"], pooled["ci_high"]))
-    assert f"±{pooled['detectable_delta']:.3f} or more would be detected" in (
-        workdir / "cv" / "dcgan-consolidation" / "crossval_report.md").read_text()
+    markdown = (workdir / "cv" / "dcgan-consolidation" / "crossval_report.md").read_text()
+    assert f"±{pooled['detectable_delta']:.3f} or more would be detected" in markdown
+    fold_0 = {arm: f"{np.mean(values):.3f}" for arm, values in report["folds"][0]["per_seed"]["auc"].items()}
+    assert "| AUC real | AUC real+synthetic | AUC real+repeated |" in markdown
+    assert f"| {fold_0['real']} | {fold_0['real+synthetic']} | {fold_0['real+repeated']} |" in markdown
     for name in ("crossval_report.md", "fold_auc.png", "pooled_roc.png"):
         assert (workdir / "cv" / "dcgan-consolidation" / name).stat().st_size > 0
     client = mlflow.MlflowClient()
