@@ -1,9 +1,13 @@
-"""A cross-validation interrupted in a fold and finished with ``--resume``: the finished fold kept, the
+"""A cross-validation run again. Interrupted in a fold and finished with ``--resume``: the finished fold kept, the
 interrupted fold's training continued from its checkpoint, the verdict and every prediction those of an
-uninterrupted run, all in one MLflow run; changed settings refused by name, an earlier run replaced without it."""
+uninterrupted run, all in one MLflow run; changed settings refused by name, an earlier run replaced without it.
+Under a changed evaluation with ``--models-from``: the earlier run's generators tested again, not trained again,
+with its predictions; refused where they learned otherwise (train settings, a protocol keeping other patients
+apart, an unfinished fold)."""
 
 import importlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -32,9 +36,9 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def crossval_cli(lus: Path, *extra: str):
+def crossval_cli(lus: Path, *extra: str, out: str = "cv"):
     return CliRunner().invoke(app, ["crossval", "dcgan", "--data", str(lus), "--label", "consolidation", "--folds",
-                                    "3", "--out", "cv", *extra])
+                                    "3", "--out", out, *extra])
 
 
 def test_an_interrupted_cross_validation_resumed_gives_the_uninterrupted_verdict_in_one_mlflow_run(
@@ -109,3 +113,62 @@ def test_an_interrupted_cross_validation_resumed_gives_the_uninterrupted_verdict
     assert isinstance(crossval_cli(lus).exception, RuntimeError)
     assert not list((workdir / "cv").glob("fold-*"))
     assert json.loads((workdir / "cv" / jobs_crossval.RUN_POINTER).read_text())["run_id"] != run_id
+
+
+def test_models_from_tests_the_earlier_generators_again_and_refuses_ones_trained_otherwise(lus, workdir, monkeypatch):
+    import mlflow
+
+    first = jobs_crossval.crossval("dcgan", lus, "consolidation", 3, workdir / "first", "params.yaml")
+
+    trained = []
+    train_generator = jobs_crossval.train_generator
+
+    def recording(family, data, label, out, *args, **kwargs):
+        trained.append(Path(out).parent.name)
+        return train_generator(family, data, label, out, *args, **kwargs)
+
+    monkeypatch.setattr(jobs_crossval, "train_generator", recording)
+    # only the evaluation changes: a coarser bootstrap and a stricter gate
+    (workdir / "params.yaml").write_text(yaml.safe_dump({
+        **PARAMS, "evaluate": {**PARAMS["evaluate"], "downstream": {**PARAMS["evaluate"]["downstream"],
+                                                                    "bootstrap": 100}},
+        "gates": {"dcgan": {"extractor": "us-encoder", "max_near_copy_fraction": 0.4}}}))
+    again = crossval_cli(lus, "--models-from", "first", out="again")
+    assert again.exit_code == 0, again.output
+    assert trained == [] and "testing the dcgan trained apart" in again.output
+
+    report = json.loads((workdir / "again" / "crossval_report.json").read_text())
+    for fold, earlier in zip(report["folds"], first["folds"], strict=True):
+        weights = Path("model") / jobs_crossval.GENERATOR_DIR
+        for name in (workdir / "first" / f"fold-{fold['fold']}" / weights).iterdir():
+            assert (workdir / "again" / f"fold-{fold['fold']}" / weights / name.name).read_bytes() == \
+                name.read_bytes()
+        for key in ("generator_train_patients", "test_patients", "probabilities", "targets", "metrics"):
+            assert fold[key] == earlier[key], (fold["fold"], key)
+    assert report["pooled"]["delta"] == first["pooled"]["delta"]
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(json.loads((workdir / "again" / jobs_crossval.RUN_POINTER).read_text())["run_id"])
+    assert run.data.tags["crossval.models_from"] == "first"
+    assert run.data.tags["crossval.models_from_run"] == first["run_id"]
+    assert json.loads((workdir / "again" / jobs_crossval.SETTINGS).read_text())["models_from"] == "first"
+
+    # a protocol that keeps validation patients apart trains each fold's generator on fewer patients
+    refused = crossval_cli(lus, "--models-from", "first", "--protocol", "yu2023", out="yu")
+    assert refused.exit_code == 1 and trained == []
+    assert "fold 0: the model in first/fold-0/model learned from" in refused.output
+    assert "keeps validation patients apart" in refused.output
+
+    (workdir / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "train": {**PARAMS["train"], "dcgan": {
+        **PARAMS["train"]["dcgan"], "train": {"epochs": 3, "batch_size": 2, "eval_samples": 2}}}}))
+    refused = crossval_cli(lus, "--models-from", "first", "--seed", "1", out="longer")
+    assert refused.exit_code == 1 and trained == []
+    assert "seed (0 then, 1 now)" in refused.output and "params.yaml's train.dcgan" in refused.output
+    assert not (workdir / "longer").exists()  # refused before anything is written
+
+    (workdir / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    assert "is this run's --out" in crossval_cli(lus, "--models-from", "first", out="first").output
+    assert "holds no cross-validation" in crossval_cli(lus, "--models-from", "nowhere", out="other").output
+    shutil.rmtree(workdir / "first" / "fold-2" / "model")
+    unfinished = crossval_cli(lus, "--models-from", "first", out="partial")
+    assert unfinished.exit_code == 1 and "fold 2 of first did not finish" in unfinished.output
