@@ -259,9 +259,9 @@ def _earlier_run(out: Path, settings: dict, log: Callable[[str], None] | None) -
     return earlier
 
 
-def _models_source(source: Path, out: Path, settings: dict) -> dict:
-    """The earlier cross-validation in ``source`` whose generators ``--models-from`` tests again, with its MLflow
-    run id; refused unless they learned as this run's would: family, label, folds, seed, data, and every
+def _models_source(source: Path, out: Path, settings: dict) -> str | None:
+    """The MLflow run id (if known) of the earlier cross-validation in ``source`` whose generators ``--models-from``
+    tests again; refused unless they learned as this run's would: family, label, folds, seed, data, and every
     params.yaml section but the evaluation's and other families' training."""
     if source.resolve() == out.resolve():
         raise ValueError(f"--models-from {source} is this run's --out, whose folds a new run replaces: give the new "
@@ -281,7 +281,7 @@ def _models_source(source: Path, out: Path, settings: dict) -> dict:
         raise ValueError(f"--models-from: {source}'s generators were trained otherwise: {'; '.join(changed)}. Test "
                          "them with the settings they were trained with, or train again (without --models-from)")
     pointer = source / RUN_POINTER  # runs before the pointer file kept the run id in their settings
-    return {"run_id": json.loads(pointer.read_text())["run_id"] if pointer.is_file() else then.get("run_id")}
+    return json.loads(pointer.read_text())["run_id"] if pointer.is_file() else then.get("run_id")
 
 
 def _fold_models(source: Path, fold: int) -> dict:
@@ -308,7 +308,7 @@ def crossval(family: str, data: str | Path, label: str, folds: int, out: str | P
     extractor_spec = crossval_extractor(extractor)
     described = extractor_spec or PER_FOLD
     settings = fold_settings(family, data, label, folds, seed, extractor_spec, protocol, config_path)
-    source = _models_source(Path(models_from), out, settings) if models_from else None
+    source_run = _models_source(Path(models_from), out, settings) if models_from else None
     settings["models_from"] = str(models_from) if models_from else None
     earlier = _earlier_run(out, settings, log) if resume else None
     if not earlier:
@@ -325,10 +325,10 @@ def crossval(family: str, data: str | Path, label: str, folds: int, out: str | P
             client.set_tag(run_id, "crossval.resumed_code_version", commit)
     else:
         run_id = _start_run(client, family, label, data, dataset, folds, seed, described)
-    if source:
+    if models_from:
         client.set_tag(run_id, "crossval.models_from", str(models_from))
-        if source["run_id"]:
-            client.set_tag(run_id, "crossval.models_from_run", source["run_id"])
+    if source_run:
+        client.set_tag(run_id, "crossval.models_from_run", source_run)
     out.mkdir(parents=True, exist_ok=True)
     (out / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     (out / RUN_POINTER).write_text(json.dumps({"run_id": run_id, "code_version": commit}, indent=2) + "\n")
@@ -343,7 +343,7 @@ def crossval(family: str, data: str | Path, label: str, folds: int, out: str | P
                     if log:
                         log(f"fold {fold}: finished earlier, kept")
                     continue
-                reused = _fold_models(Path(models_from), fold) if source else {}
+                reused = _fold_models(Path(models_from), fold) if models_from else {}
                 results.append(crossval_fold(family, data, label, fold, folds, out / f"fold-{fold}", config_path,
                                              extractor_spec, dataset, seed, run_id, log, Path(views) / f"fold-{fold}",
                                              protocol, resume=earlier is not None, **reused))
